@@ -1,0 +1,288 @@
+"""One worker's runtime: the current State, the listeners, Redis, and every background task.
+
+Lifecycle lives here and only here: start() builds everything, stop() drains and closes it.
+A reload builds a new State beside the old one and swaps a single reference, so requests in
+flight finish under the rules they started with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import glob
+import logging
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import redis.asyncio as aioredis
+from aiohttp import web
+from redis.exceptions import RedisError
+
+from . import __version__
+from .admin import build_admin_app
+from .config import Config, ConfigError, LoadedConfig, UpstreamConfig, load_config
+from .logs import AccessLog, configure_logging
+from .pipeline import Handler, ProxyRequest, ProxyResponse, build_chain
+from .proxy import ProxyHandler
+from .routing import RouteTable
+from .upstream import UpstreamPool
+
+log = logging.getLogger("sidecar")
+
+
+@dataclass(frozen=True, slots=True)
+class State:
+    """Everything one loaded config needs to serve, built once."""
+
+    loaded: LoadedConfig
+    config: Config
+    routes: RouteTable
+    pools: dict[str, UpstreamPool]
+    chains: dict[str, Handler]
+    upstream_configs: dict[str, UpstreamConfig]
+    upstream_netlocs: dict[str, bytes]
+    via: bytes
+    via_response: str
+
+
+def _upstream_handler(pool: UpstreamPool) -> Handler:
+    async def call_upstream(request: ProxyRequest) -> ProxyResponse:
+        response = await pool.request(request.head, request.body, chunked=request.chunked,
+                                      timeout=request.timeout, is_head=request.method == "HEAD")
+        return ProxyResponse.from_upstream(response)
+
+    return call_upstream
+
+
+def build_state(loaded: LoadedConfig, previous: State | None) -> State:
+    """Compile a config; upstream pools whose settings did not change are carried over."""
+    config = loaded.config
+    pools: dict[str, UpstreamPool] = {}
+    for name, upstream in config.upstreams.items():
+        old = previous.pools.get(name) if previous else None
+        pools[name] = old if old is not None and old.config == upstream else UpstreamPool(
+            name, upstream)
+    routes = RouteTable(config)
+    chains = {route.name: build_chain([], _upstream_handler(pools[route.upstream]))
+              for route in routes.routes}
+    return State(
+        loaded=loaded,
+        config=config,
+        routes=routes,
+        pools=pools,
+        chains=chains,
+        upstream_configs=dict(config.upstreams),
+        upstream_netlocs={n: u.netloc.encode("idna") for n, u in config.upstreams.items()},
+        via=config.server.via.encode("latin-1"),
+        via_response=f"1.1 {config.server.via}",
+    )
+
+
+def _signature(loaded: LoadedConfig) -> tuple[Any, ...]:
+    """What the watcher compares: every file read, plus what the include globs match now."""
+    entries = []
+    paths = set(loaded.files)
+    base = loaded.path.parent
+    for pattern in loaded.config.include:
+        full = pattern if os.path.isabs(pattern) else str(base / pattern)
+        paths.update(Path(p) for p in glob.glob(full))
+    for path in sorted(paths):
+        try:
+            stat = path.stat()
+            entries.append((str(path), stat.st_mtime_ns, stat.st_size))
+        except OSError:
+            entries.append((str(path), None, None))
+    return tuple(entries)
+
+
+class Runtime:
+    def __init__(self, loaded: LoadedConfig, redis_url: str, *, reuse_port: bool = False,
+                 worker_id: int = 0) -> None:
+        self.state = build_state(loaded, None)
+        self.redis_url = redis_url
+        self.reuse_port = reuse_port
+        self.worker_id = worker_id
+        self.access_log = AccessLog(loaded.config.log)
+        self.redis: aioredis.Redis | None = None
+        self.redis_up = False
+        self.ws_session: aiohttp.ClientSession
+        self.reloads = {"ok": 0, "error": 0}
+        self.last_reload_error: str | None = None
+        self._runners: list[web.BaseRunner] = []
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._stopped = asyncio.Event()
+        self._reload_lock = asyncio.Lock()
+        self.public_port: int | None = None
+        self.admin_port: int | None = None
+
+    @property
+    def config(self) -> Config:
+        return self.state.config
+
+    async def start(self) -> None:
+        config = self.config
+        self.ws_session = aiohttp.ClientSession(auto_decompress=False)
+        self.redis = aioredis.Redis.from_url(
+            self.redis_url, socket_connect_timeout=config.redis.connect_timeout,
+            socket_timeout=max(config.redis.connect_timeout, 1.0), health_check_interval=0,
+        )
+        await self._check_redis()
+        limits = config.server.limits
+        server = web.Server(
+            ProxyHandler(self), auto_decompress=False,
+            keepalive_timeout=config.server.keepalive_timeout,
+            max_line_size=limits.max_request_line, max_field_size=limits.max_header_size,
+            max_headers=limits.max_headers, access_log=None,
+        )
+        public = web.ServerRunner(server, shutdown_timeout=config.server.shutdown_grace)
+        admin = web.AppRunner(build_admin_app(self), access_log=None, shutdown_timeout=2.0)
+        for runner, address in ((public, config.server.listen), (admin, config.server.admin_listen)):
+            await runner.setup()
+            site = web.TCPSite(runner, address.host, address.port, reuse_port=self.reuse_port,
+                               backlog=1024)
+            await site.start()
+            self._runners.append(runner)
+        self.public_port = _bound_port(public)
+        self.admin_port = _bound_port(admin)
+        self._tasks = [
+            asyncio.create_task(self.access_log.run(), name="access-log"),
+            asyncio.create_task(self._watch_redis(), name="redis-health"),
+        ]
+        if config.server.watch_config:
+            self._tasks.append(asyncio.create_task(self._watch_config(), name="config-watch"))
+        log.info("sidecar listening", extra={
+            "listen": f"{config.server.listen.host}:{self.public_port}",
+            "admin": f"{config.server.admin_listen.host}:{self.admin_port}",
+            "worker": self.worker_id, "pid": os.getpid(), "version": __version__,
+        })
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(
+            self.reload("SIGHUP")))
+        loop.add_signal_handler(signal.SIGTERM, self._stopped.set)
+        loop.add_signal_handler(signal.SIGINT, self._stopped.set)
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    def request_stop(self) -> None:
+        self._stopped.set()
+
+    async def stop(self) -> None:
+        """Stop accepting, let requests in flight finish within server.shutdown_grace, close."""
+        log.info("shutting down", extra={"grace_s": self.config.server.shutdown_grace,
+                                         "worker": self.worker_id})
+        for runner in reversed(self._runners):
+            await runner.cleanup()
+        self._runners.clear()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for pool in self.state.pools.values():
+            await pool.close()
+        await self.ws_session.close()
+        if self.redis is not None:
+            await self.redis.aclose()
+        self.access_log.flush()
+
+    # -- reload ---------------------------------------------------------------------------------
+
+    async def reload(self, reason: str) -> bool:
+        """Load, validate and swap the config; on any problem keep serving the old one."""
+        async with self._reload_lock:
+            old = self.state
+            try:
+                loaded = await asyncio.to_thread(load_config, old.loaded.path)
+                new = build_state(loaded, old)
+            except ConfigError as exc:
+                self.reloads["error"] += 1
+                self.last_reload_error = str(exc)
+                log.error("config reload rejected; the previous config keeps serving", extra={
+                    "reason": reason, "problems": [str(p) for p in exc.problems]})
+                return False
+            except Exception as exc:  # a bug must not take the old config down with it
+                self.reloads["error"] += 1
+                self.last_reload_error = repr(exc)
+                log.exception("config reload failed; the previous config keeps serving",
+                              extra={"reason": reason})
+                return False
+            restart_needed = [key for key in ("server", "redis")
+                              if getattr(old.config, key) != getattr(new.config, key)]
+            self.state = new
+            self.reloads["ok"] += 1
+            self.last_reload_error = None
+            configure_logging(new.config.log)
+            self.access_log.configure(new.config.log)
+            for name, pool in old.pools.items():
+                if new.pools.get(name) is not pool:
+                    await pool.close()
+            log.info("config reloaded", extra={"reason": reason, "routes": len(new.routes.routes),
+                                               "worker": self.worker_id})
+            if restart_needed:
+                log.warning("some changes apply only after a restart", extra={
+                    "sections": restart_needed})
+            return True
+
+    async def _watch_config(self) -> None:
+        signature = await asyncio.to_thread(_signature, self.state.loaded)
+        while True:
+            await asyncio.sleep(self.config.server.watch_interval)
+            current = await asyncio.to_thread(_signature, self.state.loaded)
+            if current != signature:
+                # Let an editor finish writing (several writes, or write-then-rename) first.
+                await asyncio.sleep(0.1)
+                await self.reload("file changed")
+                signature = await asyncio.to_thread(_signature, self.state.loaded)
+
+    # -- redis ----------------------------------------------------------------------------------
+
+    async def _check_redis(self) -> None:
+        assert self.redis is not None
+        try:
+            await asyncio.wait_for(self.redis.ping(), timeout=self.config.redis.connect_timeout)
+            up = True
+        except (RedisError, OSError, TimeoutError) as exc:
+            up = False
+            if self.redis_up:
+                log.warning("redis unreachable; proxying continues without it",
+                            extra={"error": str(exc) or type(exc).__name__})
+        if up and not self.redis_up:
+            log.info("redis reachable", extra={"url": _redact(self.redis_url)})
+        self.redis_up = up
+
+    async def _watch_redis(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.redis.health_interval)
+            await self._check_redis()
+
+
+def _bound_port(runner: web.BaseRunner) -> int | None:
+    for site in runner.sites:
+        server = getattr(site, "_server", None)
+        if server is not None and server.sockets:
+            return int(server.sockets[0].getsockname()[1])
+    return None
+
+
+def _redact(url: str) -> str:
+    if "@" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+async def serve(loaded: LoadedConfig, redis_url: str, *, reuse_port: bool = False,
+                worker_id: int = 0) -> None:
+    """Run one worker until SIGTERM/SIGINT, then drain and stop."""
+    runtime = Runtime(loaded, redis_url, reuse_port=reuse_port, worker_id=worker_id)
+    await runtime.start()
+    runtime.install_signal_handlers()
+    await runtime.wait_stopped()
+    await runtime.stop()

@@ -1,0 +1,592 @@
+"""Typed, frozen configuration: loaded from YAML once, validated once, with located errors.
+
+Every problem is reported with its file, key path (route names spelled out) and line, e.g.
+`config.yaml:14: routes[1] (products).timeout: expected a duration like '30s', got 'soon'`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import glob
+import ipaddress
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal, NamedTuple
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+
+from .core.units import parse_duration, parse_size
+
+# --- value types -------------------------------------------------------------------------------
+
+
+def _optional(parse: typing.Callable[[object], Any]) -> typing.Callable[[object], Any]:
+    return lambda v: None if v is None else parse(v)
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+OptionalDuration = Annotated[float | None, BeforeValidator(_optional(parse_duration))]
+Size = Annotated[int, BeforeValidator(parse_size)]
+
+
+class Address(NamedTuple):
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+
+def parse_address(value: object) -> Address:
+    if isinstance(value, Address):
+        return value
+    if isinstance(value, str):
+        match = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d{1,5})|([^:\s\[\]]+):(\d{1,5})", value)
+        if match:
+            host = match.group(1) or match.group(3)
+            port = int(match.group(2) or match.group(4))
+            if port <= 65535:
+                return Address(host, port)
+    raise ValueError(f"expected an address like '0.0.0.0:8080' or '[::1]:8080', got {value!r}")
+
+
+Listen = Annotated[Address, BeforeValidator(parse_address)]
+
+_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --- sections ----------------------------------------------------------------------------------
+
+
+class LimitsConfig(_Model):
+    max_request_line: Size = 8190
+    max_header_size: Size = 8190
+    max_headers: int = Field(100, ge=1, le=10000)
+
+
+class ServerConfig(_Model):
+    listen: Listen = Address("0.0.0.0", 8080)
+    admin_listen: Listen = Address("127.0.0.1", 9901)
+    workers: int = Field(1, ge=1, le=256)
+    shutdown_grace: Duration = 30.0
+    keepalive_timeout: Duration = 75.0
+    state_dir: str = ".sidecar"
+    # Keep X-Forwarded-Proto/-Host sent by the client instead of overwriting them: only behind a
+    # trusted load balancer that sets them itself.
+    trust_forwarded: bool = False
+    watch_config: bool = True
+    watch_interval: Duration = 1.0
+    via: str = "sidecar"
+    limits: LimitsConfig = LimitsConfig()
+
+
+class RedisConfig(_Model):
+    url: str = "embedded"
+    binary: str = "redis-server"
+    connect_timeout: Duration = 1.0
+    health_interval: Duration = 1.0
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, url: str) -> str:
+        if url == "embedded" or re.match(r"^(redis|rediss|unix)://", url):
+            return url
+        raise ValueError(
+            f"expected 'embedded' or a URL like redis://host:6379/0, rediss://... or "
+            f"unix:///path/redis.sock, got {url!r}"
+        )
+
+
+class UpstreamConfig(_Model):
+    url: str
+    timeout: Duration = 30.0
+    connect_timeout: Duration = 5.0
+    max_connections: int = Field(256, ge=1)
+    max_idle: int = Field(64, ge=0)
+    idle_timeout: Duration = 60.0
+    preserve_host: bool = True
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, url: str) -> str:
+        match = re.fullmatch(r"(https?)://([^/\s:]+|\[[0-9a-fA-F:.]+\])(?::(\d{1,5}))?/?", url)
+        if not match:
+            raise ValueError(
+                f"expected an upstream URL like http://127.0.0.1:8000 (scheme, host and port, "
+                f"no path), got {url!r}"
+            )
+        return url.rstrip("/")
+
+    @property
+    def scheme(self) -> str:
+        return self.url.split("://", 1)[0]
+
+    @property
+    def host(self) -> str:
+        netloc = self.url.split("://", 1)[1]
+        if netloc.startswith("["):
+            return netloc[1 : netloc.index("]")]
+        return netloc.rsplit(":", 1)[0] if ":" in netloc else netloc
+
+    @property
+    def port(self) -> int:
+        netloc = self.url.split("://", 1)[1]
+        tail = netloc.rsplit("]", 1)[-1]
+        if ":" in tail:
+            return int(tail.rsplit(":", 1)[1])
+        return 443 if self.scheme == "https" else 80
+
+    @property
+    def netloc(self) -> str:
+        return self.url.split("://", 1)[1]
+
+
+class MatchConfig(_Model):
+    path: str = "/**"
+    methods: list[str] | None = None
+    host: str | None = None
+    headers: dict[str, str] = {}
+
+    @field_validator("path")
+    @classmethod
+    def _check_path(cls, path: str) -> str:
+        from .core.globs import compile_path_glob
+
+        compile_path_glob(path)
+        return path
+
+    @field_validator("methods")
+    @classmethod
+    def _check_methods(cls, methods: list[str] | None) -> list[str] | None:
+        if methods is None:
+            return None
+        if not methods:
+            raise ValueError("an empty method list matches nothing: remove the key to match all")
+        for method in methods:
+            if not _TOKEN.match(method):
+                raise ValueError(f"not an HTTP method: {method!r}")
+        return [m.upper() for m in methods]
+
+
+class PolicyKeys(_Model):
+    """The keys a route or a policy bundle may set; each later policy adds its own key here."""
+
+    timeout: OptionalDuration = None
+
+
+class RouteConfig(PolicyKeys):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
+    match: MatchConfig = MatchConfig()
+    upstream: str
+    use: list[str] = []
+
+
+class LogConfig(_Model):
+    format: Literal["json", "logfmt"] = "json"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    access: bool = True
+
+
+class AdminConfig(_Model):
+    token: str | None = None
+
+
+class Config(_Model):
+    server: ServerConfig = ServerConfig()
+    redis: RedisConfig = RedisConfig()
+    upstreams: dict[str, UpstreamConfig]
+    include: list[str] = []
+    routes: list[RouteConfig] = Field(min_length=1)
+    log: LogConfig = LogConfig()
+    admin: AdminConfig = AdminConfig()
+
+    @field_validator("include", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: object) -> object:
+        return [value] if isinstance(value, str) else value
+
+
+# --- errors ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Problem:
+    file: str
+    where: str
+    message: str
+    line: int | None = None
+
+    def __str__(self) -> str:
+        location = f"{self.file}:{self.line}" if self.line else self.file
+        return f"{location}: {self.where}: {self.message}" if self.where else (
+            f"{location}: {self.message}"
+        )
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; `problems` lists every problem found, located."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+# --- YAML with line numbers --------------------------------------------------------------------
+
+Loc = tuple[str | int, ...]
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+@dataclass
+class _Document:
+    file: str
+    data: Any
+    lines: dict[Loc, int] = field(default_factory=dict)
+
+    def line_of(self, loc: Loc) -> int | None:
+        for end in range(len(loc), -1, -1):
+            if loc[:end] in self.lines:
+                return self.lines[loc[:end]]
+        return None
+
+
+def _read_yaml(path: Path, problems: list[Problem]) -> _Document | None:
+    """Parse YAML keeping each key's line, refusing duplicate keys, expanding ${VAR:-default}."""
+    name = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        problems.append(Problem(name, "", f"cannot read the file: {exc.strerror or exc}"))
+        return None
+    try:
+        loader = yaml.SafeLoader(text)
+        try:
+            node = loader.get_single_node()
+            doc = _Document(name, None)
+            if node is not None:
+                _walk(node, (), doc, problems)
+                doc.data = loader.construct_document(node)
+        finally:
+            loader.dispose()
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        reason = getattr(exc, "problem", None) or str(exc)
+        problems.append(Problem(name, "", f"invalid YAML: {reason}", line))
+        return None
+    doc.data = _expand_env(doc.data, (), doc, problems)
+    return doc
+
+
+def _walk(node: yaml.Node, loc: Loc, doc: _Document, problems: list[Problem]) -> None:
+    doc.lines[loc] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for key_node, value_node in node.value:
+            key = key_node.value
+            if key in seen:
+                problems.append(Problem(
+                    doc.file, _format_loc((*loc, key), None),
+                    "duplicate key: the first value would be silently ignored",
+                    key_node.start_mark.line + 1,
+                ))
+            seen.add(key)
+            _walk(value_node, (*loc, key), doc, problems)
+            doc.lines[(*loc, key)] = key_node.start_mark.line + 1
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _walk(item, (*loc, index), doc, problems)
+
+
+def _expand_env(value: Any, loc: Loc, doc: _Document, problems: list[Problem]) -> Any:
+    if isinstance(value, dict):
+        return {k: _expand_env(v, (*loc, k), doc, problems) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_env(v, (*loc, i), doc, problems) for i, v in enumerate(value)]
+    if isinstance(value, str) and "${" in value:
+        def substitute(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            if name in os.environ:
+                return os.environ[name]
+            if default is not None:
+                return default
+            problems.append(Problem(
+                doc.file, _format_loc(loc, None),
+                f"environment variable {name} is not set (write ${{{name}:-default}} to give a "
+                "default)", doc.line_of(loc),
+            ))
+            return ""
+        return _ENV.sub(substitute, value)
+    return value
+
+
+# --- locating and wording pydantic errors ------------------------------------------------------
+
+
+def _format_loc(loc: Loc, routes: list[Any] | None) -> str:
+    out = ""
+    for i, part in enumerate(loc):
+        if isinstance(part, int):
+            out += f"[{part}]"
+            if routes is not None and i == 1 and loc[0] == "routes" and part < len(routes):
+                name = routes[part].get("name") if isinstance(routes[part], dict) else None
+                if name:
+                    out += f" ({name})"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _model_at(model: Any, loc: Loc) -> Any:
+    """The pydantic model class that owns the keys at `loc`, or None."""
+    annotation: Any = model
+    for part in loc:
+        annotation = _unwrap(annotation)
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            if not isinstance(part, str) or part not in annotation.model_fields:
+                return None
+            annotation = annotation.model_fields[part].annotation
+        elif typing.get_origin(annotation) is dict:
+            annotation = typing.get_args(annotation)[1]
+        elif typing.get_origin(annotation) is list:
+            annotation = typing.get_args(annotation)[0]
+        else:
+            return None
+    annotation = _unwrap(annotation)
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
+def _unwrap(annotation: Any) -> Any:
+    while True:
+        origin = typing.get_origin(annotation)
+        if origin is Annotated:
+            annotation = typing.get_args(annotation)[0]
+        elif origin in (typing.Union, types.UnionType):
+            args = [a for a in typing.get_args(annotation) if a is not type(None)]
+            if len(args) != 1:
+                return annotation
+            annotation = args[0]
+        else:
+            return annotation
+
+
+def _word(error: Any, owner: Any) -> str:
+    kind, loc = error["type"], error["loc"]
+    if kind == "extra_forbidden":
+        key = str(loc[-1])
+        allowed = sorted(owner.model_fields) if owner is not None else []
+        hint = difflib.get_close_matches(key, allowed, n=1)
+        text = f"unknown key {key!r}"
+        if hint:
+            text += f" (did you mean {hint[0]!r}?)"
+        if allowed:
+            text += f"; allowed here: {', '.join(allowed)}"
+        return text
+    if kind == "missing":
+        return f"missing required key {loc[-1]!r}"
+    message = str(error["msg"])
+    message = message.removeprefix("Value error, ")
+    if kind in ("int_parsing", "int_type", "bool_parsing", "bool_type", "string_type",
+                "list_type", "dict_type", "model_type", "literal_error", "float_parsing"):
+        message += f", got {error.get('input')!r}"
+    if kind == "model_type":
+        message = "expected a mapping of keys, got " + repr(error.get("input"))
+    return message
+
+
+def _pydantic_problems(
+    exc: ValidationError, doc: _Document, model: Any, prefix: Loc, routes: list[Any] | None
+) -> list[Problem]:
+    problems = []
+    for error in exc.errors():
+        loc = (*prefix, *error["loc"])
+        owner = _model_at(model, tuple(error["loc"][:-1]))
+        problems.append(Problem(doc.file, _format_loc(loc, routes), _word(error, owner),
+                                doc.line_of(loc)))
+    return problems
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoadedConfig:
+    """A valid config plus what it was read from (for the reload watcher)."""
+
+    config: Config
+    path: Path
+    files: tuple[Path, ...]
+    bundles: dict[str, PolicyKeys]
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(path: str | os.PathLike[str]) -> LoadedConfig:
+    """Read, merge bundles into routes, validate; raise ConfigError listing every problem."""
+    path = Path(path)
+    problems: list[Problem] = []
+    doc = _read_yaml(path, problems)
+    if doc is None:
+        raise ConfigError(problems)
+    raw = doc.data
+    if not isinstance(raw, dict):
+        problems.append(Problem(doc.file, "", "the file must be a mapping of sections "
+                                "(server, redis, upstreams, routes, ...)", 1))
+        raise ConfigError(problems)
+
+    files = [path]
+    bundles_raw, bundles = _load_bundles(path, raw, doc, files, problems)
+    raw = dict(raw)
+    routes_raw = raw.get("routes")
+    if isinstance(routes_raw, list):
+        raw["routes"] = [
+            _apply_bundles(i, route, doc, bundles_raw, routes_raw, problems)
+            for i, route in enumerate(routes_raw)
+        ]
+    problems += _check_routes_raw(raw, doc, routes_raw)
+    try:
+        config = Config.model_validate(raw)
+    except ValidationError as exc:
+        problems += _pydantic_problems(exc, doc, Config, (), routes_raw)
+        raise ConfigError(problems) from None
+    problems += _cross_check(config, doc)
+    if problems:
+        raise ConfigError(problems)
+    return LoadedConfig(config, path, tuple(files), bundles)
+
+
+def _load_bundles(
+    path: Path, raw: dict[str, Any], doc: _Document, files: list[Path], problems: list[Problem]
+) -> tuple[dict[str, dict[str, Any]], dict[str, PolicyKeys]]:
+    include = raw.get("include", [])
+    patterns = [include] if isinstance(include, str) else include
+    bundles_raw: dict[str, dict[str, Any]] = {}
+    bundles: dict[str, PolicyKeys] = {}
+    origin: dict[str, str] = {}
+    if not isinstance(patterns, list):
+        return bundles_raw, bundles  # reported by the model
+    for i, pattern in enumerate(patterns):
+        if not isinstance(pattern, str):
+            continue
+        full = pattern if os.path.isabs(pattern) else str(path.parent / pattern)
+        matched = sorted(glob.glob(full))
+        if not matched:
+            problems.append(Problem(doc.file, f"include[{i}]" if isinstance(include, list)
+                                    else "include", f"no file matches {pattern!r}",
+                                    doc.line_of(("include",))))
+        for file in matched:
+            bundle_doc = _read_yaml(Path(file), problems)
+            files.append(Path(file))
+            if bundle_doc is None or bundle_doc.data is None:
+                continue
+            if not isinstance(bundle_doc.data, dict):
+                problems.append(Problem(file, "", "a policy file maps bundle names to policy "
+                                        "keys, e.g. 'cache-short: {timeout: 5s}'", 1))
+                continue
+            for name, body in bundle_doc.data.items():
+                if name in origin:
+                    problems.append(Problem(file, str(name), f"bundle name already defined in "
+                                            f"{origin[name]}", bundle_doc.line_of((name,))))
+                    continue
+                origin[name] = file
+                try:
+                    bundles[name] = PolicyKeys.model_validate(body or {})
+                except ValidationError as exc:
+                    problems += _pydantic_problems(exc, bundle_doc, PolicyKeys, (name,), None)
+                    continue
+                bundles_raw[name] = body or {}
+    return bundles_raw, bundles
+
+
+def _apply_bundles(
+    index: int, route: Any, doc: _Document, bundles_raw: dict[str, dict[str, Any]],
+    routes_raw: list[Any], problems: list[Problem],
+) -> Any:
+    if not isinstance(route, dict) or not isinstance(route.get("use"), list):
+        return route
+    merged: dict[str, Any] = {}
+    for j, name in enumerate(route["use"]):
+        if name not in bundles_raw:
+            known = sorted(bundles_raw)
+            hint = difflib.get_close_matches(str(name), known, n=1)
+            problems.append(Problem(
+                doc.file, _format_loc(("routes", index, "use", j), routes_raw),
+                f"unknown policy bundle {name!r}"
+                + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                + (f"; defined bundles: {', '.join(known)}" if known
+                   else "; no bundles are defined (see 'include')"),
+                doc.line_of(("routes", index, "use", j)),
+            ))
+            continue
+        merged = _deep_merge(merged, bundles_raw[name])
+    return _deep_merge(merged, route)
+
+
+def _check_routes_raw(raw: dict[str, Any], doc: _Document, routes_raw: Any) -> list[Problem]:
+    """Cross-references between routes and upstreams, checked even when other keys are bad."""
+    problems: list[Problem] = []
+    if not isinstance(routes_raw, list):
+        return problems
+    upstreams = raw.get("upstreams") if isinstance(raw.get("upstreams"), dict) else {}
+    seen: dict[str, int] = {}
+    for i, route in enumerate(routes_raw):
+        if not isinstance(route, dict):
+            continue
+        loc: Loc = ("routes", i)
+        upstream = route.get("upstream")
+        if isinstance(upstream, str) and upstream not in upstreams:
+            known = ", ".join(sorted(upstreams)) or "none"
+            hint = difflib.get_close_matches(upstream, list(upstreams), n=1)
+            problems.append(Problem(doc.file, _format_loc((*loc, "upstream"), routes_raw),
+                                    f"unknown upstream {upstream!r}"
+                                    + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                                    + f"; defined upstreams: {known}",
+                                    doc.line_of((*loc, "upstream"))))
+        name = route.get("name")
+        if isinstance(name, str):
+            if name in seen:
+                problems.append(Problem(doc.file, _format_loc((*loc, "name"), routes_raw),
+                                        f"route name {name!r} is already used by "
+                                        f"routes[{seen[name]}]", doc.line_of((*loc, "name"))))
+            seen.setdefault(name, i)
+    return problems
+
+
+def _cross_check(config: Config, doc: _Document) -> list[Problem]:
+    problems = []
+    if not config.server.admin_listen.is_loopback and not config.admin.token:
+        problems.append(Problem(doc.file, "server.admin_listen",
+                                f"the admin listener {config.server.admin_listen} is not on "
+                                "loopback: set admin.token so its endpoints require a bearer token",
+                                doc.line_of(("server", "admin_listen"))))
+    if config.server.listen == config.server.admin_listen:
+        problems.append(Problem(doc.file, "server.admin_listen",
+                                "the admin listener must not share the public address",
+                                doc.line_of(("server", "admin_listen"))))
+    return problems

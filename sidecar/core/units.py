@@ -1,0 +1,49 @@
+"""Durations and sizes as operators write them in YAML (`30s`, `64MiB`)."""
+
+from __future__ import annotations
+
+import re
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KiB|MiB|GiB|KB|MB|GB|k|K|M|G)?\s*$")
+_SIZE_UNITS = {
+    None: 1, "B": 1,
+    "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3,
+    "KB": 1000, "MB": 1000**2, "GB": 1000**3,
+    "k": 1024, "K": 1024, "M": 1024**2, "G": 1024**3,
+}
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from `100ms`, `30s`, `10m`, `24h`, `7d`.
+
+    A bare number is refused: `timeout: 30` could mean seconds or milliseconds, and a guess
+    would become a silent default.
+    """
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match:
+            return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    raise ValueError(f"expected a duration like '30s', '100ms' or '10m', got {value!r}")
+
+
+def parse_size(value: object) -> int:
+    """Bytes from `512`, `64KiB`, `1MiB`, `2GB`."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str):
+        match = _SIZE.match(value)
+        if match:
+            return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
+    raise ValueError(f"expected a size like '64MiB', '512KiB' or a number of bytes, got {value!r}")
+
+
+def format_duration(seconds: float) -> str:
+    if seconds < 1:
+        return f"{seconds * 1000:g}ms"
+    for unit, factor in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= factor and seconds % factor == 0:
+            return f"{seconds / factor:g}{unit}"
+    return f"{seconds:g}s"

@@ -1,0 +1,59 @@
+"""The sidecar's own exceptions; each knows the HTTP status it becomes (in proxy.error_response).
+
+Foreign exceptions (OSError, asyncio.TimeoutError, parser errors) are translated into these at
+the boundary that sees them (upstream.py), so the edge maps one small tree to responses.
+"""
+
+from __future__ import annotations
+
+
+class SidecarError(Exception):
+    status: int = 500
+    code: str = "internal_error"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class NoRouteError(SidecarError):
+    status = 404
+    code = "no_route"
+
+
+class BadRequestError(SidecarError):
+    status = 400
+    code = "bad_request"
+
+
+class UpstreamError(SidecarError):
+    """The upstream could not give a response."""
+
+    status = 502
+    code = "bad_gateway"
+
+    def __init__(self, upstream: str, detail: str) -> None:
+        super().__init__(detail)
+        self.upstream = upstream
+
+
+class UpstreamConnectError(UpstreamError):
+    status = 502
+    code = "upstream_connect_error"
+
+
+class UpstreamProtocolError(UpstreamError):
+    status = 502
+    code = "upstream_protocol_error"
+
+
+class UpstreamTimeoutError(UpstreamError):
+    status = 504
+    code = "upstream_timeout"
+
+
+class UpstreamUnavailableError(UpstreamError):
+    """No connection could be had from the pool in time."""
+
+    status = 503
+    code = "upstream_busy"

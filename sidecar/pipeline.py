@@ -1,0 +1,85 @@
+"""The policy chain: what runs between the edge (proxy.py) and the upstream, in the sidecar's order.
+
+A policy is a small object with one async method. It may answer by returning a response (a cache
+hit, a 429, a 202) or call `call_next`; it never calls another policy or the upstream itself.
+Chains are built once per route when a config loads, never per request.
+
+The canonical order, outermost first (later policies slot into it; a config cannot reorder it):
+
+    metrics -> rate_limit -> etag -> dedup -> cache -> offload -> breaker -> retry -> timeout
+    -> upstream
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from .routing import Route
+    from .upstream import Body, RawHeaders, UpstreamResponse
+
+CANONICAL_ORDER = (
+    "metrics", "rate_limit", "etag", "dedup", "cache", "offload", "breaker", "retry", "timeout",
+)
+
+
+class ProxyRequest:
+    """What policies see of a request: built once by the edge, read-only by convention."""
+
+    __slots__ = ("body", "chunked", "head", "method", "request_id", "route", "timeout", "web")
+
+    def __init__(self, web_request: web.BaseRequest, route: Route, request_id: str,
+                 head: bytes, body: Body, chunked: bool, timeout: float | None) -> None:
+        self.web = web_request
+        self.method = web_request.method
+        self.route = route
+        self.request_id = request_id
+        self.head = head  # the request line and headers as sent to the upstream
+        self.body = body
+        self.chunked = chunked
+        self.timeout = timeout
+
+
+class ProxyResponse:
+    """A response on its way back: whole (`body`) or streaming from the upstream (`stream`)."""
+
+    __slots__ = ("body", "headers", "reason", "status", "stream")
+
+    def __init__(self, status: int, reason: str, headers: RawHeaders, body: bytes | None = None,
+                 stream: UpstreamResponse | None = None) -> None:
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self.body = body
+        self.stream = stream
+
+    @classmethod
+    def from_upstream(cls, response: UpstreamResponse) -> ProxyResponse:
+        if response.complete:
+            return cls(response.status, response.reason, response.headers, body=response.body)
+        return cls(response.status, response.reason, response.headers, stream=response)
+
+
+Handler = Callable[[ProxyRequest], Awaitable[ProxyResponse]]
+
+
+class Policy(Protocol):
+    async def handle(self, request: ProxyRequest, call_next: Handler) -> ProxyResponse: ...
+
+
+def build_chain(policies: Sequence[Policy], terminal: Handler) -> Handler:
+    """Wrap `terminal` in `policies`, the first one outermost."""
+    handler = terminal
+    for policy in reversed(policies):
+        handler = _bind(policy, handler)
+    return handler
+
+
+def _bind(policy: Policy, call_next: Handler) -> Handler:
+    async def handle(request: ProxyRequest) -> ProxyResponse:
+        return await policy.handle(request, call_next)
+
+    return handle

@@ -1,0 +1,281 @@
+"""The aiohttp edge: web request -> ProxyRequest -> route's chain -> web response.
+
+Owns the HTTP rules of a proxy: hop-by-hop headers, X-Forwarded-*, Via, X-Request-ID, streaming
+both ways, and the one place where SidecarError becomes an HTTP response.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+import time
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from aiohttp import hdrs, web
+from multidict import CIMultiDict
+
+from .errors import NoRouteError, SidecarError, UpstreamError
+from .pipeline import ProxyRequest, ProxyResponse
+from .upstream import Body, RawHeaders
+
+if TYPE_CHECKING:
+    from .app import Runtime, State
+    from .routing import Route
+
+log = logging.getLogger("sidecar.proxy")
+
+# RFC 9110 §7.6.1 hop-by-hop fields, plus the non-standard Proxy-Connection. Expect is answered
+# by the sidecar itself (100 Continue), not forwarded.
+HOP_BY_HOP = frozenset({
+    b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
+    b"trailer", b"transfer-encoding", b"upgrade", b"proxy-connection", b"expect",
+})
+_REPLACED = frozenset({
+    b"host", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"via",
+    b"x-request-id",
+})
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=\-]{1,128}$")
+# Bodies up to this size are read whole before forwarding: one write, and a replayable request.
+_SMALL_BODY = 64 * 1024
+
+
+def _connection_tokens(value: str) -> frozenset[bytes]:
+    return frozenset(t.strip().lower().encode("latin-1") for t in value.split(",") if t.strip())
+
+
+def build_request_head(request: web.BaseRequest, state: State, route: Route,
+                       request_id: str, chunked: bool) -> bytes:
+    """The request line and headers for the upstream, from the client's raw headers."""
+    upstream = state.upstream_configs[route.upstream]
+    connection = request.headers.get(hdrs.CONNECTION)
+    drop = HOP_BY_HOP | _connection_tokens(connection) if connection else HOP_BY_HOP
+    host = xff = xfproto = xfhost = via = None
+    target = request.raw_path.encode("utf-8", "surrogateescape")
+    out = [request.method.encode("latin-1"), b" ", target, b" HTTP/1.1\r\n"]
+    append = out.append
+    for name, value in request.raw_headers:
+        lname = name.lower()
+        if lname in drop:
+            continue
+        if lname in _REPLACED:
+            if lname == b"host":
+                host = value
+            elif lname == b"x-forwarded-for":
+                xff = value if xff is None else xff + b", " + value
+            elif lname == b"via":
+                via = value if via is None else via + b", " + value
+            elif lname == b"x-forwarded-proto":
+                xfproto = value
+            elif lname == b"x-forwarded-host":
+                xfhost = value
+            continue
+        append(name)
+        append(b": ")
+        append(value)
+        append(b"\r\n")
+    client = (request.remote or "").encode("latin-1")
+    if not upstream.preserve_host or host is None:
+        out_host = state.upstream_netlocs[route.upstream]
+    else:
+        out_host = host
+    trust = state.config.server.trust_forwarded
+    append(b"Host: " + out_host + b"\r\n")
+    append(b"X-Forwarded-For: " + (xff + b", " + client if xff else client) + b"\r\n")
+    append(b"X-Forwarded-Proto: "
+           + (xfproto if trust and xfproto else request.scheme.encode("latin-1")) + b"\r\n")
+    if trust and xfhost:
+        append(b"X-Forwarded-Host: " + xfhost + b"\r\n")
+    elif host is not None:
+        append(b"X-Forwarded-Host: " + host + b"\r\n")
+    version = b"1.1 " if request.version[1] == 1 else b"1.0 "
+    append(b"Via: " + (via + b", " if via else b"") + version + state.via + b"\r\n")
+    append(b"X-Request-ID: " + request_id.encode("latin-1") + b"\r\n")
+    if chunked:
+        append(b"Transfer-Encoding: chunked\r\n")
+    append(b"\r\n")
+    return b"".join(out)
+
+
+def response_headers(raw: RawHeaders, request_id: str, via: str) -> CIMultiDict[str]:
+    items = []
+    connection: bytes | None = None
+    via_seen: str | None = None
+    for name, value in raw:
+        lname = name.lower()
+        if lname in HOP_BY_HOP:
+            if lname == b"connection":
+                connection = value if connection is None else connection + b"," + value
+            continue
+        if lname == b"via":
+            via_seen = value.decode("latin-1") if via_seen is None else (
+                via_seen + ", " + value.decode("latin-1"))
+            continue
+        if lname == b"x-request-id":
+            continue
+        items.append((name.decode("latin-1"), value.decode("latin-1")))
+    if connection:
+        named = {t.decode("latin-1") for t in _connection_tokens(connection.decode("latin-1"))}
+        items = [(k, v) for k, v in items if k.lower() not in named]
+    items.append(("Via", via if via_seen is None else via_seen + ", " + via))
+    items.append(("X-Request-ID", request_id))
+    return CIMultiDict(items)
+
+
+class _Transparent:
+    """aiohttp adds Server and a default Content-Type to every response; a proxy must not.
+
+    This hooks aiohttp's private `_prepare_headers` (pinned range in pyproject.toml; the header
+    tests fail if a new aiohttp changes it).
+    """
+
+    _headers: CIMultiDict[str]
+
+    async def _prepare_headers(self) -> None:
+        headers = self._headers
+        had_type = hdrs.CONTENT_TYPE in headers
+        had_server = hdrs.SERVER in headers
+        await super()._prepare_headers()  # type: ignore[misc]
+        if not had_type:
+            headers.popall(hdrs.CONTENT_TYPE, None)
+        if not had_server:
+            headers.popall(hdrs.SERVER, None)
+
+
+class PassResponse(_Transparent, web.Response):
+    pass
+
+
+class PassStreamResponse(_Transparent, web.StreamResponse):
+    pass
+
+
+def error_response(exc: SidecarError, request_id: str) -> web.Response:
+    body = orjson.dumps({"error": exc.code, "detail": exc.detail, "request_id": request_id})
+    response = web.Response(status=exc.status, body=body, content_type="application/json")
+    response.headers["X-Request-ID"] = request_id
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+class ProxyHandler:
+    """The public listener's one handler. Reads `runtime.state` once per request, so a reload
+    never changes the rules under a request in flight."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        started = time.perf_counter()
+        state = self.runtime.state
+        headers = request.headers
+        request_id = headers.get("X-Request-ID")
+        if request_id is None or not _REQUEST_ID.match(request_id):
+            request_id = secrets.token_hex(16)
+        route: Route | None = None
+        response: web.StreamResponse | None = None
+        sent = 0
+        try:
+            route = state.routes.match(request.method, request.host, request.path, headers)
+            if route is None:
+                raise NoRouteError(f"no route matches {request.method} {request.path}")
+            if hdrs.UPGRADE in headers and headers[hdrs.UPGRADE].lower() == "websocket":
+                from .websocket import proxy_websocket
+
+                return await proxy_websocket(self.runtime, state, route, request, request_id)
+            body, chunked = await _request_body(request)
+            head = build_request_head(request, state, route, request_id, chunked)
+            proxy_request = ProxyRequest(request, route, request_id, head, body, chunked,
+                                         route.config.timeout)
+            result = await state.chains[route.name](proxy_request)
+            response, sent = await self._respond(request, result, request_id, state)
+            return response
+        except SidecarError as exc:
+            response = error_response(exc, request_id)
+            if isinstance(exc, UpstreamError):
+                log.warning("upstream request failed", extra={
+                    "request_id": request_id, "route": route.name if route else None,
+                    "upstream": exc.upstream, "error": exc.code, "detail": exc.detail,
+                })
+            return response
+        finally:
+            access = self.runtime.access_log
+            if access.enabled:
+                access.write(self._access_fields(request, route, response, request_id, started,
+                                                 sent))
+
+    async def _respond(self, request: web.BaseRequest, result: ProxyResponse, request_id: str,
+                       state: State) -> tuple[web.StreamResponse, int]:
+        headers = response_headers(result.headers, request_id, state.via_response)
+        if result.body is not None:
+            return PassResponse(status=result.status, reason=result.reason, headers=headers,
+                                body=result.body), len(result.body)
+        stream = result.stream
+        assert stream is not None
+        response = PassStreamResponse(status=result.status, reason=result.reason,
+                                      headers=headers)
+        sent = 0
+        try:
+            await response.prepare(request)
+            while chunk := await stream.read():
+                await response.write(chunk)
+                sent += len(chunk)
+        except UpstreamError as exc:
+            # Headers are gone already: cut the connection so the client sees a truncated body,
+            # never a clean end of a wrong one.
+            log.warning("upstream failed mid-response", extra={
+                "request_id": request_id, "upstream": exc.upstream, "error": exc.code,
+                "detail": exc.detail, "bytes_sent": sent,
+            })
+            if request.transport is not None:
+                request.transport.abort()
+        except ConnectionError:
+            stream.close()  # the client went away
+        return response, sent
+
+    @staticmethod
+    def _access_fields(request: web.BaseRequest, route: Route | None,
+                       response: web.StreamResponse | None, request_id: str, started: float,
+                       sent: int) -> dict[str, Any]:
+        return {
+            "ts": AccessLogClock.now(),
+            "request_id": request_id,
+            "client": request.remote,
+            "method": request.method,
+            "path": request.raw_path[:512],
+            "route": route.name if route else None,
+            "upstream": route.upstream if route else None,
+            "status": response.status if response is not None else 499,
+            "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+            "bytes": sent,
+        }
+
+
+class AccessLogClock:
+    """A timestamp string per second, not per request: formatting time is not free."""
+
+    _second = 0
+    _text = ""
+
+    @classmethod
+    def now(cls) -> str:
+        now = time.time()
+        second = int(now)
+        if second != cls._second:
+            cls._second = second
+            cls._text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{cls._text}.{int(now % 1 * 1000):03d}Z"
+
+
+async def _request_body(request: web.BaseRequest) -> tuple[Body, bool]:
+    """The body to forward: None, whole bytes when small, else a stream of chunks."""
+    if not request.body_exists:
+        return None, False
+    expect = request.headers.get(hdrs.EXPECT)
+    if expect is not None and expect.lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    length = request.content_length
+    if length is not None and length <= _SMALL_BODY:
+        return await request.read(), False
+    return request.content.iter_any(), length is None

@@ -1,0 +1,481 @@
+"""The upstream client: one keep-alive connection pool per upstream, HTTP/1.1 on asyncio protocols.
+
+Why not aiohttp.ClientSession: on a proxy's hot path its client side costs more CPU than the
+whole server side (request objects, URL building, cookie jar, tracing hooks, decompression
+plumbing). A proxy already holds the request as raw header bytes and wants the response back as
+raw bytes, so this module writes the request head itself and parses the response with httptools
+(llhttp, the parser aiohttp and uvicorn use). Bodies stream both ways with flow control, so
+memory stays bounded whatever their size. See docs/performance.md for the measurements.
+
+Foreign errors (OSError, timeouts, parser errors) become sidecar.errors.Upstream* here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httptools
+
+from .config import UpstreamConfig
+from .errors import (
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamTimeoutError,
+    UpstreamUnavailableError,
+)
+
+# Pause reading from the upstream once this much response body waits for a slow client.
+_HIGH_WATER = 256 * 1024
+_LOW_WATER = 64 * 1024
+
+RawHeaders = list[tuple[bytes, bytes]]
+Body = bytes | AsyncIterator[bytes] | None
+
+
+class _StaleConnection(UpstreamConnectError):
+    """A reused keep-alive connection closed before any response byte: safe to try anew."""
+
+
+class UpstreamResponse:
+    """Status and headers at once; the body as it arrives (`read()`), or whole (`body`)."""
+
+    __slots__ = (
+        "_chunks", "_conn", "_error", "_size", "_timeout", "_waiter",
+        "complete", "headers", "keep_alive", "reason", "status",
+    )
+
+    def __init__(self, conn: _Connection, status: int, reason: bytes, headers: RawHeaders,
+                 keep_alive: bool, timeout: float) -> None:
+        self._conn: _Connection | None = conn
+        self.status = status
+        self.reason = reason.decode("latin-1")
+        self.headers = headers
+        self.keep_alive = keep_alive
+        self.complete = False
+        self._chunks: deque[bytes] = deque()
+        self._size = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._error: UpstreamError | None = None
+        self._timeout = timeout
+
+    @property
+    def body(self) -> bytes:
+        """The whole body, when `complete` says it has all arrived."""
+        chunks = self._chunks
+        if len(chunks) == 1:
+            return chunks[0]
+        return b"".join(chunks)
+
+    async def read(self) -> bytes:
+        """The next chunk of body; b"" at the end."""
+        while not self._chunks:
+            if self._error is not None:
+                raise self._error
+            if self.complete:
+                return b""
+            loop = asyncio.get_running_loop()
+            self._waiter = waiter = loop.create_future()
+            timer = loop.call_later(self._timeout, self._on_timeout, waiter)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                self._waiter = None
+        chunk = self._chunks.popleft()
+        self._size -= len(chunk)
+        conn = self._conn
+        if conn is not None and conn.reading_paused and self._size <= _LOW_WATER:
+            conn.resume_reading()
+        return chunk
+
+    def close(self) -> None:
+        """Give up on the rest of the body (the client went away): the connection is dropped."""
+        conn = self._conn
+        if conn is not None and not self.complete:
+            self._conn = None
+            conn.abort()
+
+    def _on_timeout(self, waiter: asyncio.Future[None]) -> None:
+        conn = self._conn
+        self._fail(UpstreamTimeoutError(
+            conn.pool.name if conn else "?", "upstream stopped sending the response body"))
+        if conn is not None:
+            conn.abort()
+
+    def _feed(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._size += len(data)
+        self._wake()
+
+    def _finish(self) -> None:
+        self.complete = True
+        self._conn = None
+        self._wake()
+
+    def _fail(self, error: UpstreamError) -> None:
+        if not self.complete and self._error is None:
+            self._error = error
+            self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def __repr__(self) -> str:
+        return f"<UpstreamResponse {self.status} complete={self.complete} buffered={self._size}>"
+
+
+class _Connection(asyncio.Protocol):
+    """One HTTP/1.1 connection to an upstream, fed to an httptools response parser."""
+
+    def __init__(self, pool: UpstreamPool) -> None:
+        self.pool = pool
+        self.loop = pool.loop
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.closed = False
+        self.reused = False
+        self.counted = True
+        self.idle_since = 0.0
+        self.reading_paused = False
+        self._writing_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+        # per exchange
+        self._head_waiter: asyncio.Future[UpstreamResponse] | None = None
+        self._response: UpstreamResponse | None = None
+        self._headers: RawHeaders = []
+        self._reason = b""
+        self._informational = False
+        self._head_request = False
+        self._request_sent = False
+        self._got_bytes = False
+        self._until_close = False
+        self._timeout = 30.0
+
+    # -- asyncio.Protocol --------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self._got_bytes = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._error(UpstreamProtocolError(self.pool.name, "unexpected protocol upgrade"))
+        except httptools.HttpParserError as exc:
+            self._error(UpstreamProtocolError(self.pool.name, f"invalid HTTP response: {exc}"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.pool._forget(self)
+        if self._head_waiter is not None and not self._head_waiter.done():
+            cls = _StaleConnection if self.reused and not self._got_bytes else UpstreamConnectError
+            self._head_waiter.set_exception(cls(
+                self.pool.name, "upstream closed the connection before responding"))
+        response = self._response
+        if response is not None and not response.complete:
+            if self._head_request or self._until_close:
+                self._response = None
+                response._finish()
+            else:
+                response._fail(UpstreamProtocolError(
+                    self.pool.name, "upstream closed the connection mid-response"))
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def pause_reading(self) -> None:
+        if not self.reading_paused and self.transport is not None:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.reading_paused and self.transport is not None and not self.closed:
+            self.reading_paused = False
+            self.transport.resume_reading()
+
+    # -- httptools callbacks -------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._headers = []
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason = reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if status < 200:
+            # 100 Continue, 103 Early Hints: informational, the real response follows.
+            self._informational = True
+            return
+        keep_alive = self.parser.should_keep_alive()
+        response = UpstreamResponse(self, status, self._reason, self._headers, keep_alive,
+                                    self._timeout)
+        if not keep_alive:
+            # Without Content-Length or chunked framing the body ends when the connection does.
+            framed = any(name.lower() in (b"content-length", b"transfer-encoding")
+                         for name, _ in self._headers)
+            self._until_close = not framed and status not in (204, 304)
+        self._response = response
+        waiter = self._head_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(response)
+        if self._head_request:
+            # A response to HEAD has no body whatever Content-Length says; httptools cannot be
+            # told so, so the exchange ends here and the parser is replaced before reuse.
+            self._message_done()
+
+    def on_body(self, body: bytes) -> None:
+        response = self._response
+        if response is not None and not self._head_request:
+            response._feed(body)
+            if response._size > _HIGH_WATER:
+                self.pause_reading()
+
+    def on_message_complete(self) -> None:
+        if self._informational:
+            self._informational = False
+            return
+        if not self._head_request:
+            self._message_done()
+
+    # -- exchange ------------------------------------------------------------------------------
+
+    def _message_done(self) -> None:
+        response = self._response
+        if response is None:
+            return
+        keep_alive = response.keep_alive
+        response._finish()
+        self._response = None
+        if self._request_sent and keep_alive and not self.closed:
+            self.pool._release(self)
+        else:
+            self.abort()
+
+    def _error(self, error: UpstreamError) -> None:
+        if self._head_waiter is not None and not self._head_waiter.done():
+            self._head_waiter.set_exception(error)
+        if self._response is not None:
+            self._response._fail(error)
+        self.abort()
+
+    def _on_head_timeout(self) -> None:
+        self._error(UpstreamTimeoutError(
+            self.pool.name, f"no response from upstream within {self._timeout:g}s"))
+
+    def abort(self) -> None:
+        self.closed = True
+        self.pool._forget(self)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def close(self) -> None:
+        self.closed = True
+        self.pool._forget(self)
+        if self.transport is not None:
+            self.transport.close()
+
+    async def exchange(self, head: bytes, body: Body, chunked: bool, timeout: float,
+                       is_head: bool) -> UpstreamResponse:
+        if self._head_request:
+            self.parser = httptools.HttpResponseParser(self)
+        self._head_request = is_head
+        self._request_sent = False
+        self._got_bytes = False
+        self._until_close = False
+        self._timeout = timeout
+        self._head_waiter = waiter = self.loop.create_future()
+        transport = self.transport
+        assert transport is not None
+        try:
+            if body is None:
+                transport.write(head)
+            elif isinstance(body, bytes):
+                transport.write(head + body)
+            else:
+                transport.write(head)
+                await self._send_stream(body, chunked, timeout)
+            self._request_sent = True
+            timer = self.loop.call_later(timeout, self._on_head_timeout)
+            try:
+                return await waiter
+            finally:
+                timer.cancel()
+        except BaseException:
+            if not waiter.done() or waiter.exception() is not None:
+                self.abort()
+            raise
+        finally:
+            self._head_waiter = None
+
+    async def _send_stream(self, body: AsyncIterator[bytes], chunked: bool,
+                           timeout: float) -> None:
+        transport = self.transport
+        assert transport is not None
+        async for chunk in body:
+            if self.closed:
+                return
+            if not chunk:
+                continue
+            if chunked:
+                transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+            else:
+                transport.write(chunk)
+            if self._writing_paused:
+                self._drain_waiter = self.loop.create_future()
+                try:
+                    async with asyncio.timeout(timeout):
+                        await self._drain_waiter
+                except TimeoutError:
+                    raise UpstreamTimeoutError(
+                        self.pool.name, f"upstream did not read the request body for "
+                        f"{timeout:g}s") from None
+                finally:
+                    self._drain_waiter = None
+        if chunked and not self.closed:
+            transport.write(b"0\r\n\r\n")
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return f"<UpstreamConnection {self.pool.name} {state} reused={self.reused}>"
+
+
+class UpstreamPool:
+    """Keep-alive connections to one upstream, per worker process."""
+
+    def __init__(self, name: str, config: UpstreamConfig) -> None:
+        self.name = name
+        self.config = config
+        self.loop = asyncio.get_running_loop()
+        self.host = config.host
+        self.port = config.port
+        self._ssl: ssl.SSLContext | None = (
+            ssl.create_default_context() if config.scheme == "https" else None
+        )
+        self._idle: list[_Connection] = []
+        self._count = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._closing = False
+
+    async def request(self, head: bytes, body: Body = None, *, chunked: bool = False,
+                      timeout: float | None = None, is_head: bool = False) -> UpstreamResponse:
+        """Send one request; return once the response's status and headers have arrived."""
+        timeout = self.config.timeout if timeout is None else timeout
+        replayable = body is None or isinstance(body, bytes)
+        while True:
+            conn = await self._acquire(timeout)
+            try:
+                return await conn.exchange(head, body, chunked, timeout, is_head)
+            except _StaleConnection:
+                if replayable:
+                    continue  # the server closed an idle keep-alive connection: try a new one
+                raise
+
+    async def _acquire(self, timeout: float) -> _Connection:
+        loop = self.loop
+        while True:
+            idle = self._idle
+            while idle:
+                conn = idle.pop()
+                if conn.closed:
+                    continue
+                if loop.time() - conn.idle_since > self.config.idle_timeout:
+                    conn.close()
+                    continue
+                conn.reused = True
+                return conn
+            if self._closing:
+                raise UpstreamUnavailableError(self.name, "the upstream pool is shutting down")
+            if self._count < self.config.max_connections:
+                self._count += 1
+                try:
+                    return await self._connect()
+                except BaseException:
+                    self._count -= 1
+                    self._wake_one()
+                    raise
+            waiter = loop.create_future()
+            self._waiters.append(waiter)
+            try:
+                async with asyncio.timeout(timeout):
+                    await waiter
+            except TimeoutError:
+                raise UpstreamUnavailableError(
+                    self.name, f"all {self.config.max_connections} connections to the upstream "
+                    f"stayed busy for {timeout:g}s (raise upstreams.{self.name}.max_connections?)"
+                ) from None
+            finally:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+
+    async def _connect(self) -> _Connection:
+        where = f"{self.host}:{self.port}"
+        try:
+            async with asyncio.timeout(self.config.connect_timeout):
+                _, conn = await self.loop.create_connection(
+                    lambda: _Connection(self), self.host, self.port, ssl=self._ssl)
+        except TimeoutError:
+            raise UpstreamTimeoutError(
+                self.name, f"connect to {where} timed out after "
+                f"{self.config.connect_timeout:g}s") from None
+        except ssl.SSLError as exc:
+            raise UpstreamConnectError(self.name, f"TLS error with {where}: {exc}") from None
+        except OSError as exc:
+            raise UpstreamConnectError(
+                self.name, f"cannot connect to {where}: {exc.strerror or exc}") from None
+        return conn
+
+    def _release(self, conn: _Connection) -> None:
+        if self._closing or len(self._idle) >= self.config.max_idle:
+            conn.close()
+            return
+        conn.idle_since = self.loop.time()
+        self._idle.append(conn)
+        self._wake_one()
+
+    def _forget(self, conn: _Connection) -> None:
+        if conn.counted:
+            conn.counted = False
+            self._count -= 1
+            self._wake_one()
+
+    def _wake_one(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    async def close(self) -> None:
+        """Close idle connections now; busy ones close when their exchange ends."""
+        self._closing = True
+        for conn in self._idle:
+            conn.close()
+        self._idle.clear()
+
+    def stats(self) -> dict[str, Any]:
+        return {"open": self._count, "idle": len(self._idle), "waiting": len(self._waiters)}
+
+    def __repr__(self) -> str:
+        return (f"<UpstreamPool {self.name} {self.host}:{self.port} open={self._count} "
+                f"idle={len(self._idle)}>")

@@ -1,0 +1,95 @@
+"""`server.workers > 1`: a small supervisor process and N workers sharing the port (SO_REUSEPORT).
+
+The supervisor owns the embedded Redis, forwards SIGHUP (reload) and SIGTERM (drain) to the
+workers, and restarts a worker that dies unexpectedly. It serves no traffic itself.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import multiprocessing
+import os
+import signal
+import time
+from multiprocessing.process import BaseProcess
+
+from .config import LoadedConfig
+
+log = logging.getLogger("sidecar.workers")
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Ask Linux to send `sig` to this process when its parent dies (PR_SET_PDEATHSIG), so a
+    killed supervisor never leaves orphans holding the port."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, sig)
+    except (OSError, AttributeError):
+        pass
+
+
+def _worker_main(loaded: LoadedConfig, redis_url: str, worker_id: int) -> None:
+    die_with_parent()
+    from .cli import run_worker
+
+    raise SystemExit(run_worker(loaded, redis_url, reuse_port=True, worker_id=worker_id))
+
+
+class Supervisor:
+    def __init__(self, loaded: LoadedConfig, redis_url: str) -> None:
+        self.loaded = loaded
+        self.redis_url = redis_url
+        self.count = loaded.config.server.workers
+        self.grace = loaded.config.server.shutdown_grace
+        self._ctx = multiprocessing.get_context("spawn")
+        self._workers: dict[int, BaseProcess] = {}
+        self._stopping = False
+        self._reload = False
+
+    def _spawn(self, worker_id: int) -> None:
+        process = self._ctx.Process(target=_worker_main, name=f"sidecar-worker-{worker_id}",
+                                    args=(self.loaded, self.redis_url, worker_id))
+        process.start()
+        self._workers[worker_id] = process
+        log.info("worker started", extra={"worker": worker_id, "pid": process.pid})
+
+    def _signal(self, signum: int) -> None:
+        for process in self._workers.values():
+            if process.pid is not None and process.is_alive():
+                try:
+                    os.kill(process.pid, signum)
+                except ProcessLookupError:
+                    pass
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, lambda *_: setattr(self, "_stopping", True))
+        signal.signal(signal.SIGINT, lambda *_: setattr(self, "_stopping", True))
+        signal.signal(signal.SIGHUP, lambda *_: setattr(self, "_reload", True))
+        for worker_id in range(self.count):
+            self._spawn(worker_id)
+        restarts: list[float] = []
+        while not self._stopping:
+            time.sleep(0.1)
+            if self._reload:
+                self._reload = False
+                self._signal(signal.SIGHUP)
+            for worker_id, process in list(self._workers.items()):
+                if not process.is_alive() and not self._stopping:
+                    log.error("worker died; restarting it", extra={
+                        "worker": worker_id, "pid": process.pid, "exitcode": process.exitcode})
+                    now = time.monotonic()
+                    restarts = [t for t in restarts if now - t < 10] + [now]
+                    if len(restarts) > 5 * self.count:
+                        log.critical("workers keep dying; giving up")
+                        self._stopping = True
+                        break
+                    self._spawn(worker_id)
+        log.info("stopping workers", extra={"grace_s": self.grace})
+        self._signal(signal.SIGTERM)
+        deadline = time.monotonic() + self.grace + 5
+        for process in self._workers.values():
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                process.kill()
+                process.join()
+        return 0
