@@ -140,7 +140,8 @@ class Runtime:
         )
         public = web.ServerRunner(server, shutdown_timeout=config.server.shutdown_grace)
         admin = web.AppRunner(build_admin_app(self), access_log=None, shutdown_timeout=2.0)
-        for runner, address in ((public, config.server.listen), (admin, config.server.admin_listen)):
+        listeners = ((public, config.server.listen), (admin, config.server.admin_listen))
+        for runner, address in listeners:
             await runner.setup()
             site = web.TCPSite(runner, address.host, address.port, reuse_port=self.reuse_port,
                                backlog=1024)

@@ -371,7 +371,8 @@ def _model_at(model: Any, loc: Loc) -> Any:
         else:
             return None
     annotation = _unwrap(annotation)
-    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    is_model = isinstance(annotation, type) and issubclass(annotation, BaseModel)
+    return annotation if is_model else None
 
 
 def _unwrap(annotation: Any) -> Any:

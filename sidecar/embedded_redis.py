@@ -57,7 +57,7 @@ class EmbeddedRedis:
             "--save", "", "--daemonize", "no", "--loglevel", "warning",
             "--logfile", str(self.dir / "redis.log"),
         ]
-        self.process = subprocess.Popen(  # noqa: S603
+        self.process = subprocess.Popen(
             args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             preexec_fn=die_with_parent, start_new_session=True,
         )

@@ -6,9 +6,10 @@ both ways, and the one place where SidecarError becomes an HTTP response.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import re
-import secrets
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +38,16 @@ _REPLACED = frozenset({
     b"x-request-id",
 })
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=\-]{1,128}$")
+# Request ids need to be unique, not secret: a random per-process prefix and a counter cost far
+# less than 16 fresh random bytes per request.
+_ID_PREFIX = os.urandom(8).hex()
+_ID_COUNTER = itertools.count(int.from_bytes(os.urandom(4), "big"))
+
+
+def new_request_id() -> str:
+    return f"{_ID_PREFIX}{next(_ID_COUNTER) & 0xFFFFFFFFFFFFFFFF:016x}"
+
+
 # Bodies up to this size are read whole before forwarding: one write, and a replayable request.
 _SMALL_BODY = 64 * 1024
 
@@ -172,7 +183,7 @@ class ProxyHandler:
         headers = request.headers
         request_id = headers.get("X-Request-ID")
         if request_id is None or not _REQUEST_ID.match(request_id):
-            request_id = secrets.token_hex(16)
+            request_id = new_request_id()
         route: Route | None = None
         response: web.StreamResponse | None = None
         sent = 0

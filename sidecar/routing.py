@@ -26,10 +26,7 @@ class Route:
             return False
         if self.host is not None and not self.host(host):
             return False
-        for name, value in self.headers:
-            if headers.get(name) != value:
-                return False
-        return True
+        return all(headers.get(name) == value for name, value in self.headers)
 
 
 def compile_route(config: RouteConfig) -> Route:

@@ -77,7 +77,7 @@ async def proxy_websocket(runtime: Runtime, state: State, route: Route,
     tasks = [asyncio.ensure_future(pump(client_ws, upstream_ws)),
              asyncio.ensure_future(pump(upstream_ws, client_ws))]
     try:
-        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        _done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         for task in pending:
             await asyncio.wait_for(asyncio.shield(task), timeout=10)
     except (TimeoutError, ConnectionError) as exc:

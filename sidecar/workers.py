@@ -6,6 +6,7 @@ workers, and restarts a worker that dies unexpectedly. It serves no traffic itse
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import multiprocessing
@@ -22,10 +23,8 @@ log = logging.getLogger("sidecar.workers")
 def die_with_parent(sig: int = signal.SIGTERM) -> None:
     """Ask Linux to send `sig` to this process when its parent dies (PR_SET_PDEATHSIG), so a
     killed supervisor never leaves orphans holding the port."""
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, sig)
-    except (OSError, AttributeError):
-        pass
 
 
 def _worker_main(loaded: LoadedConfig, redis_url: str, worker_id: int) -> None:
@@ -56,10 +55,8 @@ class Supervisor:
     def _signal(self, signum: int) -> None:
         for process in self._workers.values():
             if process.pid is not None and process.is_alive():
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(process.pid, signum)
-                except ProcessLookupError:
-                    pass
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, lambda *_: setattr(self, "_stopping", True))

@@ -54,10 +54,7 @@ def compile_host_glob(pattern: str) -> Matcher:
 
     def match(host: str) -> bool:
         host = host.lower()
-        if host.startswith("["):
-            host = host[: host.find("]") + 1]
-        else:
-            host = host.partition(":")[0]
+        host = host[:host.find("]") + 1] if host.startswith("[") else host.partition(":")[0]
         return regex.match(host) is not None
 
     return match

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -72,11 +73,9 @@ async def reports(request: web.Request) -> web.Response:
         for step in range(1, steps + 1):
             await asyncio.sleep(seconds / steps)
             if progress_url:
-                try:
+                with contextlib.suppress(OSError):
                     await session.post(progress_url, json={"progress": step * 100 // steps,
                                                            "message": f"step {step}/{steps}"})
-                except OSError:
-                    pass
     return web.json_response({"report": "ready", "request_bytes": len(body),
                               "digest": hashlib.sha256(body).hexdigest()}, status=200)
 
@@ -121,6 +120,10 @@ async def ws_echo(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
+async def index(request: web.Request) -> web.Response:
+    return web.json_response({"hello": "from the example backend"})
+
+
 async def stats(request: web.Request) -> web.Response:
     return web.json_response(dict(request.app[CALLS]))
 
@@ -143,7 +146,7 @@ def build_app() -> web.Application:
     app.router.add_route("*", "/echo", echo)
     app.router.add_get("/ws/echo", ws_echo)
     app.router.add_get("/stats", stats)
-    app.router.add_get("/", lambda r: web.json_response({"hello": "from the example backend"}))
+    app.router.add_get("/", index)
     return app
 
 

@@ -1,0 +1,44 @@
+# The two commands a newcomer needs: `make run` and `make test`. Each sets itself up.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: help setup run test lint bench bench-passthrough check clean
+
+help:
+	@echo "make run     start the example backend and the sidecar in front of it (:8080, admin :9901)"
+	@echo "make test    run the whole test suite"
+	@echo "make check   validate config.yaml"
+	@echo "make lint    ruff"
+	@echo "make bench   benchmarks under loadtests/bench (nginx and wrk installed when missing)"
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); scripts/ensure-debian-packages python3-venv && $(PYTHON) -m venv $(VENV); }
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@touch $(STAMP)
+
+setup: $(STAMP)
+	@scripts/ensure-debian-packages redis-server
+
+run: setup
+	@scripts/run-demo
+
+test: setup
+	$(BIN)/python -m pytest
+
+check: setup
+	$(BIN)/sidecar check -c config.yaml
+
+lint: setup
+	$(BIN)/ruff check sidecar tests loadtests
+
+bench: bench-passthrough
+
+bench-passthrough: setup
+	@scripts/ensure-debian-packages nginx wrk
+	$(BIN)/python loadtests/bench/passthrough.py
+
+clean:
+	rm -rf $(VENV) .sidecar .pytest_cache .ruff_cache
