@@ -520,6 +520,8 @@ def _load_bundles(
                     bundles[name] = PolicyKeys.model_validate(body or {})
                 except ValidationError as exc:
                     problems += _pydantic_problems(exc, bundle_doc, PolicyKeys, (name,), None)
+                    # Reported just above: known, if invalid, so not "unknown" where it is used.
+                    bundles_raw[name] = {}
                     continue
                 bundles_raw[name] = body or {}
     return bundles_raw, bundles

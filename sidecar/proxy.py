@@ -60,7 +60,8 @@ def build_request_head(request: web.BaseRequest, state: State, route: Route,
                        request_id: str, chunked: bool) -> bytes:
     """The request line and headers for the upstream, from the client's raw headers."""
     upstream = state.upstream_configs[route.upstream]
-    connection = request.headers.get(hdrs.CONNECTION)
+    # Every Connection header names hop-by-hop fields, not only the first one.
+    connection = ",".join(request.headers.getall(hdrs.CONNECTION, ()))
     drop = HOP_BY_HOP | _connection_tokens(connection) if connection else HOP_BY_HOP
     host = xff = xfproto = xfhost = via = None
     target = request.raw_path.encode("utf-8", "surrogateescape")

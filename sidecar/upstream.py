@@ -326,7 +326,10 @@ class _Connection(asyncio.Protocol):
                 self.abort()
             raise
         finally:
-            self._head_waiter = None
+            # A whole small response releases the connection from data_received, before this
+            # task resumes: another request may already own it and its waiter. Clear only ours.
+            if self._head_waiter is waiter:
+                self._head_waiter = None
 
     async def _send_stream(self, body: AsyncIterator[bytes], chunked: bool,
                            timeout: float) -> None:

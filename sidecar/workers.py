@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import logging
 import multiprocessing
 import os
@@ -15,7 +16,7 @@ import signal
 import time
 from multiprocessing.process import BaseProcess
 
-from .config import LoadedConfig
+from .config import LoadedConfig, load_config
 
 log = logging.getLogger("sidecar.workers")
 
@@ -52,6 +53,21 @@ class Supervisor:
         self._workers[worker_id] = process
         log.info("worker started", extra={"worker": worker_id, "pid": process.pid})
 
+    def _refresh_config(self) -> None:
+        """Re-read the config file, so a replacement worker starts with the config the others
+        reloaded (SIGHUP or file change), not the one the supervisor started with. server and
+        redis keep their running values (they apply only at start); an invalid file keeps the
+        last good config."""
+        try:
+            fresh = load_config(self.loaded.path)
+        except Exception as exc:
+            log.warning("config file not reloadable; replacement workers use the last good one",
+                        extra={"error": str(exc)})
+            return
+        config = fresh.config.model_copy(update={"server": self.loaded.config.server,
+                                                 "redis": self.loaded.config.redis})
+        self.loaded = dataclasses.replace(fresh, config=config)
+
     def _signal(self, signum: int) -> None:
         for process in self._workers.values():
             if process.pid is not None and process.is_alive():
@@ -69,6 +85,7 @@ class Supervisor:
             time.sleep(0.1)
             if self._reload:
                 self._reload = False
+                self._refresh_config()
                 self._signal(signal.SIGHUP)
             for worker_id, process in list(self._workers.items()):
                 if not process.is_alive() and not self._stopping:
@@ -80,6 +97,7 @@ class Supervisor:
                         log.critical("workers keep dying; giving up")
                         self._stopping = True
                         break
+                    self._refresh_config()
                     self._spawn(worker_id)
         log.info("stopping workers", extra={"grace_s": self.grace})
         self._signal(signal.SIGTERM)

@@ -33,9 +33,9 @@ def glob_to_regex(pattern: str) -> str:
 
 
 def compile_path_glob(pattern: str) -> Matcher:
+    if not pattern.startswith("/"):
+        raise ValueError(f"a path pattern starts with '/', got {pattern!r}")
     if "*" not in pattern:
-        if not pattern.startswith("/"):
-            raise ValueError(f"a path pattern starts with '/', got {pattern!r}")
         return pattern.__eq__
     if pattern == "/**":
         return lambda path: True
@@ -43,7 +43,9 @@ def compile_path_glob(pattern: str) -> Matcher:
         prefix = pattern[:-3]
         prefix_slash = prefix + "/"
         return lambda path: path == prefix or path.startswith(prefix_slash)
-    return re.compile(glob_to_regex(pattern)).match  # type: ignore[return-value]
+    # fullmatch + DOTALL: a percent-decoded newline in the path must neither end the match early
+    # (`$` matches before a final newline) nor fail to match `**`.
+    return re.compile(glob_to_regex(pattern), re.DOTALL).fullmatch  # type: ignore[return-value]
 
 
 def compile_host_glob(pattern: str) -> Matcher:
