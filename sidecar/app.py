@@ -47,6 +47,7 @@ class State:
     upstream_netlocs: dict[str, bytes]
     via: bytes
     via_response: str
+    via_response_bytes: bytes
 
 
 def _upstream_handler(pool: UpstreamPool) -> Handler:
@@ -79,6 +80,7 @@ def build_state(loaded: LoadedConfig, previous: State | None) -> State:
         upstream_netlocs={n: u.netloc.encode("idna") for n, u in config.upstreams.items()},
         via=config.server.via.encode("latin-1"),
         via_response=f"1.1 {config.server.via}",
+        via_response_bytes=f"1.1 {config.server.via}".encode("latin-1"),
     )
 
 

@@ -52,6 +52,9 @@ def new_request_id() -> str:
 _SMALL_BODY = 64 * 1024
 
 
+_PLAIN_VALUES = frozenset({"keep-alive", "close"})
+
+
 def _connection_tokens(value: str) -> frozenset[bytes]:
     return frozenset(t.strip().lower().encode("latin-1") for t in value.split(",") if t.strip())
 
@@ -61,8 +64,11 @@ def build_request_head(request: web.BaseRequest, state: State, route: Route,
     """The request line and headers for the upstream, from the client's raw headers."""
     upstream = state.upstream_configs[route.upstream]
     # Every Connection header names hop-by-hop fields, not only the first one.
-    connection = ",".join(request.headers.getall(hdrs.CONNECTION, ()))
-    drop = HOP_BY_HOP | _connection_tokens(connection) if connection else HOP_BY_HOP
+    connections = request.headers.getall(hdrs.CONNECTION, ())
+    if not connections or (len(connections) == 1 and connections[0].lower() in _PLAIN_VALUES):
+        drop = HOP_BY_HOP
+    else:
+        drop = HOP_BY_HOP | _connection_tokens(",".join(connections))
     host = xff = xfproto = xfhost = via = None
     target = request.raw_path.encode("utf-8", "surrogateescape")
     out = [request.method.encode("latin-1"), b" ", target, b" HTTP/1.1\r\n"]
@@ -133,6 +139,87 @@ def response_headers(raw: RawHeaders, request_id: str, via: str) -> CIMultiDict[
     items.append(("Via", via if via_seen is None else via_seen + ", " + via))
     items.append(("X-Request-ID", request_id))
     return CIMultiDict(items)
+
+
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"Keep-Alive", b"Close"})
+_date_second = 0
+_date_value = b""
+
+
+def _http_date_now() -> bytes:
+    """The Date value, formatted once a second."""
+    global _date_second, _date_value
+    now = int(time.time())
+    if now != _date_second:
+        _date_second = now
+        _date_value = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now)).encode()
+    return _date_value
+
+
+def serialize_whole(status: int, reason: str, raw: RawHeaders, body: bytes, request_id: str,
+                    via: bytes) -> bytes:
+    """A whole HTTP/1.1 response as bytes, straight from the upstream's raw headers: no header
+    dict, no decoding and re-encoding, one write."""
+    out = [b"HTTP/1.1 %d %s\r\n" % (status, reason.encode("latin-1"))]
+    append = out.append
+    connection: bytes | None = None
+    via_seen: bytes | None = None
+    has_date = False
+    for name, value in raw:
+        lname = name.lower()
+        if lname in _WHOLE_SPECIAL:
+            if lname == b"connection":
+                if value not in _PLAIN_CONNECTION:
+                    connection = value if connection is None else connection + b"," + value
+            elif lname == b"via":
+                via_seen = value if via_seen is None else via_seen + b", " + value
+            elif lname == b"date":
+                has_date = True
+                append(b"%s: %s\r\n" % (name, value))
+            continue
+        append(b"%s: %s\r\n" % (name, value))
+    if connection:
+        named = _connection_tokens(connection.decode("latin-1"))
+        out = [out[0]] + [line for line in out[1:]
+                          if line.split(b":", 1)[0].lower() not in named]
+        append = out.append
+    if not has_date:
+        append(b"Date: " + _http_date_now() + b"\r\n")
+    append(b"Content-Length: %d\r\n" % len(body))
+    append(b"Via: " + (via_seen + b", " + via if via_seen else via) + b"\r\n")
+    append(b"X-Request-ID: " + request_id.encode("latin-1") + b"\r\n\r\n")
+    append(body)
+    return b"".join(out)
+
+
+_WHOLE_SPECIAL = HOP_BY_HOP | {b"via", b"date", b"content-length", b"x-request-id"}
+
+
+class WholeResponse:
+    """A complete response written to the transport in one call.
+
+    aiohttp's request handler needs only `prepare()`, `write_eof()` and `keep_alive` from what a
+    handler returns; building a web.Response (header dict, serialization, Server and
+    Content-Type defaults to undo) costs more than the rest of a cache hit or a small proxied
+    response. Used only where no framing question arises: HTTP/1.1 keep-alive requests, not
+    HEAD, responses that have a body.
+    """
+
+    __slots__ = ("_data", "keep_alive", "status")
+
+    def __init__(self, data: bytes, status: int) -> None:
+        self._data = data
+        self.status = status
+        self.keep_alive = True
+
+    async def prepare(self, request: web.BaseRequest) -> None:
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("client went away")
+        transport.write(self._data)
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        return None
 
 
 class _Transparent:
@@ -219,6 +306,13 @@ class ProxyHandler:
 
     async def _respond(self, request: web.BaseRequest, result: ProxyResponse, request_id: str,
                        state: State) -> tuple[web.StreamResponse, int]:
+        body = result.body
+        if (body is not None and request.version[1] == 1 and request.keep_alive
+                and result.status >= 200 and result.status not in (204, 304)
+                and request.method != "HEAD"):
+            data = serialize_whole(result.status, result.reason, result.headers, body,
+                                   request_id, state.via_response_bytes)
+            return WholeResponse(data, result.status), len(body)  # type: ignore[return-value]
         headers = response_headers(result.headers, request_id, state.via_response)
         if result.body is not None:
             return PassResponse(status=result.status, reason=result.reason, headers=headers,

@@ -37,6 +37,13 @@ RawHeaders = list[tuple[bytes, bytes]]
 Body = bytes | AsyncIterator[bytes] | None
 
 
+def _small_body(headers: RawHeaders) -> bool:
+    for name, value in headers:
+        if len(name) == 14 and name.lower() == b"content-length":
+            return value.isdigit() and int(value) <= _HIGH_WATER
+    return False
+
+
 class _StaleConnection(UpstreamConnectError):
     """A reused keep-alive connection closed before any response byte: safe to try anew."""
 
@@ -175,10 +182,19 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.pool._forget(self)
-        if self._head_waiter is not None and not self._head_waiter.done():
-            cls = _StaleConnection if self.reused and not self._got_bytes else UpstreamConnectError
-            self._head_waiter.set_exception(cls(
-                self.pool.name, "upstream closed the connection before responding"))
+        waiter = self._head_waiter
+        if waiter is not None and not waiter.done():
+            if self._response is not None:
+                # A small response held back until whole: the client can still get a 502.
+                error: UpstreamError = UpstreamProtocolError(
+                    self.pool.name, "upstream closed the connection mid-response")
+            elif self.reused and not self._got_bytes:
+                error = _StaleConnection(
+                    self.pool.name, "upstream closed the connection before responding")
+            else:
+                error = UpstreamConnectError(
+                    self.pool.name, "upstream closed the connection before responding")
+            waiter.set_exception(error)
         response = self._response
         if response is not None and not response.complete:
             if self._head_request or self._until_close:
@@ -187,9 +203,9 @@ class _Connection(asyncio.Protocol):
             else:
                 response._fail(UpstreamProtocolError(
                     self.pool.name, "upstream closed the connection mid-response"))
-        waiter = self._drain_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        drain = self._drain_waiter
+        if drain is not None and not drain.done():
+            drain.set_result(None)
 
     def pause_writing(self) -> None:
         self._writing_paused = True
@@ -236,6 +252,10 @@ class _Connection(asyncio.Protocol):
                          for name, _ in self._headers)
             self._until_close = not framed and status not in (204, 304)
         self._response = response
+        if not self._head_request and _small_body(self._headers):
+            # Hand the response over whole once its body is in (usually the same read or the
+            # next): one buffered write to the client instead of a streamed response.
+            return
         waiter = self._head_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(response)
@@ -265,6 +285,9 @@ class _Connection(asyncio.Protocol):
         if response is None:
             return
         keep_alive = response.keep_alive
+        waiter = self._head_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(response)
         response._finish()
         self._response = None
         if self._request_sent and keep_alive and not self.closed:

@@ -218,12 +218,12 @@ async def test_garbage_response_is_502(
 
 
 @pytest.mark.parametrize("pause", [False, True])
-async def test_upstream_closes_mid_body_truncates_the_response(
+async def test_small_response_cut_short_is_a_502(
     sidecar_factory: StartSidecar, scripted: StartScripted, redis_url: str,
     client: aiohttp.ClientSession, pause: bool,
 ) -> None:
-    """Once the head is forwarded a 502 is impossible: the client must see a broken body, never
-    a clean end of a short one."""
+    """A small response (<= 256 KiB by Content-Length) is held until whole, so a cut one can
+    still become a clean 502 instead of a broken 200."""
 
     async def cut_short(conn: Conn) -> None:
         await conn.read_request()
@@ -234,9 +234,30 @@ async def test_upstream_closes_mid_body_truncates_the_response(
 
     upstream = await scripted(cut_short)
     sidecar = await _sidecar(sidecar_factory, upstream.url, redis_url)
+    body = await _error(client, sidecar.url + "/x", 502, "upstream_protocol_error")
+    assert "mid-response" in body["detail"]
+
+
+@pytest.mark.parametrize("pause", [False, True])
+async def test_upstream_closes_mid_body_truncates_the_response(
+    sidecar_factory: StartSidecar, scripted: StartScripted, redis_url: str,
+    client: aiohttp.ClientSession, pause: bool,
+) -> None:
+    """Once the head of a streamed response is forwarded a 502 is impossible: the client must
+    see a broken body, never a clean end of a short one."""
+
+    async def cut_short(conn: Conn) -> None:
+        await conn.read_request()
+        await conn.send(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 100)
+        if pause:
+            await asyncio.sleep(0.2)
+            await conn.send(b"y" * 100)
+
+    upstream = await scripted(cut_short)
+    sidecar = await _sidecar(sidecar_factory, upstream.url, redis_url)
     async with client.get(sidecar.url + "/x") as response:
         assert response.status == 200
-        assert response.headers["Content-Length"] == "1000"
+        assert response.headers["Content-Length"] == "1000000"
         with pytest.raises(aiohttp.ClientPayloadError):
             await response.read()
 
@@ -258,13 +279,30 @@ async def test_chunked_body_cut_short_truncates_the_response(
             await response.read()
 
 
-async def test_body_stall_beyond_timeout_truncates_the_response(
+async def test_small_body_stall_beyond_timeout_is_a_504(
     sidecar_factory: StartSidecar, scripted: StartScripted, redis_url: str,
     client: aiohttp.ClientSession,
 ) -> None:
     async def stall(conn: Conn) -> None:
         await conn.read_request()
         await conn.send(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello")
+        await asyncio.Event().wait()
+
+    upstream = await scripted(stall)
+    sidecar = await _sidecar(sidecar_factory, upstream.url, redis_url,
+                             upstream={"timeout": "300ms"})
+    started = time.monotonic()
+    await _error(client, sidecar.url + "/x", 504, "upstream_timeout")
+    assert time.monotonic() - started < 4
+
+
+async def test_body_stall_beyond_timeout_truncates_the_response(
+    sidecar_factory: StartSidecar, scripted: StartScripted, redis_url: str,
+    client: aiohttp.ClientSession,
+) -> None:
+    async def stall(conn: Conn) -> None:
+        await conn.read_request()
+        await conn.send(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\nhello")
         await asyncio.Event().wait()
 
     upstream = await scripted(stall)
