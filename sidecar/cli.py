@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -34,6 +35,10 @@ def run_worker(loaded: LoadedConfig, redis_url: str, *, reuse_port: bool = False
     from .app import serve
 
     configure_logging(loaded.config.log)
+    # A SIGHUP that arrives before the runtime's handler is installed must not kill the process
+    # (its default action); the reload it asks for is moot, the config is being read anyway.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(serve(loaded, redis_url, reuse_port=reuse_port, worker_id=worker_id))
@@ -102,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until a runtime or supervisor handles it
     args = build_parser().parse_args(argv)
     if not Path(args.config).exists():
         print(f"sidecar: config file not found: {args.config}", file=sys.stderr)

@@ -430,8 +430,6 @@ class UpstreamPool:
                     continue
                 conn.reused = True
                 return conn
-            if self._closing:
-                raise UpstreamUnavailableError(self.name, "the upstream pool is shutting down")
             if self._count < self.config.max_connections:
                 self._count += 1
                 try:
@@ -493,7 +491,9 @@ class UpstreamPool:
                 return
 
     async def close(self) -> None:
-        """Close idle connections now; busy ones close when their exchange ends."""
+        """Close idle connections now; busy ones close when their exchange ends. A request that
+        started under the old config may still use the pool: it then gets a fresh connection
+        that is closed after use."""
         self._closing = True
         for conn in self._idle:
             conn.close()

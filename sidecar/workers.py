@@ -49,7 +49,13 @@ class Supervisor:
     def _spawn(self, worker_id: int) -> None:
         process = self._ctx.Process(target=_worker_main, name=f"sidecar-worker-{worker_id}",
                                     args=(self.loaded, self.redis_url, worker_id))
-        process.start()
+        # The child inherits a blocked SIGHUP until it can handle one (run_worker unblocks it):
+        # a reload forwarded while it is still starting must not kill it.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        try:
+            process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         self._workers[worker_id] = process
         log.info("worker started", extra={"worker": worker_id, "pid": process.pid})
 

@@ -563,3 +563,35 @@ async def test_embedded_redis_dies_with_killed_sidecar(
     returncode, _ = await wait_exit(proc, 5)
     assert returncode == -signal.SIGKILL
     await wait_gone({redis_pid}, 3)
+
+
+async def test_sighup_while_workers_start_does_not_kill_them(
+    sidecar_process: Callable[..., SidecarProcess], backend: Backend, redis_url: str,
+) -> None:
+    """A reload signal that reaches workers before they can handle it is ignored, not fatal."""
+    config = make_config(backend.url, redis_url, server={"workers": 2})
+    proc = sidecar_process(config, wait=False)
+    await wait_until(_async(lambda: "worker started" in proc.logs()), 20, "workers spawned")
+    for _ in range(30):
+        await asyncio.sleep(0.03)
+        proc.signal(signal.SIGHUP)
+    await wait_until(lambda: _serves(proc.url), 20, "the sidecar serves")
+    await asyncio.sleep(0.5)
+    died = [r for r in log_records(proc) if r.get("msg") == "worker died; restarting it"]
+    assert died == [], died
+    assert proc.process.poll() is None
+
+
+async def _serves(url: str) -> bool:
+    try:
+        async with fresh_connections() as session, session.get(url + "/api/products/1") as resp:
+            return resp.status == 200
+    except aiohttp.ClientError:
+        return False
+
+
+def _async(check: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
+    async def run() -> bool:
+        return check()
+
+    return run
