@@ -108,6 +108,15 @@ def wrk(name: str, port: int, duration: float, connections: int) -> Result:
     return parse_wrk(name, out)
 
 
+def stop(process: subprocess.Popen[bytes], sig: int, timeout: float = 15.0) -> None:
+    process.send_signal(sig)
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 @contextmanager
 def nginx(workdir: Path, name: str, http_block: str, core: int) -> Iterator[None]:
     conf = workdir / f"{name}.conf"
@@ -121,12 +130,7 @@ def nginx(workdir: Path, name: str, http_block: str, core: int) -> Iterator[None
     try:
         yield
     finally:
-        process.send_signal(signal.SIGQUIT)
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process, signal.SIGQUIT)  # nginx's graceful stop
 
 
 @contextmanager
@@ -149,12 +153,7 @@ def sidecar(workdir: Path, name: str, origin_port: int, port: int,
         wait_for_port(port)
         yield
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process, signal.SIGTERM)
 
 
 def run(duration: float, connections: int) -> list[Result]:
