@@ -56,9 +56,44 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response(body)
 
 
+async def purge(request: web.Request) -> web.Response:
+    """POST {"key": "/api/products/42"} | {"prefix": "/api/products/"} | {"tag": "product-42"}.
+
+    Returns once every instance listening on Redis has dropped its in-memory copies."""
+    runtime: Runtime = request.app[RUNTIME]  # type: ignore[assignment]
+    try:
+        body = await request.json()
+    except ValueError:
+        body = None
+    kinds = [k for k in ("key", "prefix", "tag") if isinstance(body, dict) and k in body]
+    if (not isinstance(body, dict) or len(kinds) != 1 or len(body) != 1
+            or not isinstance(body[kinds[0]], str) or not body[kinds[0]]):
+        return web.json_response({
+            "error": "bad_request",
+            "detail": 'send exactly one of {"key": "/path?query"}, {"prefix": "/path/"} or '
+                      '{"tag": "name"} as a JSON object with a non-empty string',
+        }, status=400)
+    kind = kinds[0]
+    value = body[kind]
+    if kind in ("key", "prefix") and not value.startswith("/"):
+        return web.json_response({"error": "bad_request",
+                                  "detail": f"a {kind} is a path starting with '/'"}, status=400)
+    result = await runtime.cache.purge(kind, value)
+    return web.json_response(result)
+
+
+async def stats(request: web.Request) -> web.Response:
+    """A JSON snapshot of what each subsystem counts (this worker)."""
+    runtime: Runtime = request.app[RUNTIME]  # type: ignore[assignment]
+    return web.json_response({"pid": os.getpid(), "worker": runtime.worker_id,
+                              "cache": runtime.cache.stats()})
+
+
 def build_admin_app(runtime: Runtime) -> web.Application:
     app = web.Application(middlewares=[require_token])
     app[RUNTIME] = runtime
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_post("/admin/cache/purge", purge)
+    app.router.add_get("/admin/stats", stats)
     return app

@@ -24,11 +24,14 @@ from redis.exceptions import RedisError
 
 from . import __version__
 from .admin import build_admin_app
-from .config import Config, ConfigError, LoadedConfig, UpstreamConfig, load_config
+from .config import Config, ConfigError, LoadedConfig, RouteConfig, UpstreamConfig, load_config
 from .logs import AccessLog, configure_logging
-from .pipeline import Handler, ProxyRequest, ProxyResponse, build_chain
+from .pipeline import Handler, Policy, ProxyRequest, ProxyResponse, build_chain
+from .policies.cache import CachePolicy
+from .policies.etag import EtagPolicy
 from .proxy import ProxyHandler
 from .routing import RouteTable
+from .stores.tiered import CacheService
 from .upstream import UpstreamPool
 
 log = logging.getLogger("sidecar")
@@ -59,7 +62,17 @@ def _upstream_handler(pool: UpstreamPool) -> Handler:
     return call_upstream
 
 
-def build_state(loaded: LoadedConfig, previous: State | None) -> State:
+def build_policies(route: RouteConfig, cache: CacheService) -> list[Policy]:
+    """The route's policies in the canonical order of pipeline.CANONICAL_ORDER."""
+    policies: list[Policy] = []
+    if route.etag:
+        policies.append(EtagPolicy())
+    if route.cache is not None:
+        policies.append(CachePolicy(route.name, route.cache, cache, generate_etag=route.etag))
+    return policies
+
+
+def build_state(loaded: LoadedConfig, previous: State | None, cache: CacheService) -> State:
     """Compile a config; upstream pools whose settings did not change are carried over."""
     config = loaded.config
     pools: dict[str, UpstreamPool] = {}
@@ -68,7 +81,8 @@ def build_state(loaded: LoadedConfig, previous: State | None) -> State:
         pools[name] = old if old is not None and old.config == upstream else UpstreamPool(
             name, upstream)
     routes = RouteTable(config)
-    chains = {route.name: build_chain([], _upstream_handler(pools[route.upstream]))
+    chains = {route.name: build_chain(build_policies(route.config, cache),
+                                      _upstream_handler(pools[route.upstream]))
               for route in routes.routes}
     return State(
         loaded=loaded,
@@ -104,7 +118,8 @@ def _signature(loaded: LoadedConfig) -> tuple[Any, ...]:
 class Runtime:
     def __init__(self, loaded: LoadedConfig, redis_url: str, *, reuse_port: bool = False,
                  worker_id: int = 0) -> None:
-        self.state = build_state(loaded, None)
+        self.cache = CacheService()
+        self.state = build_state(loaded, None, self.cache)
         self.redis_url = redis_url
         self.reuse_port = reuse_port
         self.worker_id = worker_id
@@ -133,6 +148,8 @@ class Runtime:
             socket_timeout=max(config.redis.connect_timeout, 1.0), health_check_interval=0,
         )
         await self._check_redis()
+        self.cache.attach(self.redis, aioredis.Redis.from_url(
+            self.redis_url, socket_connect_timeout=config.redis.connect_timeout))
         limits = config.server.limits
         server = web.Server(
             ProxyHandler(self), auto_decompress=False,
@@ -191,6 +208,7 @@ class Runtime:
         for pool in self.state.pools.values():
             await pool.close()
         await self.ws_session.close()
+        await self.cache.close()
         if self.redis is not None:
             await self.redis.aclose()
         self.access_log.flush()
@@ -203,7 +221,7 @@ class Runtime:
             old = self.state
             try:
                 loaded = await asyncio.to_thread(load_config, old.loaded.path)
-                new = build_state(loaded, old)
+                new = build_state(loaded, old, self.cache)
             except ConfigError as exc:
                 self.reloads["error"] += 1
                 self.last_reload_error = str(exc)
@@ -259,6 +277,7 @@ class Runtime:
         if up and not self.redis_up:
             log.info("redis reachable", extra={"url": _redact(self.redis_url)})
         self.redis_up = up
+        self.cache.redis_up = up
 
     async def _watch_redis(self) -> None:
         while True:

@@ -186,10 +186,48 @@ class MatchConfig(_Model):
         return [m.upper() for m in methods]
 
 
+class CacheKeyConfig(_Model):
+    query: Literal["sorted", "exact", "ignore"] = "sorted"
+    headers: list[str] = []
+    cookies: list[str] = []
+
+
+class MemoryLayerConfig(_Model):
+    max_bytes: Size = 64 * 1024**2
+    max_entry: Size = 1024**2
+
+
+class RedisLayerConfig(_Model):
+    max_entry: Size = 8 * 1024**2
+
+
+class CacheConfig(_Model):
+    ttl: Duration = 60.0
+    override: bool = False
+    layers: list[Literal["memory", "redis"]] = Field(["memory", "redis"], min_length=1)
+    memory: MemoryLayerConfig = MemoryLayerConfig()
+    redis: RedisLayerConfig = RedisLayerConfig()
+    stale_while_revalidate: Duration = 0.0
+    stale_if_error: Duration = 0.0
+    key: CacheKeyConfig = CacheKeyConfig()
+    # false: ignore clients' Cache-Control: no-cache / max-age=0 (reload buttons) and serve hits.
+    honor_client_no_cache: bool = True
+    store_set_cookie: bool = False
+    tag_header: str = "Surrogate-Key"
+    # Request headers that some frameworks obey but that are not in the key: dropped before the
+    # request reaches the upstream, so they cannot change what is stored for everyone.
+    strip_unkeyed: list[str] = [
+        "X-Original-URL", "X-Rewrite-URL", "X-HTTP-Method-Override", "X-HTTP-Method",
+        "X-Method-Override", "X-Forwarded-Scheme", "X-Forwarded-Server", "X-Host",
+    ]
+
+
 class PolicyKeys(_Model):
     """The keys a route or a policy bundle may set; each later policy adds its own key here."""
 
     timeout: OptionalDuration = None
+    cache: CacheConfig | None = None
+    etag: bool = False
 
 
 class RouteConfig(PolicyKeys):

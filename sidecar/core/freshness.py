@@ -1,0 +1,200 @@
+"""RFC 9111 rules for a shared cache, as pure functions of headers and `now`.
+
+Everything here is decided from already-parsed values so that the cache policy can call it on
+the request path without I/O, and the tests can be exhaustive without sockets or sleeping.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+
+Directives = dict[str, str | None]
+
+# RFC 9110 §15.1: statuses cacheable by default (heuristic freshness allowed). 206 is left out:
+# the sidecar does not store partial content.
+HEURISTIC_STATUSES = frozenset({200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501})
+# Final statuses a response may be stored for when it carries explicit freshness.
+UNDERSTOOD_STATUSES = HEURISTIC_STATUSES | frozenset({302, 303, 307, 400, 403, 500, 502, 503,
+                                                      504})
+
+
+def parse_cache_control(value: str | None) -> Directives:
+    """`max-age=60, no-cache="Set-Cookie", public` -> {"max-age": "60", "no-cache": ..., ...}.
+
+    Names are case-insensitive; the first occurrence of a directive wins (RFC 9111 §4.2.1 says
+    a duplicate makes it invalid; the first is the conservative reading for max-age).
+    """
+    directives: Directives = {}
+    if not value:
+        return directives
+    for part in _split_commas(value):
+        name, sep, arg = part.partition("=")
+        name = name.strip().lower()
+        if not name or name in directives:
+            continue
+        if sep:
+            arg = arg.strip()
+            if len(arg) >= 2 and arg[0] == '"' and arg[-1] == '"':
+                arg = arg[1:-1]
+            directives[name] = arg
+        else:
+            directives[name] = None
+    return directives
+
+
+def _split_commas(value: str) -> list[str]:
+    if '"' not in value:
+        return value.split(",")
+    parts, current, quoted = [], [], False
+    for ch in value:
+        if ch == '"':
+            quoted = not quoted
+        if ch == "," and not quoted:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    parts.append("".join(current))
+    return parts
+
+
+def delta_seconds(directives: Directives, name: str) -> int | None:
+    """A delta-seconds argument, or None when absent or malformed (then treated as absent,
+    except max-age/s-maxage which callers treat as stale: RFC 9111 §1.2.2)."""
+    value = directives.get(name)
+    if value is None or not value.isdigit():
+        return None
+    return min(int(value), 2**31)
+
+
+def http_date(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+
+
+def not_storable_reason(
+    *, method: str, status: int, request_cc: Directives, response_cc: Directives,
+    has_authorization: bool, has_set_cookie: bool, store_set_cookie: bool, vary: str | None,
+    explicit_freshness: bool, default_ttl: float,
+) -> str | None:
+    """None when a shared cache may store the response (RFC 9111 §3), else why not."""
+    if method != "GET":
+        return "method"
+    if status not in UNDERSTOOD_STATUSES:
+        return "status"
+    if "no-store" in request_cc or "no-store" in response_cc:
+        return "no-store"
+    if "private" in response_cc and response_cc["private"] is None:
+        return "private"
+    if has_authorization and not (
+        "public" in response_cc or "s-maxage" in response_cc
+        or "must-revalidate" in response_cc
+    ):
+        return "authorization"
+    if has_set_cookie and not store_set_cookie:
+        return "set-cookie"
+    if vary is not None and "*" in vary:
+        return "vary-star"
+    if explicit_freshness or "no-cache" in response_cc:
+        return None
+    if status in HEURISTIC_STATUSES or "public" in response_cc:
+        return None if default_ttl > 0 else "no-freshness"
+    return "no-freshness"
+
+
+def has_explicit_freshness(response_cc: Directives, expires: str | None) -> bool:
+    return "s-maxage" in response_cc or "max-age" in response_cc or expires is not None
+
+
+def freshness_lifetime(
+    *, response_cc: Directives, expires: float | None, date: float | None,
+    expires_present: bool, status: int, default_ttl: float, override: bool,
+) -> float:
+    """Seconds the response is fresh for (RFC 9111 §4.2.1), as a shared cache."""
+    if override:
+        return default_ttl
+    if "s-maxage" in response_cc:
+        return float(delta_seconds(response_cc, "s-maxage") or 0)
+    if "max-age" in response_cc:
+        return float(delta_seconds(response_cc, "max-age") or 0)
+    if expires_present:
+        if expires is None or date is None:
+            return 0.0  # an invalid Expires means already expired
+        return max(0.0, expires - date)
+    if status in HEURISTIC_STATUSES or "public" in response_cc:
+        return default_ttl
+    return 0.0
+
+
+def initial_age(*, age_header: str | None, date: float | None, request_time: float,
+                response_time: float) -> float:
+    """corrected_initial_age of RFC 9111 §4.2.3; current age = this + time resident."""
+    age_value = int(age_header) if age_header and age_header.strip().isdigit() else 0
+    apparent_age = max(0.0, response_time - date) if date is not None else 0.0
+    response_delay = max(0.0, response_time - request_time)
+    return max(apparent_age, age_value + response_delay)
+
+
+class Verdict(enum.Enum):
+    FRESH = "fresh"
+    STALE_REVALIDATE = "stale-while-revalidate"  # serve now, refresh in the background
+    REVALIDATE = "revalidate"  # ask the upstream (conditionally) before answering
+
+
+@dataclass(frozen=True, slots=True)
+class Freshness:
+    """What the cache stored about an entry's freshness."""
+
+    lifetime: float
+    initial_age: float
+    stored_at: float
+    no_cache: bool  # response said no-cache: revalidate on every use
+    must_revalidate: bool  # must-revalidate / proxy-revalidate / s-maxage: never serve stale
+    swr: float  # stale-while-revalidate window
+    sie: float  # stale-if-error window
+
+    def age(self, now: float) -> float:
+        return self.initial_age + max(0.0, now - self.stored_at)
+
+    def ttl(self, now: float) -> float:
+        return self.lifetime - self.age(now)
+
+    def usable_for_error(self, now: float) -> bool:
+        """stale-if-error (RFC 5861): may this stale entry answer when the upstream fails?"""
+        if self.must_revalidate:
+            return False
+        return self.age(now) < self.lifetime + self.sie
+
+
+def verdict(entry: Freshness, request_cc: Directives, now: float, *,
+            honor_client: bool) -> Verdict:
+    """May a stored response answer this request (RFC 9111 §4.2, §5.2.1; RFC 5861)?"""
+    age = entry.age(now)
+    if entry.no_cache:
+        return Verdict.REVALIDATE
+    if honor_client and request_cc:
+        if "no-cache" in request_cc:
+            return Verdict.REVALIDATE
+        max_age = delta_seconds(request_cc, "max-age")
+        if max_age is not None and age > max_age:
+            return Verdict.REVALIDATE
+        min_fresh = delta_seconds(request_cc, "min-fresh")
+        if min_fresh is not None and entry.lifetime - age < min_fresh:
+            return Verdict.REVALIDATE
+    if age < entry.lifetime:
+        return Verdict.FRESH
+    if entry.must_revalidate:
+        return Verdict.REVALIDATE
+    if honor_client and "max-stale" in request_cc:
+        max_stale = request_cc["max-stale"]
+        if max_stale is None or (max_stale.isdigit() and age - entry.lifetime <= int(max_stale)):
+            return Verdict.FRESH
+    if age < entry.lifetime + entry.swr:
+        return Verdict.STALE_REVALIDATE
+    return Verdict.REVALIDATE

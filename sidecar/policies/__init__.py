@@ -1,0 +1,1 @@
+"""One module per policy key in the config: `<Name>Config` lives in config.py, the policy here."""

@@ -1,0 +1,442 @@
+"""`cache:` a shared HTTP cache (RFC 9111) in front of the route's upstream: L1 in this worker,
+L2 in Redis, revalidation with stored validators, stale-while-revalidate and stale-if-error,
+invalidation by unsafe methods. Every response it touches carries `Cache-Status` (RFC 9211).
+
+The rules themselves live in sidecar/core/freshness.py, etag.py and cachekey.py; this module
+only acts on their answers.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Mapping
+
+from ..config import CacheConfig
+from ..core.cachekey import normalize_target, primary_key, vary_names, vary_values
+from ..core.etag import generate_strong_etag, not_modified
+from ..core.freshness import (
+    Directives,
+    Freshness,
+    Verdict,
+    freshness_lifetime,
+    has_explicit_freshness,
+    http_date,
+    initial_age,
+    not_storable_reason,
+    parse_cache_control,
+    verdict,
+)
+from ..errors import UpstreamError
+from ..pipeline import Handler, ProxyRequest, ProxyResponse
+from ..stores.entry import CachedResponse
+from ..stores.memory import MemoryStore
+from ..stores.tiered import CacheService
+from ..upstream import RawHeaders
+
+log = logging.getLogger("sidecar.cache")
+
+UNSAFE = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+# Not stored with an entry: connection-level, recomputed per response, or per request.
+_NOT_STORED = frozenset({
+    b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
+    b"trailer", b"transfer-encoding", b"upgrade", b"proxy-connection", b"age",
+    b"x-request-id", b"content-length", b"cache-status",
+})
+# RFC 9110 §15.4.5: what a 304 carries.
+_304_HEADERS = frozenset({b"cache-control", b"content-location", b"date", b"etag", b"expires",
+                          b"vary", b"last-modified", b"age", b"cache-status", b"via"})
+_CONDITIONALS = frozenset({b"if-none-match", b"if-modified-since", b"if-match",
+                           b"if-unmodified-since", b"if-range"})
+
+
+def get_header(headers: RawHeaders, lname: bytes) -> str | None:
+    values = [v for n, v in headers if n.lower() == lname]
+    if not values:
+        return None
+    return ", ".join(v.decode("latin-1") for v in values)
+
+
+def rewrite_head(head: bytes, drop: frozenset[bytes], add: list[bytes]) -> bytes:
+    """The upstream request head without the `drop` fields and with `add` lines."""
+    lines = head.split(b"\r\n")
+    kept = [lines[0]]
+    for line in lines[1:]:
+        if not line:
+            continue
+        if line.split(b":", 1)[0].strip().lower() in drop:
+            continue
+        kept.append(line)
+    return b"\r\n".join(kept + add) + b"\r\n\r\n"
+
+
+class _Prefixed:
+    """A response body already partly read into memory, then the rest from the upstream."""
+
+    def __init__(self, chunks: list[bytes], rest: object) -> None:
+        self._chunks = deque(chunks)
+        self._rest = rest
+
+    async def read(self) -> bytes:
+        if self._chunks:
+            return self._chunks.popleft()
+        return await self._rest.read()  # type: ignore[attr-defined,no-any-return]
+
+    def close(self) -> None:
+        self._rest.close()  # type: ignore[attr-defined]
+
+
+class CachePolicy:
+    def __init__(self, route: str, config: CacheConfig, service: CacheService, *,
+                 generate_etag: bool) -> None:
+        self.route = route
+        self.config = config
+        self.service = service
+        self.l1: MemoryStore | None = (
+            service.memory_for(route, config) if "memory" in config.layers else None)
+        self.use_l2 = "redis" in config.layers
+        self.max_entry = max(
+            config.memory.max_entry if "memory" in config.layers else 0,
+            config.redis.max_entry if self.use_l2 else 0)
+        self.generate_etag = generate_etag
+        keyed = {h.lower() for h in config.key.headers}
+        self.strip = frozenset(
+            h.lower().encode() for h in config.strip_unkeyed if h.lower() not in keyed
+        ) | _CONDITIONALS
+        self.tag_header = config.tag_header.lower().encode("latin-1")
+        self.counts = service.counts
+
+    # -- entry point ------------------------------------------------------------------------
+
+    async def handle(self, request: ProxyRequest, call_next: Handler) -> ProxyResponse:
+        method = request.method
+        if method != "GET" and method != "HEAD":
+            response = await call_next(request)
+            if method in UNSAFE and 200 <= response.status < 400:
+                self._invalidate(request, response)
+            return response
+        headers = request.web.headers
+        if "Range" in headers:
+            response = await call_next(request)
+            response.headers.append((b"Cache-Status", b"sidecar; fwd=bypass; detail=range"))
+            self.counts[(self.route, "-", "bypass")] += 1
+            return response
+        request_cc = parse_cache_control(headers.get("Cache-Control"))
+        if not request_cc and headers.get("Pragma", "").lower() == "no-cache":
+            request_cc = {"no-cache": None}
+        target = normalize_target(request.web.raw_path, self.config.key.query)
+        primary = primary_key(request.web.host, target, headers, self.config.key.headers,
+                              self.config.key.cookies)
+        now = time.time()
+        entry, layer, known = await self._lookup(primary, headers)
+        if entry is not None:
+            decision = verdict(entry.freshness, request_cc, now,
+                               honor_client=self.config.honor_client_no_cache)
+            if decision is Verdict.FRESH:
+                self.counts[(self.route, layer, "hit")] += 1
+                ttl = int(entry.freshness.ttl(now))
+                return self._answer(request, entry, now, f"hit; ttl={ttl}")
+            if decision is Verdict.STALE_REVALIDATE:
+                self.counts[(self.route, layer, "stale")] += 1
+                if await self.service.try_refresh(primary, 10.0):
+                    self.service.spawn(self._refresh(request, call_next, entry, primary, target))
+                ttl = int(entry.freshness.ttl(now))
+                return self._answer(request, entry, now,
+                                    f"hit; ttl={ttl}; detail=stale-while-revalidate")
+            return await self._revalidate(request, call_next, entry, primary, target, request_cc)
+        self.counts[(self.route, "-", "miss")] += 1
+        fwd = "vary-miss" if known else "uri-miss"
+        return await self._fetch(request, call_next, primary, target, fwd, request_cc)
+
+    # -- lookup -------------------------------------------------------------------------------
+
+    async def _lookup(self, primary: str, headers: Mapping[str, str]
+                      ) -> tuple[CachedResponse | None, str, bool]:
+        known = False
+        if self.l1 is not None:
+            variants = self.l1.get(primary)
+            if variants:
+                known = True
+                values = vary_values(variants[0].vary_names, headers)
+                for entry in variants:
+                    if entry.vary_values == values:
+                        return entry, "memory", True
+        if self.use_l2:
+            variants = await self.service.l2_get(primary)
+            if variants:
+                known = True
+                values = vary_values(variants[0].vary_names, headers)
+                for entry in variants:
+                    if entry.vary_values == values:
+                        if self.l1 is not None:
+                            self.l1.put(entry)
+                        return entry, "redis", True
+        return None, "-", known
+
+    # -- answering from an entry -------------------------------------------------------------
+
+    def _answer(self, request: ProxyRequest, entry: CachedResponse, now: float,
+                status: str) -> ProxyResponse:
+        age = int(entry.freshness.age(now))
+        headers = [*entry.headers, (b"Age", str(age).encode()),
+                   (b"Cache-Status", b"sidecar; " + status.encode())]
+        web = request.web
+        inm = web.headers.get("If-None-Match")
+        ims = web.headers.get("If-Modified-Since")
+        if (inm is not None or ims is not None) and not_modified(
+                method=request.method, if_none_match=inm, if_modified_since=http_date(ims),
+                etag=entry.etag, last_modified=entry.last_modified) and entry.status == 200:
+            return ProxyResponse(304, "Not Modified",
+                                 [(n, v) for n, v in headers if n.lower() in _304_HEADERS],
+                                 body=b"")
+        body = b"" if request.method == "HEAD" else entry.body
+        return ProxyResponse(entry.status, entry.reason, headers, body=body)
+
+    # -- going to the upstream ---------------------------------------------------------------
+
+    def _forwarded(self, request: ProxyRequest, add: list[bytes] | None = None) -> ProxyRequest:
+        head = rewrite_head(request.head, self.strip, add or [])
+        return ProxyRequest(request.web, request.route, request.request_id, head, request.body,
+                            request.chunked, request.timeout)
+
+    async def _fetch(self, request: ProxyRequest, call_next: Handler, primary: str, target: str,
+                     fwd: str, request_cc: Directives) -> ProxyResponse:
+        request_time = time.time()
+        response = await call_next(self._forwarded(request))
+        entry, detail = await self._store(request, response, primary, target, request_cc,
+                                          request_time)
+        status = f"fwd={fwd}; fwd-status={response.status}; " + (
+            "stored" if entry is not None else f"detail={detail}")
+        if entry is not None:
+            return self._answer(request, entry, time.time(), status)
+        response.headers.append((b"Cache-Status", b"sidecar; " + status.encode()))
+        return response
+
+    async def _revalidate(self, request: ProxyRequest, call_next: Handler,
+                          entry: CachedResponse, primary: str, target: str,
+                          request_cc: Directives) -> ProxyResponse:
+        request_time = time.time()
+        try:
+            response = await call_next(self._forwarded(request, self._validators(entry)))
+        except UpstreamError:
+            if entry.freshness.usable_for_error(time.time()):
+                self.counts[(self.route, "-", "stale")] += 1
+                return self._answer(request, entry, time.time(),
+                                    "fwd=stale; detail=stale-if-error")
+            raise
+        if response.status >= 500 and entry.freshness.usable_for_error(time.time()):
+            if response.stream is not None:
+                response.stream.close()
+            self.counts[(self.route, "-", "stale")] += 1
+            return self._answer(request, entry, time.time(),
+                                f"fwd=stale; fwd-status={response.status}; "
+                                "detail=stale-if-error")
+        self.counts[(self.route, "-", "revalidate")] += 1
+        if response.status == 304:
+            refreshed = self._refreshed(entry, response, request_time)
+            self._put(refreshed)
+            return self._answer(request, refreshed, time.time(), "fwd=stale; fwd-status=304")
+        new, detail = await self._store(request, response, primary, target, request_cc,
+                                        request_time)
+        status = f"fwd=stale; fwd-status={response.status}; " + (
+            "stored" if new is not None else f"detail={detail}")
+        if new is not None:
+            return self._answer(request, new, time.time(), status)
+        response.headers.append((b"Cache-Status", b"sidecar; " + status.encode()))
+        return response
+
+    async def _refresh(self, request: ProxyRequest, call_next: Handler, entry: CachedResponse,
+                       primary: str, target: str) -> None:
+        """stale-while-revalidate: bring the entry up to date behind the client's back."""
+        try:
+            request_time = time.time()
+            response = await call_next(self._forwarded(request, self._validators(entry)))
+            if response.status == 304:
+                self._put(self._refreshed(entry, response, request_time))
+            elif response.status < 500:
+                await self._store(request, response, primary, target, {}, request_time)
+            elif response.stream is not None:
+                response.stream.close()
+        except UpstreamError as exc:
+            log.info("background refresh failed", extra={"route": self.route,
+                                                         "error": exc.code})
+        finally:
+            self.service.refresh_done(primary)
+
+    @staticmethod
+    def _validators(entry: CachedResponse) -> list[bytes]:
+        add = []
+        if entry.etag is not None:
+            add.append(b"If-None-Match: " + entry.etag.encode("latin-1"))
+        last_modified = get_header(entry.headers, b"last-modified")
+        if last_modified is not None:
+            add.append(b"If-Modified-Since: " + last_modified.encode("latin-1"))
+        return add
+
+    # -- storing ------------------------------------------------------------------------------
+
+    async def _store(self, request: ProxyRequest, response: ProxyResponse, primary: str,
+                     target: str, request_cc: Directives, request_time: float
+                     ) -> tuple[CachedResponse | None, str]:
+        raw = response.headers
+        response_cc = parse_cache_control(get_header(raw, b"cache-control"))
+        expires_raw = get_header(raw, b"expires")
+        vary = get_header(raw, b"vary")
+        config = self.config
+        reason = not_storable_reason(
+            method=request.method, status=response.status, request_cc=request_cc,
+            response_cc=response_cc,
+            has_authorization="Authorization" in request.web.headers,
+            has_set_cookie=get_header(raw, b"set-cookie") is not None,
+            store_set_cookie=config.store_set_cookie, vary=vary,
+            explicit_freshness=config.override or has_explicit_freshness(response_cc,
+                                                                         expires_raw),
+            default_ttl=config.ttl,
+        )
+        if reason is not None:
+            return None, reason
+        if response.body is None:
+            body = await self._buffer(response)
+            if body is None:
+                return None, "too-large"
+        else:
+            body = response.body
+        if len(body) > self.max_entry:
+            return None, "too-large"
+        response_time = time.time()
+        entry = self._entry(request, response.status, response.reason, raw, body, primary,
+                            target, response_cc, expires_raw, vary, request_time, response_time)
+        self._put(entry)
+        return entry, "stored"
+
+    async def _buffer(self, response: ProxyResponse) -> bytes | None:
+        """Read a streamed body if it fits in an entry; else leave it streaming, unstored."""
+        stream = response.stream
+        assert stream is not None
+        declared = get_header(response.headers, b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_entry):
+            return None
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := await stream.read():
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > self.max_entry:
+                response.stream = _Prefixed(chunks, stream)  # type: ignore[assignment]
+                return None
+        body = b"".join(chunks)
+        response.body = body
+        response.stream = None
+        return body
+
+    def _entry(self, request: ProxyRequest, status: int, reason: str, raw: RawHeaders,
+               body: bytes, primary: str, target: str, response_cc: Directives,
+               expires_raw: str | None, vary: str | None, request_time: float,
+               response_time: float) -> CachedResponse:
+        config = self.config
+        headers = [(n, v) for n, v in raw if n.lower() not in _NOT_STORED]
+        etag = get_header(raw, b"etag")
+        if etag is None and self.generate_etag and status == 200:
+            etag = generate_strong_etag(body)
+            headers.append((b"ETag", etag.encode("latin-1")))
+        headers.append((b"Content-Length", str(len(body)).encode()))
+        date = http_date(get_header(raw, b"date"))
+        lifetime = freshness_lifetime(
+            response_cc=response_cc, expires=http_date(expires_raw), date=date,
+            expires_present=expires_raw is not None, status=status, default_ttl=config.ttl,
+            override=config.override)
+        swr_directive = response_cc.get("stale-while-revalidate")
+        sie_directive = response_cc.get("stale-if-error")
+        freshness = Freshness(
+            lifetime=lifetime,
+            initial_age=initial_age(age_header=get_header(raw, b"age"), date=date,
+                                    request_time=request_time, response_time=response_time),
+            stored_at=response_time,
+            no_cache="no-cache" in response_cc and response_cc["no-cache"] is None,
+            must_revalidate=any(d in response_cc for d in
+                                ("must-revalidate", "proxy-revalidate", "s-maxage")),
+            swr=float(swr_directive) if swr_directive and swr_directive.isdigit()
+            else config.stale_while_revalidate,
+            sie=float(sie_directive) if sie_directive and sie_directive.isdigit()
+            else config.stale_if_error,
+        )
+        names = vary_names(vary)
+        tags_raw = get_header(raw, self.tag_header)
+        return CachedResponse(
+            key=primary, uri=target, status=status, reason=reason, headers=headers, body=body,
+            freshness=freshness, vary_names=names,
+            vary_values=vary_values(names, request.web.headers), etag=etag,
+            last_modified=http_date(get_header(raw, b"last-modified")),
+            tags=tuple(tags_raw.split()) if tags_raw else (),
+        )
+
+    def _refreshed(self, entry: CachedResponse, response: ProxyResponse,
+                   request_time: float) -> CachedResponse:
+        """A 304 updates the stored headers (RFC 9111 §4.3.4) and restarts freshness."""
+        updates = {n.lower(): (n, v) for n, v in response.headers
+                   if n.lower() not in _NOT_STORED and n.lower() != b"content-type"}
+        merged = [updates.pop(n.lower(), (n, v)) for n, v in entry.headers
+                  if n.lower() != b"content-length"]
+        merged += updates.values()
+        response_cc = parse_cache_control(get_header(merged, b"cache-control"))
+        expires_raw = get_header(merged, b"expires")
+        return self._entry_from(entry, merged, response_cc, expires_raw, request_time)
+
+    def _entry_from(self, entry: CachedResponse, headers: RawHeaders, response_cc: Directives,
+                    expires_raw: str | None, request_time: float) -> CachedResponse:
+        response_time = time.time()
+        config = self.config
+        date = http_date(get_header(headers, b"date"))
+        lifetime = freshness_lifetime(
+            response_cc=response_cc, expires=http_date(expires_raw), date=date,
+            expires_present=expires_raw is not None, status=entry.status,
+            default_ttl=config.ttl, override=config.override)
+        f = entry.freshness
+        freshness = Freshness(
+            lifetime=lifetime,
+            initial_age=initial_age(age_header=get_header(headers, b"age"), date=date,
+                                    request_time=request_time, response_time=response_time),
+            stored_at=response_time, no_cache=f.no_cache, must_revalidate=f.must_revalidate,
+            swr=f.swr, sie=f.sie)
+        headers = [(n, v) for n, v in headers if n.lower() != b"age"]
+        headers.append((b"Content-Length", str(len(entry.body)).encode()))
+        return CachedResponse(
+            key=entry.key, uri=entry.uri, status=entry.status, reason=entry.reason,
+            headers=headers, body=entry.body, freshness=freshness,
+            vary_names=entry.vary_names, vary_values=entry.vary_values,
+            etag=get_header(headers, b"etag") or entry.etag,
+            last_modified=http_date(get_header(headers, b"last-modified")),
+            tags=entry.tags)
+
+    def _put(self, entry: CachedResponse) -> None:
+        if self.l1 is not None and entry.size <= self.config.memory.max_entry:
+            self.l1.put(entry)
+        if self.use_l2 and len(entry.body) <= self.config.redis.max_entry:
+            f = entry.freshness
+            keep = max(0.0, f.lifetime - f.initial_age) + max(f.swr, f.sie, 60.0)
+            self.service.l2_put(entry, keep)
+
+    # -- invalidation -------------------------------------------------------------------------
+
+    def _invalidate(self, request: ProxyRequest, response: ProxyResponse) -> None:
+        """RFC 9111 §4.4: a successful unsafe request invalidates the target URI and the
+        same-origin Location / Content-Location."""
+        query = self.config.key.query
+        uris = {normalize_target(request.web.raw_path, query)}
+        host = request.web.host
+        for name in (b"location", b"content-location"):
+            value = get_header(response.headers, name)
+            if not value:
+                continue
+            if value.startswith("/"):
+                uris.add(normalize_target(value, query))
+            elif "://" in value:
+                rest = value.split("://", 1)[1]
+                value_host, _, path = rest.partition("/")
+                if value_host.lower() == host.lower():
+                    uris.add(normalize_target("/" + path, query))
+        for uri in uris:
+            self.service.purge_local("key", uri)
+            self.service.spawn(self.service.purge("key", uri, wait=0.0))
+        self.counts[(self.route, "-", "invalidated")] += len(uris)

@@ -1,0 +1,78 @@
+"""L1: a byte-bounded LRU of cached responses in one worker process.
+
+Hand-written because the entries are variants grouped under one key (Vary) and bounded by
+bytes, not count; functools.lru_cache and cachetools bound by count or need a size function
+per item and a wrapper for the variants anyway.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+
+from .entry import CachedResponse
+
+
+class MemoryStore:
+    def __init__(self, max_bytes: int, max_entry: int) -> None:
+        self.max_bytes = max_bytes
+        self.max_entry = max_entry
+        self._data: OrderedDict[str, list[CachedResponse]] = OrderedDict()
+        self.bytes = 0
+        self.entries = 0
+        self.evictions = 0
+
+    def get(self, key: str) -> list[CachedResponse] | None:
+        variants = self._data.get(key)
+        if variants is not None:
+            self._data.move_to_end(key)
+        return variants
+
+    def put(self, entry: CachedResponse) -> bool:
+        size = entry.size
+        if size > self.max_entry or size > self.max_bytes:
+            return False
+        variants = self._data.get(entry.key)
+        if variants is None:
+            self._data[entry.key] = [entry]
+        else:
+            for i, old in enumerate(variants):
+                if old.vary_names == entry.vary_names and old.vary_values == entry.vary_values:
+                    self.bytes -= old.size
+                    self.entries -= 1
+                    del variants[i]
+                    break
+            if variants and variants[0].vary_names != entry.vary_names:
+                self._drop(entry.key)  # Vary changed: the old variants no longer apply
+                self._data[entry.key] = [entry]
+            else:
+                variants.append(entry)
+            self._data.move_to_end(entry.key)
+        self.bytes += size
+        self.entries += 1
+        while self.bytes > self.max_bytes and self._data:
+            key = next(iter(self._data))
+            self._drop(key)
+            self.evictions += 1
+        return True
+
+    def _drop(self, key: str) -> int:
+        variants = self._data.pop(key, None)
+        if not variants:
+            return 0
+        for entry in variants:
+            self.bytes -= entry.size
+        self.entries -= len(variants)
+        return len(variants)
+
+    def remove_key(self, key: str) -> int:
+        return self._drop(key)
+
+    def remove_where(self, predicate: Callable[[CachedResponse], bool]) -> int:
+        doomed = [key for key, variants in self._data.items()
+                  if any(predicate(entry) for entry in variants)]
+        return sum(self._drop(key) for key in doomed)
+
+    def __repr__(self) -> str:
+        return (f"<MemoryStore {self.entries} entries {self.bytes}/{self.max_bytes} bytes "
+                f"evictions={self.evictions}>")

@@ -1,0 +1,103 @@
+"""L2: cached responses in Redis, shared by every sidecar instance, with the indexes that purge
+by key, prefix and tag needs. Entries expire by Redis TTL.
+
+Layout under the `sidecar:cache:` prefix:
+  e:{h}      hash: one field per Vary variant -> packed CachedResponse
+  uris       sorted set of "{uri}\\0{h}" (all scores 0): purge by exact URI or by prefix
+  tag:{tag}  set of {h}
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import orjson
+import redis.asyncio as aioredis
+
+from .entry import CachedResponse
+
+PREFIX = "sidecar:cache:"
+CHANNEL = PREFIX + "purge"
+
+
+def key_hash(primary: str) -> str:
+    return hashlib.blake2b(primary.encode("utf-8", "surrogateescape"), digest_size=16).hexdigest()
+
+
+def _variant(values: tuple[str | None, ...]) -> bytes:
+    return orjson.dumps(values)
+
+
+class RedisStore:
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.client = client
+
+    async def get(self, primary: str) -> list[CachedResponse]:
+        fields = await self.client.hgetall(PREFIX + "e:" + key_hash(primary))
+        return [CachedResponse.unpack(value) for value in fields.values()]
+
+    async def put(self, entry: CachedResponse, retention: float) -> None:
+        h = key_hash(entry.key)
+        ttl_ms = max(1000, int(retention * 1000))
+        name = PREFIX + "e:" + h
+        async with self.client.pipeline(transaction=True) as pipe:
+            existing = await self.client.hgetall(name)
+            stale_variants = [field for field, value in existing.items()
+                              if CachedResponse.unpack(value).vary_names != entry.vary_names]
+            if stale_variants:
+                pipe.hdel(name, *stale_variants)
+            pipe.hset(name, _variant(entry.vary_values), entry.pack())
+            pipe.pexpire(name, ttl_ms, gt=True)
+            pipe.pexpire(name, ttl_ms, nx=True)
+            pipe.zadd(PREFIX + "uris", {f"{entry.uri}\0{h}": 0})
+            for tag in entry.tags:
+                pipe.sadd(PREFIX + "tag:" + tag, h)
+                pipe.pexpire(PREFIX + "tag:" + tag, ttl_ms, gt=True)
+                pipe.pexpire(PREFIX + "tag:" + tag, ttl_ms, nx=True)
+            await pipe.execute()
+
+    async def purge(self, kind: str, value: str) -> int:
+        """Delete entries by exact URI ("key"), URI prefix or tag; returns keys removed."""
+        members: list[bytes] = []
+        if kind == "tag":
+            hashes = [h.decode() for h in await self.client.smembers(PREFIX + "tag:" + value)]
+            await self.client.delete(PREFIX + "tag:" + value)
+        else:
+            low = value + "\0" if kind == "key" else value
+            members = await self.client.zrangebylex(
+                PREFIX + "uris", "[" + low, "[" + low + "\xff")
+            hashes = [m.decode("utf-8", "surrogateescape").rsplit("\0", 1)[1] for m in members]
+        if not hashes:
+            return 0
+        removed = int(await self.client.delete(*(PREFIX + "e:" + h for h in hashes)))
+        if members:
+            await self.client.zrem(PREFIX + "uris", *members)
+        return removed
+
+    async def publish_purge(self, kind: str, value: str, purge_id: str) -> int:
+        """Tell every instance to drop matching L1 entries; returns how many listen."""
+        return int(await self.client.publish(
+            CHANNEL, orjson.dumps({"kind": kind, "value": value, "id": purge_id})))
+
+    async def wait_acks(self, purge_id: str, expected: int, timeout: float) -> int:
+        got = 0
+        key = PREFIX + "ack:" + purge_id
+        while got < expected:
+            item = await self.client.blpop([key], timeout=timeout)
+            if item is None:
+                break
+            got += 1
+        await self.client.delete(key)
+        return got
+
+    async def ack(self, purge_id: str) -> None:
+        key = PREFIX + "ack:" + purge_id
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.rpush(key, 1)
+            pipe.expire(key, 30)
+            await pipe.execute()
+
+    async def try_refresh_lock(self, primary: str, seconds: float) -> bool:
+        """One background refresh per key across instances."""
+        return bool(await self.client.set(PREFIX + "rl:" + key_hash(primary), 1, nx=True,
+                                          px=max(100, int(seconds * 1000))))
