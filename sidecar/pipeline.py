@@ -46,15 +46,21 @@ class ProxyRequest:
 class ProxyResponse:
     """A response on its way back: whole (`body`) or streaming from the upstream (`stream`)."""
 
-    __slots__ = ("body", "headers", "reason", "status", "stream")
+    __slots__ = ("body", "etag", "headers", "reason", "status", "stream", "wire")
 
     def __init__(self, status: int, reason: str, headers: RawHeaders, body: bytes | None = None,
-                 stream: UpstreamResponse | None = None) -> None:
+                 stream: UpstreamResponse | None = None, *, wire: bytes | None = None,
+                 etag: str | None = None) -> None:
         self.status = status
         self.reason = reason
         self.headers = headers
         self.body = body
         self.stream = stream
+        # `headers` already serialized (end-to-end fields, Content-Length and Date included),
+        # as a cache entry keeps them: the edge then writes them as they are. A policy that
+        # changes `headers` must set `wire` to None.
+        self.wire = wire
+        self.etag = etag  # known ETag, so later policies need not search the headers
 
     @classmethod
     def from_upstream(cls, response: UpstreamResponse) -> ProxyResponse:

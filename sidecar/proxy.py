@@ -146,7 +146,7 @@ _date_second = 0
 _date_value = b""
 
 
-def _http_date_now() -> bytes:
+def http_date_now() -> bytes:
     """The Date value, formatted once a second."""
     global _date_second, _date_value
     now = int(time.time())
@@ -184,7 +184,7 @@ def serialize_whole(status: int, reason: str, raw: RawHeaders, body: bytes, requ
                           if line.split(b":", 1)[0].lower() not in named]
         append = out.append
     if not has_date:
-        append(b"Date: " + _http_date_now() + b"\r\n")
+        append(b"Date: " + http_date_now() + b"\r\n")
     append(b"Content-Length: %d\r\n" % len(body))
     append(b"Via: " + (via_seen + b", " + via if via_seen else via) + b"\r\n")
     append(b"X-Request-ID: " + request_id.encode("latin-1") + b"\r\n\r\n")
@@ -310,8 +310,15 @@ class ProxyHandler:
         if (body is not None and request.version[1] == 1 and request.keep_alive
                 and result.status >= 200 and result.status not in (204, 304)
                 and request.method != "HEAD"):
-            data = serialize_whole(result.status, result.reason, result.headers, body,
-                                   request_id, state.via_response_bytes)
+            wire = result.wire
+            if wire is not None:
+                data = b"".join((
+                    b"HTTP/1.1 %d %s\r\n" % (result.status, result.reason.encode("latin-1")),
+                    wire, b"Via: ", state.via_response_bytes, b"\r\nX-Request-ID: ",
+                    request_id.encode("latin-1"), b"\r\n\r\n", body))
+            else:
+                data = serialize_whole(result.status, result.reason, result.headers, body,
+                                       request_id, state.via_response_bytes)
             return WholeResponse(data, result.status), len(body)  # type: ignore[return-value]
         headers = response_headers(result.headers, request_id, state.via_response)
         if result.body is not None:

@@ -30,6 +30,7 @@ from ..core.freshness import (
 )
 from ..errors import UpstreamError
 from ..pipeline import Handler, ProxyRequest, ProxyResponse
+from ..proxy import http_date_now
 from ..stores.entry import CachedResponse
 from ..stores.memory import MemoryStore
 from ..stores.tiered import CacheService
@@ -178,9 +179,9 @@ class CachePolicy:
 
     def _answer(self, request: ProxyRequest, entry: CachedResponse, now: float,
                 status: str) -> ProxyResponse:
-        age = int(entry.freshness.age(now))
-        headers = [*entry.headers, (b"Age", str(age).encode()),
-                   (b"Cache-Status", b"sidecar; " + status.encode())]
+        age = b"%d" % entry.freshness.age(now)
+        cache_status = b"sidecar; " + status.encode()
+        headers = [*entry.headers, (b"Age", age), (b"Cache-Status", cache_status)]
         web = request.web
         inm = web.headers.get("If-None-Match")
         ims = web.headers.get("If-Modified-Since")
@@ -191,7 +192,10 @@ class CachePolicy:
                                  [(n, v) for n, v in headers if n.lower() in _304_HEADERS],
                                  body=b"")
         body = b"" if request.method == "HEAD" else entry.body
-        return ProxyResponse(entry.status, entry.reason, headers, body=body)
+        wire = b"".join((entry.wire, b"Age: ", age, b"\r\nCache-Status: ", cache_status,
+                         b"\r\n"))
+        return ProxyResponse(entry.status, entry.reason, headers, body=body, wire=wire,
+                             etag=entry.etag)
 
     # -- going to the upstream ---------------------------------------------------------------
 
@@ -341,6 +345,8 @@ class CachePolicy:
             etag = generate_strong_etag(body)
             headers.append((b"ETag", etag.encode("latin-1")))
         headers.append((b"Content-Length", str(len(body)).encode()))
+        if get_header(raw, b"date") is None:
+            headers.append((b"Date", http_date_now()))
         date = http_date(get_header(raw, b"date"))
         lifetime = freshness_lifetime(
             response_cc=response_cc, expires=http_date(expires_raw), date=date,

@@ -18,10 +18,11 @@ class EtagPolicy:
         response = await call_next(request)
         if response.status != 200 or request.method not in ("GET", "HEAD"):
             return response
-        etag = get_header(response.headers, b"etag")
+        etag = response.etag or get_header(response.headers, b"etag")
         if etag is None and response.body is not None and request.method == "GET":
             etag = generate_strong_etag(response.body)
             response.headers.append((b"ETag", etag.encode("latin-1")))
+            response.wire = None
         headers = request.web.headers
         inm = headers.get("If-None-Match")
         ims = headers.get("If-Modified-Since")

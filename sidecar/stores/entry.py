@@ -25,6 +25,10 @@ class CachedResponse:
     etag: str | None
     last_modified: float | None
     tags: tuple[str, ...]
+    wire: bytes = b""  # `headers` serialized once, for hits (not stored in Redis)
+
+    def __post_init__(self) -> None:
+        self.wire = b"".join(b"%s: %s\r\n" % (n, v) for n, v in self.headers)
 
     @property
     def size(self) -> int:
