@@ -13,6 +13,7 @@ import glob
 import logging
 import os
 import signal
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,7 +101,7 @@ def build_state(loaded: LoadedConfig, previous: State | None, cache: CacheServic
 
 def _signature(loaded: LoadedConfig) -> tuple[Any, ...]:
     """What the watcher compares: every file read, plus what the include globs match now."""
-    entries = []
+    entries: list[tuple[str, int | None, int | None]] = []
     paths = set(loaded.files)
     base = loaded.path.parent
     for pattern in loaded.config.include:
@@ -267,7 +268,8 @@ class Runtime:
     async def _check_redis(self) -> None:
         assert self.redis is not None
         try:
-            await asyncio.wait_for(self.redis.ping(), timeout=self.config.redis.connect_timeout)
+            ping: Awaitable[bool] = self.redis.ping()  # type: ignore[assignment]
+            await asyncio.wait_for(ping, timeout=self.config.redis.connect_timeout)
             up = True
         except (RedisError, OSError, TimeoutError) as exc:
             up = False

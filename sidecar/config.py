@@ -594,7 +594,8 @@ def _check_routes_raw(raw: dict[str, Any], doc: _Document, routes_raw: Any) -> l
     problems: list[Problem] = []
     if not isinstance(routes_raw, list):
         return problems
-    upstreams = raw.get("upstreams") if isinstance(raw.get("upstreams"), dict) else {}
+    found = raw.get("upstreams")
+    upstreams: dict[str, Any] = found if isinstance(found, dict) else {}
     seen: dict[str, int] = {}
     for i, route in enumerate(routes_raw):
         if not isinstance(route, dict):

@@ -229,10 +229,8 @@ class _Transparent:
     tests fail if a new aiohttp changes it).
     """
 
-    _headers: CIMultiDict[str]
-
     async def _prepare_headers(self) -> None:
-        headers = self._headers
+        headers: CIMultiDict[str] = self._headers  # type: ignore[attr-defined]
         had_type = hdrs.CONTENT_TYPE in headers
         had_server = hdrs.SERVER in headers
         await super()._prepare_headers()  # type: ignore[misc]

@@ -327,7 +327,8 @@ class _Connection(asyncio.Protocol):
         self._got_bytes = False
         self._until_close = False
         self._timeout = timeout
-        self._head_waiter = waiter = self.loop.create_future()
+        waiter: asyncio.Future[UpstreamResponse] = self.loop.create_future()
+        self._head_waiter = waiter
         transport = self.transport
         assert transport is not None
         try:

@@ -60,7 +60,7 @@ async def proxy_websocket(runtime: Runtime, state: State, route: Route,
         max_msg_size=0,
     )
     client_ws.headers["X-Request-ID"] = request_id
-    await client_ws.prepare(request)  # type: ignore[arg-type]
+    await client_ws.prepare(request)
 
     async def pump(source: aiohttp.ClientWebSocketResponse | web.WebSocketResponse,
                    sink: aiohttp.ClientWebSocketResponse | web.WebSocketResponse) -> None:

@@ -31,7 +31,9 @@ def strong_match(a: str, b: str) -> bool:
 
 def split_etags(header: str) -> list[str]:
     """`"a", W/"b"` -> ['"a"', 'W/"b"']; commas inside quotes are kept."""
-    tags, current, quoted = [], [], False
+    tags: list[str] = []
+    current: list[str] = []
+    quoted = False
     for ch in header:
         if ch == '"':
             quoted = not quoted

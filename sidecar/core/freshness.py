@@ -47,7 +47,9 @@ def parse_cache_control(value: str | None) -> Directives:
 def _split_commas(value: str) -> list[str]:
     if '"' not in value:
         return value.split(",")
-    parts, current, quoted = [], [], False
+    parts: list[str] = []
+    current: list[str] = []
+    quoted = False
     for ch in value:
         if ch == '"':
             quoted = not quoted

@@ -26,7 +26,7 @@ from collections import Counter
 
 from aiohttp import ClientSession, WSMsgType, web
 
-CALLS = web.AppKey("calls", Counter)
+CALLS: web.AppKey[Counter[str]] = web.AppKey("calls", Counter)
 STARTED = time.time()
 
 
@@ -125,7 +125,8 @@ async def index(request: web.Request) -> web.Response:
 
 
 async def stats(request: web.Request) -> web.Response:
-    return web.json_response(dict(request.app[CALLS]))
+    counts: Counter[str] = request.app[CALLS]
+    return web.json_response(dict(counts))
 
 
 @web.middleware
