@@ -8,7 +8,6 @@ flight finish under the rules they started with.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import glob
 import logging
 import os
@@ -25,6 +24,7 @@ from redis.exceptions import RedisError
 
 from . import __version__
 from .admin import build_admin_app
+from .aio import cancel_and_wait
 from .config import Config, ConfigError, LoadedConfig, RouteConfig, UpstreamConfig, load_config
 from .logs import AccessLog, configure_logging
 from .pipeline import Handler, Policy, ProxyRequest, ProxyResponse, build_chain
@@ -201,11 +201,7 @@ class Runtime:
         for runner in reversed(self._runners):
             await runner.cleanup()
         self._runners.clear()
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(self._tasks)
         for pool in self.state.pools.values():
             await pool.close()
         await self.ws_session.close()
@@ -269,7 +265,10 @@ class Runtime:
         assert self.redis is not None
         try:
             ping: Awaitable[bool] = self.redis.ping()  # type: ignore[assignment]
-            await asyncio.wait_for(ping, timeout=self.config.redis.connect_timeout)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+            # arrives as the ping completes, and shutdown would then wait for this task forever.
+            async with asyncio.timeout(self.config.redis.connect_timeout):
+                await ping
             up = True
         except (RedisError, OSError, TimeoutError) as exc:
             up = False

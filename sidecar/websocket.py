@@ -78,8 +78,9 @@ async def proxy_websocket(runtime: Runtime, state: State, route: Route,
              asyncio.ensure_future(pump(upstream_ws, client_ws))]
     try:
         _done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        for task in pending:
-            await asyncio.wait_for(asyncio.shield(task), timeout=10)
+        async with asyncio.timeout(10):  # the other direction's close handshake
+            for task in pending:
+                await asyncio.shield(task)
     except (TimeoutError, ConnectionError) as exc:
         log.info("websocket closed uncleanly", extra={"request_id": request_id, "error": str(exc)})
     finally:

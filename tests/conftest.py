@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,6 +126,57 @@ async def backend() -> AsyncIterator[Backend]:
     site = web.TCPSite(runner, "127.0.0.1", port)
     await site.start()
     yield Backend(f"http://127.0.0.1:{port}", port, app)
+    await runner.cleanup()
+
+
+class Origin:
+    """An upstream whose answers each test scripts per path, counting calls and keeping the
+    headers of the last request it saw on each path."""
+
+    def __init__(self) -> None:
+        self.scripts: dict[str, Callable[[web.Request, int], Awaitable[web.StreamResponse]]] = {}
+        self.calls: Counter[str] = Counter()
+        self.seen: dict[str, Any] = {}
+        self.url = ""
+        self.port = 0
+
+    def reply(self, path: str, *, status: int = 200, headers: dict[str, str] | None = None,
+              body: str | None = None) -> None:
+        """A fixed answer; the body defaults to `<path> #<call number>` so tests can tell
+        a fresh response from a stored one."""
+        fixed = dict(headers or {})
+
+        async def answer(request: web.Request, n: int) -> web.Response:
+            text = body if body is not None else f"{path} #{n}"
+            return web.Response(status=status, headers=fixed, text=text)
+
+        self.scripts[path] = answer
+
+    def script(self, path: str,
+               handler: Callable[[web.Request, int], Awaitable[web.StreamResponse]]) -> None:
+        self.scripts[path] = handler
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        self.calls[request.path] += 1
+        self.seen[request.path] = request.headers.copy()
+        script = self.scripts.get(request.path)
+        if script is None:
+            return web.Response(status=404, text="not scripted")
+        return await script(request, self.calls[request.path])
+
+
+@pytest.fixture
+async def origin() -> AsyncIterator[Origin]:
+    """A scriptable upstream on a free port."""
+    upstream = Origin()
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", upstream._handle)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+    await runner.setup()
+    upstream.port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", upstream.port).start()
+    upstream.url = f"http://127.0.0.1:{upstream.port}"
+    yield upstream
     await runner.cleanup()
 
 

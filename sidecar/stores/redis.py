@@ -101,3 +101,6 @@ class RedisStore:
         """One background refresh per key across instances."""
         return bool(await self.client.set(PREFIX + "rl:" + key_hash(primary), 1, nx=True,
                                           px=max(100, int(seconds * 1000))))
+
+    async def release_refresh_lock(self, primary: str) -> None:
+        await self.client.delete(PREFIX + "rl:" + key_hash(primary))

@@ -15,6 +15,7 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from ..aio import cancel_and_wait
 from .entry import CachedResponse
 from .memory import MemoryStore
 from .redis import CHANNEL, RedisStore
@@ -49,11 +50,7 @@ class CacheService:
         tasks = list(self._tasks)
         if self._listener is not None:
             tasks.append(self._listener)
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait(tasks)
         if self._listener_client is not None:
             await self._listener_client.aclose()
 
@@ -116,7 +113,16 @@ class CacheService:
         return True
 
     def refresh_done(self, primary: str) -> None:
+        """Release the claim at once, so the refreshed entry's next expiry can refresh too."""
         self._refreshing.discard(primary)
+        if self.redis is not None and self.redis_up:
+            redis = self.redis
+
+            async def release() -> None:
+                with contextlib.suppress(*REDIS_ERRORS):
+                    await redis.release_refresh_lock(primary)
+
+            self.spawn(release())
 
     # -- purge ----------------------------------------------------------------------------------
 

@@ -1,0 +1,693 @@
+"""The cache policy end to end: a real upstream scripted per test, real Redis, a real client.
+One test per rule of docs/caching.md."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+import redis.asyncio as aioredis
+from aiohttp import web
+from conftest import InProcessSidecar, Origin, RedisServer, make_config
+from multidict import CIMultiDictProxy
+
+Factory = Callable[..., Awaitable[InProcessSidecar]]
+SHOP = {"Host": "shop.example"}  # instances behind one load balancer see one Host
+
+
+class Reply:
+    def __init__(self, status: int, headers: CIMultiDictProxy[str], body: str) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+    @property
+    def cache_status(self) -> str:
+        return self.headers.get("Cache-Status", "")
+
+    @property
+    def hit(self) -> bool:
+        return self.cache_status.startswith("sidecar; hit")
+
+
+async def fetch(client: aiohttp.ClientSession, url: str, method: str = "GET",
+                **kwargs: Any) -> Reply:
+    async with client.request(method, url, **kwargs) as response:
+        return Reply(response.status, response.headers, await response.text())
+
+
+def cache_config(origin: Origin, redis_url: str, *, route: dict[str, Any] | None = None,
+                 **cache: Any) -> dict[str, Any]:
+    cache.setdefault("ttl", "60s")
+    routes = [{"name": "cached", "match": {"path": "/**"}, "upstream": "app", "cache": cache,
+               **(route or {})}]
+    return make_config(origin.url, redis_url, routes=routes)
+
+
+async def start(factory: Factory, origin: Origin, redis_url: str, name: str = "config.yaml",
+                **kwargs: Any) -> InProcessSidecar:
+    return await factory(cache_config(origin, redis_url, **kwargs), name)
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 3.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.02)
+
+
+async def l2_entries(redis_url: str) -> int:
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        return len(await client.keys("sidecar:cache:e:*"))
+    finally:
+        await client.aclose()
+
+
+async def stats(client: aiohttp.ClientSession, sidecar: InProcessSidecar) -> dict[str, Any]:
+    async with client.get(sidecar.admin_url + "/admin/stats") as response:
+        return (await response.json())["cache"]  # type: ignore[no-any-return]
+
+
+def counted(stats_body: dict[str, Any], layer: str, result: str) -> int:
+    return sum(row["count"] for row in stats_body["requests"]
+               if row["layer"] == layer and row["result"] == result)
+
+
+async def purge(client: aiohttp.ClientSession, sidecar: InProcessSidecar,
+                **body: str) -> dict[str, Any]:
+    async with client.post(sidecar.admin_url + "/admin/cache/purge", json=body) as response:
+        assert response.status == 200, await response.text()
+        return await response.json()  # type: ignore[no-any-return]
+
+
+# -- storing and hitting ----------------------------------------------------------------------
+
+
+async def test_miss_is_stored_then_hit_with_age(sidecar_factory, origin, redis_url, client):
+    origin.reply("/a", headers={"Cache-Control": "max-age=60"})
+    sidecar = await start(sidecar_factory, origin, redis_url)
+    first = await fetch(client, sidecar.url + "/a")
+    assert first.cache_status == "sidecar; fwd=uri-miss; fwd-status=200; stored"
+    second = await fetch(client, sidecar.url + "/a")
+    assert second.hit and second.body == first.body == "/a #1"
+    assert "ttl=" in second.cache_status
+    assert int(second.headers["Age"]) >= 0
+    assert second.headers["Content-Length"] == str(len("/a #1"))
+    assert origin.calls["/a"] == 1
+
+
+async def test_upstream_age_counts_against_freshness(sidecar_factory, origin, redis_url, client):
+    origin.reply("/aged", headers={"Cache-Control": "max-age=100", "Age": "90"})
+    sidecar = await start(sidecar_factory, origin, redis_url)
+    await fetch(client, sidecar.url + "/aged")
+    hit = await fetch(client, sidecar.url + "/aged")
+    assert hit.hit
+    assert int(hit.headers["Age"]) >= 90
+    ttl = int(hit.cache_status.split("ttl=")[1])
+    assert 0 <= ttl <= 10
+
+
+async def test_upstream_freshness_wins_over_policy_ttl(sidecar_factory, origin, redis_url,
+                                                       client):
+    origin.reply("/short", headers={"Cache-Control": "max-age=1"})
+    sidecar = await start(sidecar_factory, origin, redis_url, ttl="1h")
+    await fetch(client, sidecar.url + "/short")
+    assert (await fetch(client, sidecar.url + "/short")).hit
+    await asyncio.sleep(1.2)
+    again = await fetch(client, sidecar.url + "/short")
+    assert not again.hit and again.body == "/short #2"
+
+
+async def test_s_maxage_wins_over_max_age(sidecar_factory, origin, redis_url, client):
+    origin.reply("/s", headers={"Cache-Control": "max-age=3600, s-maxage=0"})
+    sidecar = await start(sidecar_factory, origin, redis_url)
+    await fetch(client, sidecar.url + "/s")
+    again = await fetch(client, sidecar.url + "/s")
+    assert not again.hit and origin.calls["/s"] == 2
+
+
+async def test_expires_in_the_past_is_stale(sidecar_factory, origin, redis_url, client):
+    origin.reply("/e", headers={"Expires": "Thu, 01 Jan 2015 00:00:00 GMT"})
+    sidecar = await start(sidecar_factory, origin, redis_url)
+    await fetch(client, sidecar.url + "/e")
+    await fetch(client, sidecar.url + "/e")
+    assert origin.calls["/e"] == 2
+
+
+async def test_policy_ttl_applies_without_upstream_freshness(sidecar_factory, origin,
+                                                             redis_url, client):
+    origin.reply("/plain")
+    sidecar = await start(sidecar_factory, origin, redis_url, ttl="30s")
+    await fetch(client, sidecar.url + "/plain")
+    hit = await fetch(client, sidecar.url + "/plain")
+    assert hit.hit and 28 <= int(hit.cache_status.split("ttl=")[1]) <= 30
+
+
+async def test_override_ignores_upstream_freshness(sidecar_factory, origin, redis_url, client):
+    origin.reply("/o", headers={"Cache-Control": "max-age=0"})
+    sidecar = await start(sidecar_factory, origin, redis_url, ttl="60s", override=True)
+    await fetch(client, sidecar.url + "/o")
+    assert (await fetch(client, sidecar.url + "/o")).hit
+    assert origin.calls["/o"] == 1
+
+
+@pytest.mark.parametrize("cache_control", ["no-store", "private", "private, max-age=60"])
+async def test_no_store_and_private_are_not_stored(sidecar_factory, origin, redis_url, client,
+                                                   cache_control):
+    origin.reply("/p", headers={"Cache-Control": cache_control})
+    sidecar = await start(sidecar_factory, origin, redis_url)
+    first = await fetch(client, sidecar.url + "/p")
+    assert "stored" not in first.cache_status and "detail=" in first.cache_status
+    second = await fetch(client, sidecar.url + "/p")
+    assert not second.hit and second.body == "/p #2"
+
+
+async def test_request_no_store_is_not_stored(sidecar_factory, origin, redis_url, client):
+    origin.reply("/rns", headers={"Cache-Control": "max-age=60"})
+    sidecar = await start(sidecar_factory, origin, redis_url)
+    await fetch(client, sidecar.url + "/rns", headers={"Cache-Control": "no-store"})
+    assert not (await fetch(client, sidecar.url + "/rns")).hit
+
+
+async def test_response_no_cache_is_revalidated_every_time(sidecar_factory, origin, redis_url,
+                                                           client):
+    async def answer(request: web.Request, n: int) -> web.Response:
+        if request.headers.get("If-None-Match") == '"v1"':
+            return web.Response(status=304, headers={"ETag": '"v1"', "Cache-Control": "no-cache"})
+        return web.Response(text="body v1", headers={"ETag": '"v1"', "Cache-Control": "no-cache"})
+
+    origin.script("/nc", answer)
+    sidecar = await start(sidecar_factory, origin, redis_url)
+    assert "stored" in (await fetch(client, sidecar.url + "/nc")).cache_status
+    second = await fetch(client, sidecar.url + "/nc")
+    assert second.status == 200 and second.body == "body v1"
+    assert "fwd-status=304" in second.cache_status
+    assert origin.calls["/nc"] == 2
+    assert origin.seen["/nc"]["If-None-Match"] == '"v1"'
+
+
+@pytest.mark.parametrize("status,stored", [(200, True), (404, True), (301, True), (500, False),
+                                           (302, False), (201, False)])
+async def test_only_cacheable_statuses_are_stored_by_default(sidecar_factory, origin,
+                                                             redis_url, client, status, stored):
+    origin.reply("/status", status=status,
+                 headers={"Location": "/elsewhere"} if 300 <= status < 400 else {})
+    sidecar = await start(sidecar_factory, origin, redis_url)
+    await fetch(client, sidecar.url + "/status", allow_redirects=False)
+    second = await fetch(client, sidecar.url + "/status", allow_redirects=False)
+    assert second.status == status
+    assert second.hit is stored
+    assert origin.calls["/status"] == (1 if stored else 2)
+
+
+async def test_head_is_answered_from_a_stored_get(sidecar_factory, origin, redis_url, client):
+    origin.reply("/h", headers={"Cache-Control": "max-age=60"})
+    sidecar = await start(sidecar_factory, origin, redis_url)
+    await fetch(client, sidecar.url + "/h")
+    head = await fetch(client, sidecar.url + "/h", method="HEAD")
+    assert head.status == 200 and head.hit and head.body == ""
+    assert head.headers["Content-Length"] == str(len("/h #1"))
+    assert origin.calls["/h"] == 1
+
+
+async def test_range_requests_bypass_the_cache(sidecar_factory, origin, redis_url, client):
+    origin.reply("/r", headers={"Cache-Control": "max-age=60"})
+    sidecar = await start(sidecar_factory, origin, redis_url)
+    await fetch(client, sidecar.url + "/r")
+    ranged = await fetch(client, sidecar.url + "/r", headers={"Range": "bytes=0-1"})
+    assert "fwd=bypass" in ranged.cache_status and origin.calls["/r"] == 2
+
+
+# -- what varies the key ----------------------------------------------------------------------
+
+
+async def test_vary_stores_one_variant_per_header_value(sidecar_factory, origin, redis_url,
+                                                        client):
+    async def answer(request: web.Request, n: int) -> web.Response:
+        return web.Response(text=f"lang={request.headers.get('Accept-Language')} #{n}",
+                            headers={"Cache-Control": "max-age=60", "Vary": "Accept-Language"})
+
+    origin.script("/v", answer)
+    sidecar = await start(sidecar_factory, origin, redis_url)
+    fr = await fetch(client, sidecar.url + "/v", headers={"Accept-Language": "fr"})
+    de = await fetch(client, sidecar.url + "/v", headers={"Accept-Language": "de"})
+    assert "vary-miss" in de.cache_status
+    fr2 = await fetch(client, sidecar.url + "/v", headers={"Accept-Language": "fr"})
+    de2 = await fetch(client, sidecar.url + "/v", headers={"Accept-Language": "de"})
+    assert fr2.hit and de2.hit
+    assert (fr2.body, de2.body) == (fr.body, de.body) == ("lang=fr #1", "lang=de #2")
+    assert origin.calls["/v"] == 2
+
+
+async def test_vary_star_is_never_served_from_cache(sidecar_factory, origin, redis_url, client):
+    origin.reply("/vs", headers={"Cache-Control": "max-age=60", "Vary": "*"})
+    sidecar = await start(sidecar_factory, origin, redis_url)
+    await fetch(client, sidecar.url + "/vs")
+    assert not (await fetch(client, sidecar.url + "/vs")).hit
+    assert origin.calls["/vs"] == 2
+
+
+async def test_sorted_query_shares_an_entry(sidecar_factory, origin, redis_url, client):
+    origin.reply("/q", headers={"Cache-Control": "max-age=60"})
+    sidecar = await start(sidecar_factory, origin, redis_url)
+    await fetch(client, sidecar.url + "/q?b=2&a=1")
+    assert (await fetch(client, sidecar.url + "/q?a=1&b=2")).hit
+    assert not (await fetch(client, sidecar.url + "/q?a=1&b=3")).hit
+
+
+async def test_key_headers_and_cookies_separate_entries(sidecar_factory, origin, redis_url,
+                                                        client):
+    origin.reply("/k", headers={"Cache-Control": "max-age=60"})
+    sidecar = await start(sidecar_factory, origin, redis_url,
+                          key={"headers": ["X-Tenant"], "cookies": ["region"]})
+    await fetch(client, sidecar.url + "/k", headers={"X-Tenant": "a", "Cookie": "region=eu"})
+    assert (await fetch(client, sidecar.url + "/k",
+                        headers={"X-Tenant": "a", "Cookie": "region=eu; other=1"})).hit
+    assert not (await fetch(client, sidecar.url + "/k",
+                            headers={"X-Tenant": "b", "Cookie": "region=eu"})).hit
+    assert not (await fetch(client, sidecar.url + "/k",
+                            headers={"X-Tenant": "a", "Cookie": "region=us"})).hit
+
+
+async def test_authorization_requests_stored_only_when_response_allows(sidecar_factory, origin,
+                                                                       redis_url, client):
+    origin.reply("/private", headers={"Cache-Control": "max-age=60"})
+    origin.reply("/shared", headers={"Cache-Control": "public, max-age=60"})
+    sidecar = await start(sidecar_factory, origin, redis_url)
+    auth = {"Authorization": "Bearer alice"}
+    first = await fetch(client, sidecar.url + "/private", headers=auth)
+    assert "stored" not in first.cache_status
+    other = await fetch(client, sidecar.url + "/private", headers={"Authorization": "Bearer bob"})
+    assert not other.hit and other.body == "/private #2"
+    await fetch(client, sidecar.url + "/shared", headers=auth)
+    assert (await fetch(client, sidecar.url + "/shared", headers=auth)).hit
+
+
+async def test_set_cookie_not_stored_unless_policy_says(sidecar_factory, origin, redis_url,
+                                                        client):
+    origin.reply("/c", headers={"Cache-Control": "max-age=60", "Set-Cookie": "session=alice"})
+    sidecar = await start(sidecar_factory, origin, redis_url)
+    await fetch(client, sidecar.url + "/c")
+    second = await fetch(client, sidecar.url + "/c")
+    assert not second.hit and origin.calls["/c"] == 2
+
+    allowing = await start(sidecar_factory, origin, redis_url, name="allow.yaml",
+                           store_set_cookie=True)
+    await fetch(client, allowing.url + "/c")
+    assert (await fetch(client, allowing.url + "/c")).hit
+
+
+async def test_unkeyed_headers_cannot_poison_the_entry(sidecar_factory, origin, redis_url,
+                                                       client):
+    """A poisoner's X-Forwarded-Host / X-Original-URL / method override never reach what is
+    stored for everybody else."""
+
+    async def reflect(request: web.Request, n: int) -> web.Response:
+        seen = {name: request.headers.get(name) for name in (
+            "X-Forwarded-Host", "X-Original-URL", "X-HTTP-Method-Override", "X-Rewrite-URL")}
+        return web.json_response({"method": request.method, **seen},
+                                 headers={"Cache-Control": "max-age=60"})
+
+    origin.script("/page", reflect)
+    sidecar = await start(sidecar_factory, origin, redis_url)
+    poisoner = await fetch(client, sidecar.url + "/page", headers={
+        "X-Forwarded-Host": "evil.example", "X-Original-URL": "/admin",
+        "X-HTTP-Method-Override": "DELETE", "X-Rewrite-URL": "/admin"})
+    assert "stored" in poisoner.cache_status
+    victim = await fetch(client, sidecar.url + "/page")
+    assert victim.hit
+    assert "evil" not in victim.body and "/admin" not in victim.body
+    assert "DELETE" not in victim.body
+    assert origin.seen["/page"].get("X-Original-URL") is None
+
+
+# -- conditionals and revalidation ------------------------------------------------------------
+
+
+async def test_client_if_none_match_gets_304_from_cache(sidecar_factory, origin, redis_url,
+                                                        client):
+    origin.reply("/t", headers={"Cache-Control": "max-age=60", "ETag": '"abc"'})
+    sidecar = await start(sidecar_factory, origin, redis_url)
+    await fetch(client, sidecar.url + "/t")
+    not_modified = await fetch(client, sidecar.url + "/t",
+                               headers={"If-None-Match": 'W/"other", W/"abc"'})
+    assert not_modified.status == 304 and not_modified.body == ""
+    assert not_modified.headers["ETag"] == '"abc"'
+    assert (await fetch(client, sidecar.url + "/t", headers={"If-None-Match": '"zzz"'})).status \
+        == 200
+    assert origin.calls["/t"] == 1
+
+
+async def test_client_conditionals_not_forwarded_so_full_response_is_stored(
+        sidecar_factory, origin, redis_url, client):
+    origin.reply("/cond", headers={"Cache-Control": "max-age=60", "ETag": '"abc"'})
+    sidecar = await start(sidecar_factory, origin, redis_url)
+    first = await fetch(client, sidecar.url + "/cond", headers={"If-None-Match": '"abc"'})
+    assert first.status == 304
+    assert "If-None-Match" not in origin.seen["/cond"]
+    full = await fetch(client, sidecar.url + "/cond")
+    assert full.status == 200 and full.hit and full.body == "/cond #1"
+
+
+async def test_generated_etag_answers_if_none_match(sidecar_factory, origin, redis_url, client):
+    origin.reply("/g", headers={"Cache-Control": "max-age=60"})
+    sidecar = await start(sidecar_factory, origin, redis_url, route={"etag": True})
+    first = await fetch(client, sidecar.url + "/g")
+    etag = first.headers["ETag"]
+    assert etag.startswith('"') and not etag.startswith("W/")
+    again = await fetch(client, sidecar.url + "/g", headers={"If-None-Match": etag})
+    assert again.status == 304
+
+
+async def test_etag_without_cache_answers_304_from_fresh_upstream_response(
+        sidecar_factory, origin, redis_url, client):
+    origin.reply("/u", body="same bytes")
+    config = make_config(origin.url, redis_url, routes=[
+        {"name": "etag-only", "match": {"path": "/**"}, "upstream": "app", "etag": True}])
+    sidecar = await sidecar_factory(config)
+    first = await fetch(client, sidecar.url + "/u")
+    assert first.headers["ETag"]
+    second = await fetch(client, sidecar.url + "/u",
+                         headers={"If-None-Match": first.headers["ETag"]})
+    assert second.status == 304 and origin.calls["/u"] == 2
+
+
+async def test_304_from_upstream_refreshes_the_entry(sidecar_factory, origin, redis_url, client):
+    async def answer(request: web.Request, n: int) -> web.Response:
+        headers = {"Cache-Control": "max-age=1", "ETag": '"v1"', "X-Generation": str(n)}
+        if request.headers.get("If-None-Match") == '"v1"':
+            return web.Response(status=304, headers=headers)
+        return web.Response(text="original body", headers=headers)
+
+    origin.script("/rv", answer)
+    sidecar = await start(sidecar_factory, origin, redis_url)
+    await fetch(client, sidecar.url + "/rv")
+    await asyncio.sleep(1.2)
+    refreshed = await fetch(client, sidecar.url + "/rv")
+    assert refreshed.status == 200 and refreshed.body == "original body"
+    assert "fwd-status=304" in refreshed.cache_status
+    assert refreshed.headers["X-Generation"] == "2"        # headers updated from the 304
+    assert origin.seen["/rv"]["If-None-Match"] == '"v1"'
+    hit = await fetch(client, sidecar.url + "/rv")           # freshness restarted
+    assert hit.hit and hit.headers["X-Generation"] == "2"
+    assert origin.calls["/rv"] == 2
+
+
+async def test_revalidation_sends_if_modified_since(sidecar_factory, origin, redis_url, client):
+    last_modified = "Mon, 02 Nov 2026 10:00:00 GMT"
+    origin.reply("/lm", headers={"Cache-Control": "max-age=0", "Last-Modified": last_modified})
+    sidecar = await start(sidecar_factory, origin, redis_url)
+    await fetch(client, sidecar.url + "/lm")
+    await fetch(client, sidecar.url + "/lm")
+    assert origin.seen["/lm"]["If-Modified-Since"] == last_modified
+
+
+@pytest.mark.parametrize("honor,hit", [(True, False), (False, True)])
+async def test_client_reload_honoured_or_ignored(sidecar_factory, origin, redis_url, client,
+                                                 honor, hit):
+    origin.reply("/reload", headers={"Cache-Control": "max-age=60"})
+    sidecar = await start(sidecar_factory, origin, redis_url, honor_client_no_cache=honor)
+    await fetch(client, sidecar.url + "/reload")
+    for header in ({"Cache-Control": "no-cache"}, {"Cache-Control": "max-age=0"},
+                   {"Pragma": "no-cache"}):
+        assert (await fetch(client, sidecar.url + "/reload", headers=header)).hit is hit
+
+
+# -- invalidation and purge --------------------------------------------------------------------
+
+
+async def test_successful_unsafe_method_invalidates_uri_and_location(sidecar_factory, origin,
+                                                                     redis_url, client):
+    origin.reply("/items/1", headers={"Cache-Control": "max-age=60"})
+    origin.reply("/items/2", headers={"Cache-Control": "max-age=60"})
+    origin.reply("/items", headers={"Cache-Control": "max-age=60"})
+    sidecar = await start(sidecar_factory, origin, redis_url)
+    for path in ("/items/1", "/items/2", "/items"):
+        await fetch(client, sidecar.url + path)
+        assert (await fetch(client, sidecar.url + path)).hit
+
+    async def created(request: web.Request, n: int) -> web.Response:
+        return web.Response(status=201, headers={"Location": "/items/2"})
+
+    origin.script("/items", created)
+    assert (await fetch(client, sidecar.url + "/items", method="POST", data=b"{}")).status == 201
+    origin.reply("/items", headers={"Cache-Control": "max-age=60"})
+    assert not (await fetch(client, sidecar.url + "/items")).hit
+    assert not (await fetch(client, sidecar.url + "/items/2")).hit
+    assert (await fetch(client, sidecar.url + "/items/1")).hit
+
+
+async def test_failed_unsafe_method_does_not_invalidate(sidecar_factory, origin, redis_url,
+                                                        client):
+    origin.reply("/keep", headers={"Cache-Control": "max-age=60"})
+    sidecar = await start(sidecar_factory, origin, redis_url)
+    await fetch(client, sidecar.url + "/keep")
+    origin.reply("/keep", status=500)
+    assert (await fetch(client, sidecar.url + "/keep", method="DELETE")).status == 500
+    assert (await fetch(client, sidecar.url + "/keep")).hit
+
+
+async def test_purge_by_key_prefix_and_tag_across_two_instances(sidecar_factory, origin,
+                                                                redis_url, client):
+    """Once the purge call returns, neither instance serves the purged bytes (each body carries
+    the origin's call number, so a re-fetched entry is told apart from the purged one)."""
+    origin.reply("/p/1", headers={"Cache-Control": "max-age=60", "Surrogate-Key": "p1 all"})
+    origin.reply("/p/2", headers={"Cache-Control": "max-age=60", "Surrogate-Key": "p2 all"})
+    origin.reply("/p/3", headers={"Cache-Control": "max-age=60"})
+    origin.reply("/other", headers={"Cache-Control": "max-age=60", "Surrogate-Key": "all"})
+    a = await start(sidecar_factory, origin, redis_url, name="a.yaml")
+    b = await start(sidecar_factory, origin, redis_url, name="b.yaml")
+
+    async def get(instance: InProcessSidecar, path: str, **headers: str) -> Reply:
+        return await fetch(client, instance.url + path, headers={**SHOP, **headers})
+
+    async def warm(path: str) -> str:
+        """Cached in both instances' L1 and in L2; returns the cached body."""
+        before = await l2_entries(redis_url)
+        body = (await get(a, path)).body
+
+        async def in_l2() -> bool:                   # L2 writes happen after the response
+            return await l2_entries(redis_url) > before
+        await eventually(in_l2)
+        for instance in (b, a):                      # B from L2, filling its own L1
+            reply = await get(instance, path)
+            assert reply.hit and reply.body == body
+        return body
+
+    async def gone(path: str, purged_body: str) -> None:
+        for instance in (a, b):              # no-store: a miss here does not refill the cache
+            reply = await get(instance, path, **{"Cache-Control": "no-store"})
+            assert reply.body != purged_body, (instance.url, path, reply.cache_status)
+
+    bodies = {path: await warm(path) for path in ("/p/1", "/p/2", "/p/3?x=1", "/other")}
+    assert counted(await stats(client, b), "redis", "hit") >= 4
+
+    result = await purge(client, a, key="/p/1")
+    assert result["instances_acked"] == result["instances_notified"] == 2
+    assert result["redis_removed"] == 1
+    await gone("/p/1", bodies["/p/1"])
+    assert (await get(b, "/p/2")).body == bodies["/p/2"]
+
+    bodies["/p/1"] = await warm("/p/1")
+    result = await purge(client, b, tag="p2")
+    assert result["instances_acked"] == 2 and result["redis_removed"] == 1
+    await gone("/p/2", bodies["/p/2"])
+    assert (await get(a, "/p/1")).body == bodies["/p/1"]
+
+    bodies["/p/2"] = await warm("/p/2")
+    result = await purge(client, a, prefix="/p/")
+    assert result["instances_acked"] == 2 and result["redis_removed"] == 3
+    for path in ("/p/1", "/p/2", "/p/3?x=1"):
+        await gone(path, bodies[path])
+    for instance in (a, b):
+        assert (await get(instance, "/other")).body == bodies["/other"]
+
+    await purge(client, b, tag="all")
+    await gone("/other", bodies["/other"])
+
+
+async def test_purge_rejects_bad_bodies(sidecar_factory, origin, redis_url, client):
+    sidecar = await start(sidecar_factory, origin, redis_url)
+    for body in ({}, {"key": ""}, {"key": "no-slash"}, {"key": "/a", "tag": "b"}, ["/a"],
+                 {"tag": 3}):
+        async with client.post(sidecar.admin_url + "/admin/cache/purge", json=body) as response:
+            assert response.status == 400, body
+            assert "detail" in await response.json()
+
+
+async def test_purge_requires_the_admin_token_when_set(sidecar_factory, origin, redis_url,
+                                                       client):
+    config = cache_config(origin, redis_url)
+    config["admin"] = {"token": "s3cret-token"}
+    sidecar = await sidecar_factory(config)
+    url = sidecar.admin_url + "/admin/cache/purge"
+    async with client.post(url, json={"key": "/a"}) as response:
+        assert response.status == 401
+    async with client.post(url, json={"key": "/a"},
+                           headers={"Authorization": "Bearer wrong"}) as response:
+        assert response.status == 401
+    async with client.post(url, json={"key": "/a"},
+                           headers={"Authorization": "Bearer s3cret-token"}) as response:
+        assert response.status == 200
+
+
+# -- layers -----------------------------------------------------------------------------------
+
+
+async def test_l1_evicts_least_recently_used_by_bytes(sidecar_factory, origin, redis_url, client):
+    body = "x" * 1000
+    for i in range(20):
+        origin.reply(f"/big/{i}", headers={"Cache-Control": "max-age=60"}, body=body)
+    sidecar = await start(sidecar_factory, origin, redis_url, layers=["memory"],
+                          memory={"max_bytes": "8KiB", "max_entry": "4KiB"})
+    for i in range(20):
+        await fetch(client, sidecar.url + f"/big/{i}")
+    memory = (await stats(client, sidecar))["memory"]["cached"]
+    assert 0 < memory["bytes"] <= 8 * 1024
+    assert memory["evictions"] >= 10 and memory["entries"] < 20
+    assert (await fetch(client, sidecar.url + "/big/19")).hit
+    assert not (await fetch(client, sidecar.url + "/big/0")).hit
+
+
+async def test_entries_larger_than_max_entry_pass_unstored(sidecar_factory, origin, redis_url,
+                                                           client):
+    origin.reply("/huge", headers={"Cache-Control": "max-age=60"}, body="y" * 5000)
+    sidecar = await start(sidecar_factory, origin, redis_url, layers=["memory"],
+                          memory={"max_bytes": "1MiB", "max_entry": "1KiB"})
+    first = await fetch(client, sidecar.url + "/huge")
+    assert len(first.body) == 5000 and "too-large" in first.cache_status
+    assert not (await fetch(client, sidecar.url + "/huge")).hit
+
+
+async def test_streamed_response_is_buffered_and_stored(sidecar_factory, origin, redis_url,
+                                                        client):
+    async def chunked(request: web.Request, n: int) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Cache-Control": "max-age=60"})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        for i in range(10):
+            await response.write(f"chunk{i};".encode())
+        await response.write_eof()
+        return response
+
+    origin.script("/chunked", chunked)
+    sidecar = await start(sidecar_factory, origin, redis_url)
+    first = await fetch(client, sidecar.url + "/chunked")
+    hit = await fetch(client, sidecar.url + "/chunked")
+    assert hit.hit and hit.body == first.body == "".join(f"chunk{i};" for i in range(10))
+
+
+async def test_l2_hit_on_a_second_instance_fills_its_l1(sidecar_factory, origin, redis_url,
+                                                        client):
+    origin.reply("/shared", headers={"Cache-Control": "max-age=60"})
+    a = await start(sidecar_factory, origin, redis_url, name="a.yaml")
+    b = await start(sidecar_factory, origin, redis_url, name="b.yaml")
+    await fetch(client, a.url + "/shared", headers=SHOP)
+
+    async def in_l2() -> bool:
+        return await l2_entries(redis_url) == 1
+    await eventually(in_l2)
+    assert (await fetch(client, b.url + "/shared", headers=SHOP)).hit
+    assert (await fetch(client, b.url + "/shared", headers=SHOP)).hit
+    b_stats = await stats(client, b)
+    assert counted(b_stats, "redis", "hit") == 1 and counted(b_stats, "memory", "hit") >= 1
+    assert origin.calls["/shared"] == 1
+
+
+async def test_redis_killed_mid_test_requests_still_answered(sidecar_factory, origin,
+                                                             own_redis: RedisServer, client):
+    origin.reply("/warm", headers={"Cache-Control": "max-age=60"})
+    origin.reply("/cold", headers={"Cache-Control": "max-age=60"})
+    sidecar = await start(sidecar_factory, origin, own_redis.url)
+    await fetch(client, sidecar.url + "/warm")
+    own_redis.kill()
+    for _ in range(5):
+        assert (await fetch(client, sidecar.url + "/warm")).hit
+    cold = await fetch(client, sidecar.url + "/cold")
+    assert cold.status == 200 and "stored" in cold.cache_status
+    assert (await fetch(client, sidecar.url + "/cold")).hit
+
+    async def degraded() -> bool:
+        return (await stats(client, sidecar))["redis"] == "down"
+    await eventually(degraded)
+    result = await purge(client, sidecar, key="/warm")
+    assert result["redis"] == "down" and result["memory_removed"] == 1
+    assert not (await fetch(client, sidecar.url + "/warm")).hit
+
+
+# -- stale ------------------------------------------------------------------------------------
+
+
+async def test_stale_while_revalidate_refreshes_once(sidecar_factory, origin, redis_url, client):
+    async def slow(request: web.Request, n: int) -> web.Response:
+        if n > 1:
+            await asyncio.sleep(0.3)
+        return web.Response(text=f"version {n}", headers={"Cache-Control": "max-age=1"})
+
+    origin.script("/swr", slow)
+    sidecar = await start(sidecar_factory, origin, redis_url, stale_while_revalidate="30s")
+    await fetch(client, sidecar.url + "/swr")
+    await asyncio.sleep(1.2)
+    started = time.monotonic()
+    replies = await asyncio.gather(*(fetch(client, sidecar.url + "/swr") for _ in range(20)))
+    assert time.monotonic() - started < 0.3          # nobody waited for the refresh
+    assert all(r.body == "version 1" and "stale-while-revalidate" in r.cache_status
+               for r in replies)
+
+    async def refreshed() -> bool:
+        return (await fetch(client, sidecar.url + "/swr")).body == "version 2"
+    await eventually(refreshed)
+    assert origin.calls["/swr"] == 2
+
+    await asyncio.sleep(1.2)                          # the next expiry refreshes again
+    await fetch(client, sidecar.url + "/swr")
+
+    async def refreshed_again() -> bool:
+        return (await fetch(client, sidecar.url + "/swr")).body == "version 3"
+    await eventually(refreshed_again)
+
+
+async def test_stale_if_error_on_5xx_and_on_unreachable_upstream(sidecar_factory, origin,
+                                                                 redis_url, client):
+    origin.reply("/sie", headers={"Cache-Control": "max-age=1"}, body="good")
+    sidecar = await start(sidecar_factory, origin, redis_url, stale_if_error="60s")
+    await fetch(client, sidecar.url + "/sie")
+    await asyncio.sleep(1.2)
+    origin.reply("/sie", status=503, body="broken")
+    stale = await fetch(client, sidecar.url + "/sie")
+    assert stale.status == 200 and stale.body == "good"
+    assert "fwd=stale" in stale.cache_status and "stale-if-error" in stale.cache_status
+
+    dead = make_config("http://127.0.0.1:1", redis_url)  # nothing listens on port 1
+    sidecar.config_path.write_text(sidecar.config_path.read_text().replace(
+        origin.url, dead["upstreams"]["app"]["url"]))
+    assert await sidecar.runtime.reload("test")
+    unreachable = await fetch(client, sidecar.url + "/sie")
+    assert unreachable.status == 200 and unreachable.body == "good"
+    assert "stale-if-error" in unreachable.cache_status
+
+
+async def test_stale_if_error_not_used_when_must_revalidate(sidecar_factory, origin, redis_url,
+                                                            client):
+    origin.reply("/mr", headers={"Cache-Control": "max-age=1, must-revalidate"}, body="good")
+    sidecar = await start(sidecar_factory, origin, redis_url, stale_if_error="60s")
+    await fetch(client, sidecar.url + "/mr")
+    await asyncio.sleep(1.2)
+    origin.reply("/mr", status=503, body="broken")
+    reply = await fetch(client, sidecar.url + "/mr")
+    assert reply.status == 503 and reply.body == "broken"
+
+
+async def test_every_response_through_the_policy_has_cache_status(sidecar_factory, origin,
+                                                                  redis_url, client):
+    origin.reply("/any", status=500)
+    sidecar = await start(sidecar_factory, origin, redis_url)
+    for method in ("GET", "HEAD"):
+        reply = await fetch(client, sidecar.url + "/any", method=method)
+        assert reply.cache_status.startswith("sidecar; fwd=")
