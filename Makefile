@@ -10,7 +10,7 @@ help:
 	@echo "make run     start the example backend and the sidecar in front of it (:8080, admin :9901)"
 	@echo "make test    run the whole test suite"
 	@echo "make check   validate config.yaml"
-	@echo "make lint    ruff"
+	@echo "make lint    ruff and mypy"
 	@echo "make bench   benchmarks under loadtests/bench (nginx and wrk installed when missing)"
 
 $(STAMP): pyproject.toml
@@ -33,6 +33,7 @@ check: setup
 
 lint: setup
 	$(BIN)/ruff check sidecar tests loadtests
+	$(BIN)/mypy sidecar
 
 bench: bench-passthrough
 

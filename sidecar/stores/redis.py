@@ -10,6 +10,8 @@ Layout under the `sidecar:cache:` prefix:
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Awaitable
+from typing import cast
 
 import orjson
 import redis.asyncio as aioredis
@@ -24,6 +26,11 @@ def key_hash(primary: str) -> str:
     return hashlib.blake2b(primary.encode("utf-8", "surrogateescape"), digest_size=16).hexdigest()
 
 
+# redis-py types its commands as "Awaitable[T] | T" (one signature for the sync and async
+# clients); the casts below state what the asyncio client returns.
+_Hash = Awaitable[dict[bytes, bytes]]
+
+
 def _variant(values: tuple[str | None, ...]) -> bytes:
     return orjson.dumps(values)
 
@@ -33,7 +40,7 @@ class RedisStore:
         self.client = client
 
     async def get(self, primary: str) -> list[CachedResponse]:
-        fields = await self.client.hgetall(PREFIX + "e:" + key_hash(primary))
+        fields = await cast(_Hash, self.client.hgetall(PREFIX + "e:" + key_hash(primary)))
         return [CachedResponse.unpack(value) for value in fields.values()]
 
     async def put(self, entry: CachedResponse, retention: float) -> None:
@@ -41,12 +48,12 @@ class RedisStore:
         ttl_ms = max(1000, int(retention * 1000))
         name = PREFIX + "e:" + h
         async with self.client.pipeline(transaction=True) as pipe:
-            existing = await self.client.hgetall(name)
+            existing = await cast(_Hash, self.client.hgetall(name))
             stale_variants = [field for field, value in existing.items()
                               if CachedResponse.unpack(value).vary_names != entry.vary_names]
             if stale_variants:
-                pipe.hdel(name, *stale_variants)
-            pipe.hset(name, _variant(entry.vary_values), entry.pack())
+                pipe.hdel(name, *stale_variants)  # type: ignore[arg-type]  # bytes fields are fine
+            pipe.hset(name, mapping={_variant(entry.vary_values): entry.pack()})
             pipe.pexpire(name, ttl_ms, gt=True)
             pipe.pexpire(name, ttl_ms, nx=True)
             pipe.zadd(PREFIX + "uris", {f"{entry.uri}\0{h}": 0})
@@ -60,7 +67,9 @@ class RedisStore:
         """Delete entries by exact URI ("key"), URI prefix or tag; returns keys removed."""
         members: list[bytes] = []
         if kind == "tag":
-            hashes = [h.decode() for h in await self.client.smembers(PREFIX + "tag:" + value)]
+            members_of_tag = cast(Awaitable[set[bytes]],
+                                  self.client.smembers(PREFIX + "tag:" + value))
+            hashes = [h.decode() for h in await members_of_tag]
             await self.client.delete(PREFIX + "tag:" + value)
         else:
             low = value + "\0" if kind == "key" else value
@@ -83,7 +92,8 @@ class RedisStore:
         got = 0
         key = PREFIX + "ack:" + purge_id
         while got < expected:
-            item = await self.client.blpop([key], timeout=timeout)
+            item = await cast(Awaitable[list[bytes] | None],
+                              self.client.blpop([key], timeout=timeout))
             if item is None:
                 break
             got += 1

@@ -185,12 +185,12 @@ class CacheService:
                             await self.redis.ack(body["id"])
             except asyncio.CancelledError:
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
                 raise
             except REDIS_ERRORS as exc:
                 self._redis_failed(exc)
             with contextlib.suppress(Exception):
-                await pubsub.aclose()
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
             await asyncio.sleep(1.0)
 
     # -- stats ----------------------------------------------------------------------------------
