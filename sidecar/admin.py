@@ -86,7 +86,7 @@ async def stats(request: web.Request) -> web.Response:
     """A JSON snapshot of what each subsystem counts (this worker)."""
     runtime: Runtime = request.app[RUNTIME]  # type: ignore[assignment]
     return web.json_response({"pid": os.getpid(), "worker": runtime.worker_id,
-                              "cache": runtime.cache.stats()})
+                              "cache": await runtime.cache.stats()})
 
 
 def build_admin_app(runtime: Runtime) -> web.Application:

@@ -614,7 +614,7 @@ async def test_redis_killed_mid_test_requests_still_answered(sidecar_factory, or
     assert (await fetch(client, sidecar.url + "/cold")).hit
 
     async def degraded() -> bool:
-        return (await stats(client, sidecar))["redis"] == "down"
+        return (await stats(client, sidecar))["redis"]["status"] == "down"
     await eventually(degraded)
     result = await purge(client, sidecar, key="/warm")
     assert result["redis"] == "down" and result["memory_removed"] == 1
@@ -691,3 +691,31 @@ async def test_every_response_through_the_policy_has_cache_status(sidecar_factor
     for method in ("GET", "HEAD"):
         reply = await fetch(client, sidecar.url + "/any", method=method)
         assert reply.cache_status.startswith("sidecar; fwd=")
+
+
+async def test_stats_count_per_layer_and_index_of_expired_entries_is_pruned(
+        sidecar_factory, origin, redis_url, client):
+    origin.reply("/brief", headers={"Cache-Control": "max-age=0"})
+    sidecar = await start(sidecar_factory, origin, redis_url)
+    await fetch(client, sidecar.url + "/brief")
+    body = await stats(client, sidecar)
+    assert counted(body, "memory", "store") == 1 and counted(body, "redis", "store") == 1
+    assert counted(body, "-", "miss") == 1
+    assert body["memory"]["cached"]["entries"] == 1 and body["memory"]["cached"]["bytes"] > 0
+
+    async def indexed() -> bool:
+        return (await stats(client, sidecar))["redis"].get("entries") == 1
+    await eventually(indexed)
+    assert (await stats(client, sidecar))["redis"]["used_memory"] > 0
+    store = sidecar.runtime.cache.redis
+    assert store is not None
+    assert await store.prune() == 0                  # kept for max(swr, sie, 60 s) past expiry
+    redis = aioredis.Redis.from_url(redis_url)
+    try:
+        members = await redis.zrange("sidecar:cache:uris:exp", 0, -1)
+        await redis.zadd("sidecar:cache:uris:exp", dict.fromkeys(members, 1), xx=True)
+        assert await store.prune() == 1
+        assert await redis.zcard("sidecar:cache:uris") == 0
+        assert await redis.zcard("sidecar:cache:uris:exp") == 0
+    finally:
+        await redis.aclose()

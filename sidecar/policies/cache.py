@@ -418,7 +418,9 @@ class CachePolicy:
     def _put(self, entry: CachedResponse) -> None:
         if self.l1 is not None and entry.size <= self.config.memory.max_entry:
             self.l1.put(entry)
+            self.counts[(self.route, "memory", "store")] += 1
         if self.use_l2 and len(entry.body) <= self.config.redis.max_entry:
+            self.counts[(self.route, "redis", "store")] += 1
             f = entry.freshness
             keep = max(0.0, f.lifetime - f.initial_age) + max(f.swr, f.sie, 60.0)
             self.service.l2_put(entry, keep)

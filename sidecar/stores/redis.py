@@ -4,12 +4,15 @@ by key, prefix and tag needs. Entries expire by Redis TTL.
 Layout under the `sidecar:cache:` prefix:
   e:{h}      hash: one field per Vary variant -> packed CachedResponse
   uris       sorted set of "{uri}\\0{h}" (all scores 0): purge by exact URI or by prefix
+  uris:exp   the same members scored by expiry (ms): prune() drops index members whose entry
+             has expired, so the index does not grow with every URL ever cached
   tag:{tag}  set of {h}
 """
 
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Awaitable
 from typing import cast
 
@@ -29,6 +32,17 @@ def key_hash(primary: str) -> str:
 # redis-py types its commands as "Awaitable[T] | T" (one signature for the sync and async
 # clients); the casts below state what the asyncio client returns.
 _Hash = Awaitable[dict[bytes, bytes]]
+
+
+# Drop up to 1000 expired members from both URI indexes, atomically, in one round trip.
+_PRUNE = """
+local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT', 0, 1000)
+if #expired > 0 then
+  redis.call('ZREM', KEYS[1], unpack(expired))
+  redis.call('ZREM', KEYS[2], unpack(expired))
+end
+return #expired
+"""
 
 
 def _variant(values: tuple[str | None, ...]) -> bytes:
@@ -56,7 +70,9 @@ class RedisStore:
             pipe.hset(name, mapping={_variant(entry.vary_values): entry.pack()})
             pipe.pexpire(name, ttl_ms, gt=True)
             pipe.pexpire(name, ttl_ms, nx=True)
-            pipe.zadd(PREFIX + "uris", {f"{entry.uri}\0{h}": 0})
+            member = f"{entry.uri}\0{h}"
+            pipe.zadd(PREFIX + "uris", {member: 0})
+            pipe.zadd(PREFIX + "uris:exp", {member: time.time() * 1000 + ttl_ms}, gt=True)
             for tag in entry.tags:
                 pipe.sadd(PREFIX + "tag:" + tag, h)
                 pipe.pexpire(PREFIX + "tag:" + tag, ttl_ms, gt=True)
@@ -81,6 +97,7 @@ class RedisStore:
         removed = int(await self.client.delete(*(PREFIX + "e:" + h for h in hashes)))
         if members:
             await self.client.zrem(PREFIX + "uris", *members)
+            await self.client.zrem(PREFIX + "uris:exp", *members)
         return removed
 
     async def publish_purge(self, kind: str, value: str, purge_id: str) -> int:
@@ -114,3 +131,17 @@ class RedisStore:
 
     async def release_refresh_lock(self, primary: str) -> None:
         await self.client.delete(PREFIX + "rl:" + key_hash(primary))
+
+    async def prune(self) -> int:
+        """Forget index members whose entries Redis has expired; returns how many."""
+        script = cast(Awaitable[int], self.client.eval(
+            _PRUNE, 2, PREFIX + "uris", PREFIX + "uris:exp", int(time.time() * 1000)))
+        return int(await script)
+
+    async def info(self) -> dict[str, int]:
+        """Indexed URIs (an upper bound on entries) and the Redis server's memory in use."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.zcard(PREFIX + "uris")
+            pipe.info("memory")
+            uris, memory = await pipe.execute()
+        return {"entries": int(uris), "used_memory": int(memory.get("used_memory", 0))}

@@ -37,6 +37,7 @@ class CacheService:
         self._refreshing: set[str] = set()
         self._listener: asyncio.Task[None] | None = None
         self._listener_client: aioredis.Redis | None = None
+        self._pruner: asyncio.Task[None] | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -45,11 +46,11 @@ class CacheService:
         self.redis = RedisStore(client)
         self._listener_client = listener
         self._listener = asyncio.create_task(self._listen(listener), name="cache-purge-listener")
+        self._pruner = asyncio.create_task(self._prune(), name="cache-index-pruner")
 
     async def close(self) -> None:
         tasks = list(self._tasks)
-        if self._listener is not None:
-            tasks.append(self._listener)
+        tasks += [task for task in (self._listener, self._pruner) if task is not None]
         await cancel_and_wait(tasks)
         if self._listener_client is not None:
             await self._listener_client.aclose()
@@ -193,13 +194,29 @@ class CacheService:
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
             await asyncio.sleep(1.0)
 
+    async def _prune(self, interval: float = 60.0) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            if self.redis is not None and self.redis_up:
+                try:
+                    while await self.redis.prune() >= 1000:
+                        pass
+                except REDIS_ERRORS as exc:
+                    self._redis_failed(exc)
+
     # -- stats ----------------------------------------------------------------------------------
 
-    def stats(self) -> dict[str, Any]:
+    async def stats(self) -> dict[str, Any]:
+        l2: dict[str, Any] = {"status": "down"}
+        if self.redis is not None and self.redis_up:
+            try:
+                l2 = {"status": "up", **await self.redis.info()}
+            except REDIS_ERRORS as exc:
+                self._redis_failed(exc)
         return {
             "requests": [{"route": r, "layer": layer, "result": res, "count": n}
                          for (r, layer, res), n in sorted(self.counts.items())],
             "memory": {route: {"bytes": s.bytes, "entries": s.entries, "evictions": s.evictions}
                        for route, s in self.memory.items()},
-            "redis": "up" if self.redis_up else "down",
+            "redis": l2,
         }
