@@ -19,45 +19,18 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
+
+from common import Result, free_port, nginx, sidecar_process, wait_for_port, wrk
 
 ROOT = Path(__file__).resolve().parents[2]
 TARGET_RATIO = 0.25
-
-
-@dataclass
-class Result:
-    name: str
-    rps: float
-    p50_ms: float
-    p99_ms: float
-    errors: int
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for_port(port: int, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on port {port} after {timeout:g}s")
 
 
 def ensure_tools() -> None:
@@ -67,93 +40,18 @@ def ensure_tools() -> None:
         subprocess.run([str(ROOT / "scripts" / "ensure-debian-packages"), *missing], check=True)
 
 
-def nginx_binary() -> str:
-    return shutil.which("nginx") or "/usr/sbin/nginx"
-
-
-def to_ms(text: str) -> float:
-    units = {"us": 0.001, "ms": 1.0, "s": 1000.0}
-    for unit in ("us", "ms", "s"):
-        if text.endswith(unit):
-            return float(text[: -len(unit)]) * units[unit]
-    return float(text)
-
-
-def parse_wrk(name: str, output: str) -> Result:
-    rps = p50 = p99 = 0.0
-    errors = 0
-    for line in output.splitlines():
-        parts = line.split()
-        if line.startswith("Requests/sec:"):
-            rps = float(parts[1])
-        elif parts[:1] == ["50%"]:
-            p50 = to_ms(parts[1])
-        elif parts[:1] == ["99%"]:
-            p99 = to_ms(parts[1])
-        elif line.strip().startswith("Non-2xx"):
-            errors += int(parts[-1])
-        elif line.strip().startswith("Socket errors:"):
-            errors += sum(int(p.rstrip(",")) for p in parts[2::2])
-    if rps == 0.0:
-        raise RuntimeError(f"could not read wrk's output for {name}:\n{output}")
-    return Result(name, rps, p50, p99, errors)
-
-
-def wrk(name: str, port: int, duration: float, connections: int) -> Result:
-    url = f"http://127.0.0.1:{port}/"
-    base = ["taskset", "-c", "1", "wrk", "-t1", f"-c{connections}"]
-    subprocess.run([*base, "-d2s", url], check=True, capture_output=True)  # warm-up
-    out = subprocess.run([*base, f"-d{duration:g}s", "--latency", url], check=True,
-                         capture_output=True, text=True).stdout
-    return parse_wrk(name, out)
-
-
-def stop(process: subprocess.Popen[bytes], sig: int, timeout: float = 15.0) -> None:
-    process.send_signal(sig)
-    try:
-        process.wait(timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
-@contextmanager
-def nginx(workdir: Path, name: str, http_block: str, core: int) -> Iterator[None]:
-    conf = workdir / f"{name}.conf"
-    conf.write_text(
-        f"worker_processes 1;\ndaemon off;\npid {workdir}/{name}.pid;\n"
-        f"error_log {workdir}/{name}.error.log;\nevents {{ worker_connections 4096; }}\n"
-        f"http {{\n  access_log off;\n  client_body_temp_path {workdir}/tmp;\n"
-        f"  proxy_temp_path {workdir}/tmp;\n{http_block}\n}}\n")
-    process = subprocess.Popen(["taskset", "-c", str(core), nginx_binary(), "-p", str(workdir),
-                                "-c", str(conf)], stderr=subprocess.PIPE)
-    try:
-        yield
-    finally:
-        stop(process, signal.SIGQUIT)  # nginx's graceful stop
-
-
 @contextmanager
 def sidecar(workdir: Path, name: str, origin_port: int, port: int,
             access_log: bool) -> Iterator[None]:
-    conf = workdir / f"{name}.yaml"
-    conf.write_text(json.dumps({
+    with sidecar_process(workdir, name, {
         "server": {"listen": f"127.0.0.1:{port}", "admin_listen": f"127.0.0.1:{free_port()}",
                    "watch_config": False, "state_dir": str(workdir / f"{name}-state")},
         "redis": {"url": "embedded"},
         "upstreams": {"app": {"url": f"http://127.0.0.1:{origin_port}"}},
         "log": {"access": access_log},
         "routes": [{"name": "default", "match": {"path": "/**"}, "upstream": "app"}],
-    }))
-    process = subprocess.Popen(
-        ["taskset", "-c", "0", sys.executable, "-m", "sidecar", "run", "-c", str(conf)],
-        stdout=subprocess.DEVNULL, stderr=open(workdir / f"{name}.log", "wb"),  # noqa: SIM115
-        cwd=workdir)
-    try:
-        wait_for_port(port)
+    }, port):
         yield
-    finally:
-        stop(process, signal.SIGTERM)
 
 
 def run(duration: float, connections: int) -> list[Result]:

@@ -1,0 +1,335 @@
+"""Cache-hit benchmark: the sidecar's L1 (in-process) cache against nginx `proxy_cache`.
+
+Measures requests/s and p50/p99 latency with wrk (64 connections by default) of GET /item, a
+1 KiB body the origin serves with `Cache-Control: max-age=3600` and an ETag, answered from the
+cache of:
+  nginx proxy_cache   nginx (1 worker, upstream keepalive) with proxy_cache in a temp dir
+  sidecar cache (L1)  the sidecar (1 worker, access log off), route with
+                      cache: {ttl: 60s, layers: [memory, redis]}; Redis is a redis-server this
+                      script starts on a free port
+
+Each cache is warmed until it answers a hit (`X-Cache-Status: HIT` for nginx, `Cache-Status:
+sidecar; hit` for the sidecar), then measured. The origin (a tiny aiohttp app) counts what it
+serves, so the table shows that the measured runs did not reach it.
+
+The server under test runs on core 0 (`taskset -c 0`); wrk and the origin share core 1. Prints
+a table and the ratio sidecar / nginx proxy_cache against the 0.5 goal (PASS or BELOW GOAL);
+exits 0 either way unless --strict is given (then 1 when below the goal). Without wrk it prints
+SKIP and exits 0; without nginx it measures only the sidecar (no ratio). Exits 2 when the
+harness itself fails. Every process it starts is stopped on exit, on error and on Ctrl-C.
+
+    .venv/bin/python loadtests/bench/cache_hit.py [--duration 10] [--connections 64]
+        [--json out.json] [--strict]
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from common import (
+    Result,
+    die_with_parent,
+    free_port,
+    nginx,
+    sidecar_process,
+    stop,
+    wait_for_port,
+    wrk,
+)
+
+GOAL_RATIO = 0.5
+PATH = "/item"
+BODY_SIZE = 1024
+NGINX_CASE = "nginx proxy_cache"
+SIDECAR_CASE = "sidecar cache (L1)"
+
+# The origin: GET /item -> 1 KiB, cacheable for an hour, with a strong ETag. GET /_served says
+# how many /item requests it has answered (to show the measured runs never reach it).
+ORIGIN_APP = r"""
+import sys
+from aiohttp import web
+
+BODY = b"x" * int(sys.argv[2])
+served = 0
+
+async def item(request):
+    global served
+    served += 1
+    return web.Response(body=BODY, content_type="text/plain",
+                        headers={"Cache-Control": "max-age=3600", "ETag": '"item-v1"'})
+
+async def count(request):
+    return web.json_response({"served": served})
+
+app = web.Application()
+app.router.add_get("/item", item)
+app.router.add_get("/_served", count)
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None)
+"""
+
+
+class HarnessError(Exception):
+    pass
+
+
+def which(name: str, *fallbacks: str) -> str | None:
+    found = shutil.which(name)
+    if found:
+        return found
+    return next((path for path in fallbacks if Path(path).exists()), None)
+
+
+def loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+@contextmanager
+def child(args: list[str], log: Path, sig: int = signal.SIGTERM) -> Iterator[None]:
+    """A helper process (origin, redis) that dies with this script in any case."""
+    with open(log, "wb") as err:
+        process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                   stderr=err, preexec_fn=die_with_parent)
+    try:
+        yield
+    finally:
+        stop(process, sig)
+
+
+@contextmanager
+def log_on_failure(what: str, log: Path) -> Iterator[None]:
+    """Adds the tail of `log` to a RuntimeError (nothing listening, wrk output unreadable)."""
+    try:
+        yield
+    except RuntimeError as exc:
+        raise HarnessError(f"{what}: {exc}\n--- {log.name}:\n{tail(log)}") from exc
+
+
+def get(port: int, path: str) -> tuple[int, dict[str, str], bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        conn.close()
+
+
+def warm(port: int, header: str, is_hit: Callable[[str], bool], tries: int = 20) -> str:
+    """GET /item until `header` says hit; returns that header's value."""
+    value = ""
+    for _ in range(tries):
+        status, headers, body = get(port, PATH)
+        if status != 200 or len(body) != BODY_SIZE:
+            raise HarnessError(f"GET {PATH} on :{port}: status {status}, {len(body)} bytes")
+        value = headers.get(header.lower(), "")
+        if is_hit(value):
+            return value
+        time.sleep(0.05)
+    raise HarnessError(f"no cache hit on :{port} after {tries} requests; last {header}: {value!r}")
+
+
+def origin_served(port: int) -> int:
+    return int(json.loads(get(port, "/_served")[2])["served"])
+
+
+def redis_ping(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+@contextmanager
+def redis_server(binary: str, workdir: Path, port: int) -> Iterator[None]:
+    log = workdir / "redis.log"
+    with child(["taskset", "-c", "0", binary, "--port", str(port), "--bind", "127.0.0.1",
+                "--save", "", "--appendonly", "no", "--daemonize", "no", "--dir", str(workdir),
+                "--loglevel", "warning", "--logfile", str(log)], workdir / "redis.err"):
+        deadline = time.monotonic() + 10
+        while not redis_ping(port):
+            if time.monotonic() > deadline:
+                raise HarnessError(f"redis-server did not answer on :{port}\n{tail(log)}")
+            time.sleep(0.05)
+        yield
+
+
+def measure(name: str, port: int, origin: int, duration: float, connections: int,
+            row: dict[str, Any]) -> Result:
+    before = origin_served(origin)
+    result = wrk(name, port, duration, connections, PATH)
+    row["origin_requests"] = origin_served(origin) - before
+    return result
+
+
+def run(duration: float, connections: int, nginx_bin: str | None,
+        redis_bin: str) -> tuple[list[Result], dict[str, dict[str, Any]]]:
+    results: list[Result] = []
+    extra: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="sidecar-bench-cache-") as tmp:
+        workdir = Path(tmp)
+        workdir.chmod(0o755)  # nginx workers run as nobody
+        (workdir / "tmp").mkdir()
+        origin, proxy, side, admin, redis = (free_port() for _ in range(5))
+
+        with child(["taskset", "-c", "1", sys.executable, "-c", ORIGIN_APP, str(origin),
+                    str(BODY_SIZE)], workdir / "origin.log"):
+            with log_on_failure("origin", workdir / "origin.log"):
+                wait_for_port(origin)
+
+            if nginx_bin is not None:
+                # nginx creates the cache directory itself, owned by its worker user.
+                block = (
+                    f"  proxy_cache_path {workdir}/nginx-cache levels=1:2 keys_zone=bench:10m"
+                    " max_size=64m inactive=60m use_temp_path=off;\n"
+                    f"  upstream origin {{ server 127.0.0.1:{origin}; keepalive 128; }}\n"
+                    f"  server {{ listen 127.0.0.1:{proxy}; keepalive_requests 100000;\n"
+                    f"    location / {{ proxy_pass http://origin; proxy_http_version 1.1;\n"
+                    f"      proxy_set_header Connection \"\";\n"
+                    f"      proxy_cache bench; proxy_cache_valid 200 60s;\n"
+                    f"      add_header X-Cache-Status $upstream_cache_status always; }} }}")
+                with nginx(workdir, "proxy-cache", block, core=0), \
+                        log_on_failure("nginx", workdir / "proxy-cache.error.log"):
+                    wait_for_port(proxy)
+                    row = extra.setdefault(NGINX_CASE, {})
+                    row["warm"] = warm(proxy, "X-Cache-Status", lambda v: v == "HIT")
+                    results.append(measure(NGINX_CASE, proxy, origin, duration, connections,
+                                           row))
+
+            config = {
+                "server": {"listen": f"127.0.0.1:{side}", "admin_listen": f"127.0.0.1:{admin}",
+                           "workers": 1, "watch_config": False,
+                           "state_dir": str(workdir / "sidecar-state")},
+                "redis": {"url": f"redis://127.0.0.1:{redis}/0"},
+                "upstreams": {"origin": {"url": f"http://127.0.0.1:{origin}"}},
+                "log": {"access": False},
+                "routes": [{"name": "item", "match": {"path": "/**"}, "upstream": "origin",
+                            "cache": {"ttl": "60s", "layers": ["memory", "redis"]}}],
+            }
+            with redis_server(redis_bin, workdir, redis), \
+                    log_on_failure("sidecar", workdir / "sidecar.log"), \
+                    sidecar_process(workdir, "sidecar", config, side):
+                row = extra.setdefault(SIDECAR_CASE, {})
+                row["warm"] = warm(side, "Cache-Status", lambda v: v.startswith("sidecar; hit"))
+                results.append(measure(SIDECAR_CASE, side, origin, duration, connections, row))
+                stats = json.loads(get(admin, "/admin/stats")[2])["cache"]
+                row["cache_counts"] = {f"{c['layer']}/{c['result']}": c["count"]
+                                       for c in stats["requests"] if c["route"] == "item"}
+                row["redis"] = stats["redis"]
+    return results, extra
+
+
+def on_signal(signum: int, _frame: object) -> None:
+    # First signal: unwind (every `finally` stops its process); later ones must not cut the
+    # clean-up short, so they are ignored from here on.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def report(results: list[Result], extra: dict[str, dict[str, Any]], args: argparse.Namespace,
+           load_start: str, load_end: str) -> tuple[float | None, str]:
+    print(f"\ncache hit, 1 KiB body, {args.connections} connections, {args.duration:g}s each; "
+          "server under test on core 0, wrk + origin on core 1")
+    print(f"load average: {load_start} at start, {load_end} at end")
+    print(f"{'case':<22}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'errors':>8}"
+          f"{'origin reqs':>13}")
+    for r in results:
+        print(f"{r.name:<22}{r.rps:>10.0f}{r.p50_ms:>10.2f}{r.p99_ms:>10.2f}{r.errors:>8}"
+              f"{extra[r.name].get('origin_requests', '?'):>13}")
+    side = extra.get(SIDECAR_CASE, {})
+    if side:
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(side.get("cache_counts", {}).items()))
+        print(f"sidecar cache counts (warm-up included): {counts}; redis {side.get('redis')}")
+    by_name = {r.name: r for r in results}
+    if NGINX_CASE not in by_name:
+        print(f"\nratio sidecar / nginx proxy_cache: n/a (nginx not measured; goal >= "
+              f"{GOAL_RATIO})")
+        return None, "SKIPPED"
+    ratio = by_name[SIDECAR_CASE].rps / by_name[NGINX_CASE].rps
+    verdict = "PASS" if ratio >= GOAL_RATIO else "BELOW GOAL"
+    print(f"\nratio sidecar / nginx proxy_cache: {ratio:.2f} (goal >= {GOAL_RATIO}) {verdict}")
+    return ratio, verdict
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per case (10)")
+    parser.add_argument("--connections", type=int, default=64, help="wrk connections (64)")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--strict", action="store_true",
+                        help="exit 1 when the ratio is below the goal")
+    args = parser.parse_args()
+
+    def write_json(data: dict[str, Any]) -> None:
+        if args.json:
+            args.json.write_text(json.dumps(data, indent=2) + "\n")
+
+    if which("wrk", "/usr/bin/wrk") is None:
+        reason = "wrk is not installed (apt-get install wrk); nothing measured"
+        print(f"SKIP: {reason}")
+        write_json({"skipped": reason})
+        return 0
+    if os.cpu_count() is None or os.cpu_count() < 2:  # type: ignore[operator]
+        print("needs 2 cores: the server under test on core 0, wrk on core 1", file=sys.stderr)
+        return 2
+    redis_bin = which("redis-server", "/usr/bin/redis-server", "/usr/sbin/redis-server")
+    if redis_bin is None:
+        print("redis-server is not installed (apt-get install redis-server, or `make setup`); "
+              "the sidecar's cache needs it", file=sys.stderr)
+        return 2
+    nginx_bin = which("nginx", "/usr/sbin/nginx")
+    if nginx_bin is None:
+        print("SKIP nginx proxy_cache: nginx is not installed (apt-get install nginx); "
+              "measuring the sidecar alone, no ratio")
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+    load_start = loadavg()
+    try:
+        results, extra = run(args.duration, args.connections, nginx_bin, redis_bin)
+    except KeyboardInterrupt as exc:
+        print(f"\ninterrupted ({exc or 'SIGINT'}); every process started was stopped",
+              file=sys.stderr)
+        return 130
+    except (HarnessError, RuntimeError, OSError, subprocess.CalledProcessError) as exc:
+        print(f"\nbenchmark failed: {exc}", file=sys.stderr)
+        return 2
+    load_end = loadavg()
+    ratio, verdict = report(results, extra, args, load_start, load_end)
+    write_json({"results": [asdict(r) | extra.get(r.name, {}) for r in results],
+                "ratio": ratio, "goal": GOAL_RATIO, "verdict": verdict,
+                "duration_s": args.duration, "connections": args.connections,
+                "loadavg_start": load_start, "loadavg_end": load_end,
+                "nginx": "measured" if nginx_bin else "not installed"})
+    return 1 if args.strict and verdict == "BELOW GOAL" else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

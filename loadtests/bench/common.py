@@ -1,0 +1,142 @@
+"""Helpers shared by the benchmark scripts in this directory: ports, wrk, nginx, the sidecar.
+
+The scripts run as `python loadtests/bench/<script>.py`, so this directory is on sys.path and
+they import this module as `common`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class Result:
+    name: str
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+
+
+def die_with_parent() -> None:
+    """preexec_fn: Linux sends SIGTERM to the child if the benchmark script dies without its
+    clean-up (SIGKILL), so no server is left behind; a normal exit stops them explicitly."""
+    with suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on port {port} after {timeout:g}s")
+
+
+def nginx_binary() -> str:
+    return shutil.which("nginx") or "/usr/sbin/nginx"
+
+
+def to_ms(text: str) -> float:
+    units = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+    for unit in ("us", "ms", "s"):
+        if text.endswith(unit):
+            return float(text[: -len(unit)]) * units[unit]
+    return float(text)
+
+
+def parse_wrk(name: str, output: str) -> Result:
+    rps = p50 = p99 = 0.0
+    errors = 0
+    for line in output.splitlines():
+        parts = line.split()
+        if line.startswith("Requests/sec:"):
+            rps = float(parts[1])
+        elif parts[:1] == ["50%"]:
+            p50 = to_ms(parts[1])
+        elif parts[:1] == ["99%"]:
+            p99 = to_ms(parts[1])
+        elif line.strip().startswith("Non-2xx"):
+            errors += int(parts[-1])
+        elif line.strip().startswith("Socket errors:"):
+            errors += sum(int(p.rstrip(",")) for p in parts[2::2])
+    if rps == 0.0:
+        raise RuntimeError(f"could not read wrk's output for {name}:\n{output}")
+    return Result(name, rps, p50, p99, errors)
+
+
+def wrk(name: str, port: int, duration: float, connections: int, path: str = "/") -> Result:
+    """wrk on core 1: a 2 s warm-up, then `duration` seconds measured."""
+    url = f"http://127.0.0.1:{port}{path}"
+    base = ["taskset", "-c", "1", "wrk", "-t1", f"-c{connections}"]
+    subprocess.run([*base, "-d2s", url], check=True, capture_output=True,  # warm-up
+                   preexec_fn=die_with_parent)
+    out = subprocess.run([*base, f"-d{duration:g}s", "--latency", url], check=True,
+                         capture_output=True, text=True, preexec_fn=die_with_parent).stdout
+    return parse_wrk(name, out)
+
+
+def stop(process: subprocess.Popen[bytes], sig: int, timeout: float = 15.0) -> None:
+    process.send_signal(sig)
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@contextmanager
+def nginx(workdir: Path, name: str, http_block: str, core: int) -> Iterator[None]:
+    """nginx (1 worker, no access log) pinned to `core`, with `http_block` inside `http {}`."""
+    conf = workdir / f"{name}.conf"
+    conf.write_text(
+        f"worker_processes 1;\ndaemon off;\npid {workdir}/{name}.pid;\n"
+        f"error_log {workdir}/{name}.error.log;\nevents {{ worker_connections 4096; }}\n"
+        f"http {{\n  access_log off;\n  client_body_temp_path {workdir}/tmp;\n"
+        f"  proxy_temp_path {workdir}/tmp;\n{http_block}\n}}\n")
+    process = subprocess.Popen(["taskset", "-c", str(core), nginx_binary(), "-p", str(workdir),
+                                "-c", str(conf)], stderr=subprocess.PIPE,
+                               preexec_fn=die_with_parent)
+    try:
+        yield
+    finally:
+        stop(process, signal.SIGQUIT)  # nginx's graceful stop
+
+
+@contextmanager
+def sidecar_process(workdir: Path, name: str, config: dict[str, Any],
+                    port: int) -> Iterator[None]:
+    """`python -m sidecar run` on core 0 with `config` (written as JSON, which is YAML), until
+    it listens on `port`; its stderr goes to `<workdir>/<name>.log`."""
+    conf = workdir / f"{name}.yaml"
+    conf.write_text(json.dumps(config))
+    process = subprocess.Popen(
+        ["taskset", "-c", "0", sys.executable, "-m", "sidecar", "run", "-c", str(conf)],
+        stdout=subprocess.DEVNULL, stderr=open(workdir / f"{name}.log", "wb"),  # noqa: SIM115
+        cwd=workdir, preexec_fn=die_with_parent)
+    try:
+        wait_for_port(port)
+        yield
+    finally:
+        stop(process, signal.SIGTERM)
