@@ -140,6 +140,35 @@ async def test_expires_in_the_past_is_stale(sidecar_factory, origin, redis_url, 
     assert origin.calls["/e"] == 2
 
 
+async def test_expires_without_date_counts_from_arrival(sidecar_factory, redis_url, client):
+    # aiohttp always sends Date, so this upstream speaks raw HTTP/1.1
+    calls = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal calls
+        while (await reader.readuntil(b"\r\n\r\n")):
+            calls += 1
+            expires = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 60))
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nExpires: "
+                         + expires.encode() + b"\r\n\r\nok")
+            await writer.drain()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        routes = [{"name": "cached", "match": {"path": "/**"}, "upstream": "app",
+                   "cache": {"ttl": "0s"}}]
+        sidecar = await sidecar_factory(
+            make_config(f"http://127.0.0.1:{port}", redis_url, routes=routes))
+        await fetch(client, sidecar.url + "/nodate")
+        hit = await fetch(client, sidecar.url + "/nodate")
+        assert hit.hit and hit.body == "ok" and "Date" in hit.headers
+        assert 50 <= int(hit.cache_status.split("ttl=")[1]) <= 60
+        assert calls == 1
+    finally:
+        server.close()
+
+
 async def test_policy_ttl_applies_without_upstream_freshness(sidecar_factory, origin,
                                                              redis_url, client):
     origin.reply("/plain")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from http.cookies import SimpleCookie
 
 
 def normalize_target(raw_target: str, query_mode: str) -> str:
@@ -12,26 +11,55 @@ def normalize_target(raw_target: str, query_mode: str) -> str:
     if not sep or query_mode == "ignore":
         return path
     if query_mode == "sorted":
-        query = "&".join(sorted(p for p in query.split("&") if p))
+        # stable on the name alone: `tag=b&tag=a` is an ordered list the app may read as such
+        query = "&".join(sorted((p for p in query.split("&") if p),
+                                key=lambda pair: pair.partition("=")[0]))
     return f"{path}?{query}" if query else path
 
 
 def primary_key(host: str, target: str, headers: Mapping[str, str],
                 key_headers: Sequence[str], key_cookies: Sequence[str]) -> str:
-    """One string naming the entry; headers and cookies listed in the policy are part of it."""
+    """One string naming the entry; headers and cookies listed in the policy are part of it.
+
+    Every line of a keyed header counts, and every value of a keyed cookie, in order: the
+    upstream may read any of them, so a request differing in any must not share the entry.
+    """
     parts = [host.lower(), target]
+    getall = getattr(headers, "getall", None)
     for name in key_headers:
-        parts.append(headers.get(name, ""))
+        if getall is not None:
+            parts.append("\r".join(getall(name, ())))
+        else:
+            parts.append(headers.get(name, ""))
     if key_cookies:
-        jar: SimpleCookie = SimpleCookie()
-        try:
-            jar.load(headers.get("Cookie", ""))
-        except Exception:  # a malformed Cookie header keys as "no cookies"
-            jar = SimpleCookie()
+        if getall is not None:
+            cookie_header = "; ".join(getall("Cookie", ()))
+        else:
+            cookie_header = headers.get("Cookie", "")
+        jar = request_cookies(cookie_header)
         for name in key_cookies:
-            morsel = jar.get(name)
-            parts.append(morsel.value if morsel is not None else "")
+            parts.append("\r".join(jar.get(name, ())))
     return "\n".join(parts)
+
+
+def request_cookies(header: str) -> dict[str, list[str]]:
+    """Every value of every cookie in a request's Cookie header, in the order sent.
+
+    Written by hand because http.cookies parses Set-Cookie syntax: it drops the whole header
+    when a cookie is named like an attribute (`path`, `expires`) or one pair is malformed,
+    and keeps only the last of repeated names, which would let variants share an entry.
+    """
+    jar: dict[str, list[str]] = {}
+    for pair in header.split(";"):
+        name, sep, value = pair.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            continue
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] == '"':
+            value = value[1:-1]
+        jar.setdefault(name, []).append(value)
+    return jar
 
 
 def vary_names(vary: str | None) -> tuple[str, ...]:
@@ -41,9 +69,17 @@ def vary_names(vary: str | None) -> tuple[str, ...]:
 
 
 def vary_values(names: Sequence[str], headers: Mapping[str, str]) -> tuple[str | None, ...]:
-    """The request's values for the Vary'd fields, whitespace-normalised (RFC 9111 §4.1)."""
+    """The request's values for the Vary'd fields, whitespace-normalised (RFC 9111 §4.1).
+
+    Repeated field lines count combined, as the upstream sees them: `getall` of a multidict.
+    """
+    getall = getattr(headers, "getall", None)
     out: list[str | None] = []
     for name in names:
-        value = headers.get(name)
+        if getall is not None:
+            lines: list[str] = getall(name, [])
+            value = ", ".join(lines) if lines else None
+        else:
+            value = headers.get(name)
         out.append(None if value is None else " ".join(value.split()))
     return tuple(out)

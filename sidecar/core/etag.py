@@ -47,9 +47,12 @@ def split_etags(header: str) -> list[str]:
 
 
 def none_match(if_none_match: str, etag: str | None) -> bool:
-    """True when If-None-Match matches the current representation (the answer is a 304)."""
+    """True when If-None-Match matches the current representation (the answer is a 304).
+
+    `*` matches any current representation, with or without an ETag (RFC 9110 §13.1.2).
+    """
     if if_none_match.strip() == "*":
-        return etag is not None
+        return True
     if etag is None:
         return False
     return any(weak_match(tag, etag) for tag in split_etags(if_none_match))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from datetime import UTC
 from email.utils import parsedate_to_datetime
 
 Directives = dict[str, str | None]
@@ -66,18 +67,26 @@ def delta_seconds(directives: Directives, name: str) -> int | None:
     """A delta-seconds argument, or None when absent or malformed (then treated as absent,
     except max-age/s-maxage which callers treat as stale: RFC 9111 §1.2.2)."""
     value = directives.get(name)
-    if value is None or not value.isdigit():
+    if value is None or not _is_digits(value):
         return None
     return min(int(value), 2**31)
+
+
+def _is_digits(value: str) -> bool:
+    # 1*DIGIT is ASCII: str.isdigit() also accepts "²", which int() then refuses.
+    return value.isascii() and value.isdigit()
 
 
 def http_date(value: str | None) -> float | None:
     if not value:
         return None
     try:
-        return parsedate_to_datetime(value).timestamp()
+        parsed = parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError, OverflowError):
         return None
+    if parsed.tzinfo is None:  # asctime-date carries no zone; every HTTP-date is GMT
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.timestamp()
 
 
 def not_storable_reason(
@@ -103,10 +112,11 @@ def not_storable_reason(
         return "set-cookie"
     if vary is not None and "*" in vary:
         return "vary-star"
-    if explicit_freshness or "no-cache" in response_cc:
+    if explicit_freshness:
         return None
     if status in HEURISTIC_STATUSES or "public" in response_cc:
-        return None if default_ttl > 0 else "no-freshness"
+        # no-cache alone does not make a response storable (§3), but it needs no lifetime
+        return None if default_ttl > 0 or "no-cache" in response_cc else "no-freshness"
     return "no-freshness"
 
 
@@ -136,8 +146,12 @@ def freshness_lifetime(
 
 def initial_age(*, age_header: str | None, date: float | None, request_time: float,
                 response_time: float) -> float:
-    """corrected_initial_age of RFC 9111 §4.2.3; current age = this + time resident."""
-    age_value = int(age_header) if age_header and age_header.strip().isdigit() else 0
+    """corrected_initial_age of RFC 9111 §4.2.3; current age = this + time resident.
+
+    A list-based Age counts by its first member, an invalid one is ignored (§5.1).
+    """
+    first = age_header.split(",", 1)[0].strip() if age_header else ""
+    age_value = int(first) if _is_digits(first) else 0
     apparent_age = max(0.0, response_time - date) if date is not None else 0.0
     response_delay = max(0.0, response_time - request_time)
     return max(apparent_age, age_value + response_delay)
@@ -168,8 +182,11 @@ class Freshness:
         return self.lifetime - self.age(now)
 
     def usable_for_error(self, now: float) -> bool:
-        """stale-if-error (RFC 5861): may this stale entry answer when the upstream fails?"""
-        if self.must_revalidate:
+        """stale-if-error (RFC 5861): may this stale entry answer when the upstream fails?
+
+        Never for no-cache or must-revalidate entries (RFC 9111 §4.2.4, §5.2.2.2, §5.2.2.4).
+        """
+        if self.must_revalidate or self.no_cache:
             return False
         return self.age(now) < self.lifetime + self.sie
 
@@ -195,7 +212,7 @@ def verdict(entry: Freshness, request_cc: Directives, now: float, *,
         return Verdict.REVALIDATE
     if honor_client and "max-stale" in request_cc:
         max_stale = request_cc["max-stale"]
-        if max_stale is None or (max_stale.isdigit() and age - entry.lifetime <= int(max_stale)):
+        if max_stale is None or (_is_digits(max_stale) and age - entry.lifetime <= int(max_stale)):
             return Verdict.FRESH
     if age < entry.lifetime + entry.swr:
         return Verdict.STALE_REVALIDATE

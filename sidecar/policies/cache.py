@@ -20,6 +20,7 @@ from ..core.freshness import (
     Directives,
     Freshness,
     Verdict,
+    delta_seconds,
     freshness_lifetime,
     has_explicit_freshness,
     http_date,
@@ -319,7 +320,8 @@ class CachePolicy:
         stream = response.stream
         assert stream is not None
         declared = get_header(response.headers, b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_entry):
+        if declared is not None and (
+                not (declared.isascii() and declared.isdigit()) or int(declared) > self.max_entry):
             return None
         chunks: list[bytes] = []
         size = 0
@@ -348,12 +350,14 @@ class CachePolicy:
         if get_header(raw, b"date") is None:
             headers.append((b"Date", http_date_now()))
         date = http_date(get_header(raw, b"date"))
+        if date is None:  # the Date just added is "now": Expires counts from it
+            date = response_time
         lifetime = freshness_lifetime(
             response_cc=response_cc, expires=http_date(expires_raw), date=date,
             expires_present=expires_raw is not None, status=status, default_ttl=config.ttl,
             override=config.override)
-        swr_directive = response_cc.get("stale-while-revalidate")
-        sie_directive = response_cc.get("stale-if-error")
+        swr_directive = delta_seconds(response_cc, "stale-while-revalidate")
+        sie_directive = delta_seconds(response_cc, "stale-if-error")
         freshness = Freshness(
             lifetime=lifetime,
             initial_age=initial_age(age_header=get_header(raw, b"age"), date=date,
@@ -362,9 +366,9 @@ class CachePolicy:
             no_cache="no-cache" in response_cc and response_cc["no-cache"] is None,
             must_revalidate=any(d in response_cc for d in
                                 ("must-revalidate", "proxy-revalidate", "s-maxage")),
-            swr=float(swr_directive) if swr_directive and swr_directive.isdigit()
+            swr=float(swr_directive) if swr_directive is not None
             else config.stale_while_revalidate,
-            sie=float(sie_directive) if sie_directive and sie_directive.isdigit()
+            sie=float(sie_directive) if sie_directive is not None
             else config.stale_if_error,
         )
         names = vary_names(vary)
