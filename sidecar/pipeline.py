@@ -12,12 +12,16 @@ The canonical order, outermost first (later policies slot into it; a config cann
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
+
+from .forwarding import build_request_head
 
 if TYPE_CHECKING:
     from aiohttp import web
 
+    from .app import State
     from .routing import Route
     from .upstream import Body, RawHeaders, UpstreamResponse
 
@@ -29,18 +33,36 @@ CANONICAL_ORDER = (
 class ProxyRequest:
     """What policies see of a request: built once by the edge, read-only by convention."""
 
-    __slots__ = ("body", "chunked", "head", "method", "request_id", "route", "timeout", "web")
+    __slots__ = ("_head", "body", "chunked", "method", "request_id", "route", "state", "timeout",
+                 "web")
 
     def __init__(self, web_request: web.BaseRequest, route: Route, request_id: str,
-                 head: bytes, body: Body, chunked: bool, timeout: float | None) -> None:
+                 body: Body, chunked: bool, timeout: float | None, state: State,
+                 head: bytes | None = None) -> None:
         self.web = web_request
         self.method = web_request.method
         self.route = route
         self.request_id = request_id
-        self.head = head  # the request line and headers as sent to the upstream
         self.body = body
         self.chunked = chunked
         self.timeout = timeout
+        self.state = state
+        self._head = head
+
+    @property
+    def head(self) -> bytes:
+        """The request line and headers as sent to the upstream: built on first use, so a
+        request answered by a policy (a cache hit) never pays for it."""
+        head = self._head
+        if head is None:
+            head = self._head = build_request_head(self.web, self.state, self.route,
+                                                   self.request_id, self.chunked)
+        return head
+
+    def with_head(self, head: bytes) -> ProxyRequest:
+        """The same request, forwarded with other headers."""
+        return ProxyRequest(self.web, self.route, self.request_id, self.body, self.chunked,
+                            self.timeout, self.state, head)
 
 
 class ProxyResponse:
@@ -85,7 +107,5 @@ def build_chain(policies: Sequence[Policy], terminal: Handler) -> Handler:
 
 
 def _bind(policy: Policy, call_next: Handler) -> Handler:
-    async def handle(request: ProxyRequest) -> ProxyResponse:
-        return await policy.handle(request, call_next)
-
-    return handle
+    # A partial, not a wrapping coroutine: one coroutine frame per policy per request, not two.
+    return functools.partial(policy.handle, call_next=call_next)

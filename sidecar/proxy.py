@@ -18,6 +18,7 @@ from aiohttp import hdrs, web
 from multidict import CIMultiDict
 
 from .errors import NoRouteError, SidecarError, UpstreamError
+from .forwarding import HOP_BY_HOP, connection_tokens
 from .pipeline import ProxyRequest, ProxyResponse
 from .upstream import Body, RawHeaders
 
@@ -27,16 +28,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sidecar.proxy")
 
-# RFC 9110 §7.6.1 hop-by-hop fields, plus the non-standard Proxy-Connection. Expect is answered
-# by the sidecar itself (100 Continue), not forwarded.
-HOP_BY_HOP = frozenset({
-    b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
-    b"trailer", b"transfer-encoding", b"upgrade", b"proxy-connection", b"expect",
-})
-_REPLACED = frozenset({
-    b"host", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"via",
-    b"x-request-id",
-})
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=\-]{1,128}$")
 # Request ids need to be unique, not secret: a random per-process prefix and a counter cost far
 # less than 16 fresh random bytes per request.
@@ -45,75 +36,11 @@ _ID_COUNTER = itertools.count(int.from_bytes(os.urandom(4), "big"))
 
 
 def new_request_id() -> str:
-    return f"{_ID_PREFIX}{next(_ID_COUNTER) & 0xFFFFFFFFFFFFFFFF:016x}"
+    return _ID_PREFIX + format(next(_ID_COUNTER), "016x")
 
 
 # Bodies up to this size are read whole before forwarding: one write, and a replayable request.
 _SMALL_BODY = 64 * 1024
-
-
-_PLAIN_VALUES = frozenset({"keep-alive", "close"})
-
-
-def _connection_tokens(value: str) -> frozenset[bytes]:
-    return frozenset(t.strip().lower().encode("latin-1") for t in value.split(",") if t.strip())
-
-
-def build_request_head(request: web.BaseRequest, state: State, route: Route,
-                       request_id: str, chunked: bool) -> bytes:
-    """The request line and headers for the upstream, from the client's raw headers."""
-    upstream = state.upstream_configs[route.upstream]
-    # Every Connection header names hop-by-hop fields, not only the first one.
-    connections = request.headers.getall(hdrs.CONNECTION, ())
-    if not connections or (len(connections) == 1 and connections[0].lower() in _PLAIN_VALUES):
-        drop = HOP_BY_HOP
-    else:
-        drop = HOP_BY_HOP | _connection_tokens(",".join(connections))
-    host = xff = xfproto = xfhost = via = None
-    target = request.raw_path.encode("utf-8", "surrogateescape")
-    out = [request.method.encode("latin-1"), b" ", target, b" HTTP/1.1\r\n"]
-    append = out.append
-    for name, value in request.raw_headers:
-        lname = name.lower()
-        if lname in drop:
-            continue
-        if lname in _REPLACED:
-            if lname == b"host":
-                host = value
-            elif lname == b"x-forwarded-for":
-                xff = value if xff is None else xff + b", " + value
-            elif lname == b"via":
-                via = value if via is None else via + b", " + value
-            elif lname == b"x-forwarded-proto":
-                xfproto = value
-            elif lname == b"x-forwarded-host":
-                xfhost = value
-            continue
-        append(name)
-        append(b": ")
-        append(value)
-        append(b"\r\n")
-    client = (request.remote or "").encode("latin-1")
-    if not upstream.preserve_host or host is None:
-        out_host = state.upstream_netlocs[route.upstream]
-    else:
-        out_host = host
-    trust = state.config.server.trust_forwarded
-    append(b"Host: " + out_host + b"\r\n")
-    append(b"X-Forwarded-For: " + (xff + b", " + client if xff else client) + b"\r\n")
-    append(b"X-Forwarded-Proto: "
-           + (xfproto if trust and xfproto else request.scheme.encode("latin-1")) + b"\r\n")
-    if trust and xfhost:
-        append(b"X-Forwarded-Host: " + xfhost + b"\r\n")
-    elif host is not None:
-        append(b"X-Forwarded-Host: " + host + b"\r\n")
-    version = b"1.1 " if request.version[1] == 1 else b"1.0 "
-    append(b"Via: " + (via + b", " if via else b"") + version + state.via + b"\r\n")
-    append(b"X-Request-ID: " + request_id.encode("latin-1") + b"\r\n")
-    if chunked:
-        append(b"Transfer-Encoding: chunked\r\n")
-    append(b"\r\n")
-    return b"".join(out)
 
 
 def response_headers(raw: RawHeaders, request_id: str, via: str) -> CIMultiDict[str]:
@@ -134,11 +61,24 @@ def response_headers(raw: RawHeaders, request_id: str, via: str) -> CIMultiDict[
             continue
         items.append((name.decode("latin-1"), value.decode("latin-1")))
     if connection:
-        named = {t.decode("latin-1") for t in _connection_tokens(connection.decode("latin-1"))}
+        named = {t.decode("latin-1") for t in connection_tokens(connection.decode("latin-1"))}
         items = [(k, v) for k, v in items if k.lower() not in named]
     items.append(("Via", via if via_seen is None else via_seen + ", " + via))
     items.append(("X-Request-ID", request_id))
     return CIMultiDict(items)
+
+
+_STATUS_LINES: dict[tuple[int, str], bytes] = {}
+
+
+def status_line(status: int, reason: str) -> bytes:
+    """`HTTP/1.1 200 OK\r\n`, formatted once per status and reason."""
+    line = _STATUS_LINES.get((status, reason))
+    if line is None:
+        line = b"HTTP/1.1 %d %s\r\n" % (status, reason.encode("latin-1"))
+        if len(_STATUS_LINES) < 256:  # reasons come from upstreams: bound what is kept
+            _STATUS_LINES[(status, reason)] = line
+    return line
 
 
 _PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"Keep-Alive", b"Close"})
@@ -160,7 +100,7 @@ def serialize_whole(status: int, reason: str, raw: RawHeaders, body: bytes, requ
                     via: bytes) -> bytes:
     """A whole HTTP/1.1 response as bytes, straight from the upstream's raw headers: no header
     dict, no decoding and re-encoding, one write."""
-    out = [b"HTTP/1.1 %d %s\r\n" % (status, reason.encode("latin-1"))]
+    out = [status_line(status, reason)]
     append = out.append
     connection: bytes | None = None
     via_seen: bytes | None = None
@@ -179,7 +119,7 @@ def serialize_whole(status: int, reason: str, raw: RawHeaders, body: bytes, requ
             continue
         append(b"%s: %s\r\n" % (name, value))
     if connection:
-        named = _connection_tokens(connection.decode("latin-1"))
+        named = connection_tokens(connection.decode("latin-1"))
         out = [out[0]] + [line for line in out[1:]
                           if line.split(b":", 1)[0].lower() not in named]
         append = out.append
@@ -274,17 +214,20 @@ class ProxyHandler:
         response: web.StreamResponse | None = None
         sent = 0
         try:
-            route = state.routes.match(request.method, request.host, request.path, headers)
+            method = request.method
+            route = state.routes.match(method, request.host, _request_path(request), headers)
             if route is None:
-                raise NoRouteError(f"no route matches {request.method} {request.path}")
+                raise NoRouteError(f"no route matches {method} {request.path}")
             if hdrs.UPGRADE in headers and headers[hdrs.UPGRADE].lower() == "websocket":
                 from .websocket import proxy_websocket
 
                 return await proxy_websocket(self.runtime, state, route, request, request_id)
-            body, chunked = await _request_body(request)
-            head = build_request_head(request, state, route, request_id, chunked)
-            proxy_request = ProxyRequest(request, route, request_id, head, body, chunked,
-                                         route.config.timeout)
+            if request.body_exists:
+                body, chunked = await _request_body(request)
+            else:
+                body, chunked = None, False
+            proxy_request = ProxyRequest(request, route, request_id, body, chunked,
+                                         route.config.timeout, state)
             result = await state.chains[route.name](proxy_request)
             response, sent = await self._respond(request, result, request_id, state)
             return response
@@ -311,7 +254,7 @@ class ProxyHandler:
             wire = result.wire
             if wire is not None:
                 data = b"".join((
-                    b"HTTP/1.1 %d %s\r\n" % (result.status, result.reason.encode("latin-1")),
+                    status_line(result.status, result.reason),
                     wire, b"Via: ", state.via_response_bytes, b"\r\nX-Request-ID: ",
                     request_id.encode("latin-1"), b"\r\n\r\n", body))
             else:
@@ -379,10 +322,17 @@ class AccessLogClock:
         return f"{cls._text}.{int(now % 1 * 1000):03d}Z"
 
 
+def _request_path(request: web.BaseRequest) -> str:
+    """request.path without its cost (a URL parse per request) when the raw target has nothing
+    to decode: origin-form, no percent-escapes, no fragment."""
+    raw = request.raw_path
+    if raw[:1] == "/" and "%" not in raw and "#" not in raw:
+        return raw.partition("?")[0]
+    return request.path
+
+
 async def _request_body(request: web.BaseRequest) -> tuple[Body, bool]:
-    """The body to forward: None, whole bytes when small, else a stream of chunks."""
-    if not request.body_exists:
-        return None, False
+    """The body to forward (there is one): whole bytes when small, else a stream of chunks."""
     expect = request.headers.get(hdrs.EXPECT)
     if expect is not None and expect.lower() == "100-continue":
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")

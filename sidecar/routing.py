@@ -26,6 +26,8 @@ class Route:
             return False
         if self.host is not None and not self.host(host):
             return False
+        if not self.headers:
+            return True
         return all(headers.get(name) == value for name, value in self.headers)
 
 

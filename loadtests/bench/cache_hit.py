@@ -9,8 +9,10 @@ cache of:
                       script starts on a free port
 
 Each cache is warmed until it answers a hit (`X-Cache-Status: HIT` for nginx, `Cache-Status:
-sidecar; hit` for the sidecar), then measured. The origin (a tiny aiohttp app) counts what it
-serves, so the table shows that the measured runs did not reach it.
+sidecar; hit` for the sidecar), then both are measured in turns (--rounds, 3 by default) and
+each reports its median round: a shared machine's slow spells then fall on both alike. The
+origin (a tiny aiohttp app) counts what it serves, so the table shows that the measured runs
+did not reach it.
 
 The server under test runs on core 0 (`taskset -c 0`); wrk and the origin share core 1. Prints
 a table and the ratio sidecar / nginx proxy_cache against the 0.5 goal (PASS or BELOW GOAL);
@@ -19,7 +21,7 @@ SKIP and exits 0; without nginx it measures only the sidecar (no ratio). Exits 2
 harness itself fails. Every process it starts is stopped on exit, on error and on Ctrl-C.
 
     .venv/bin/python loadtests/bench/cache_hit.py [--duration 10] [--connections 64]
-        [--json out.json] [--strict]
+        [--rounds 3] [--json out.json] [--strict]
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -180,68 +182,75 @@ def redis_server(binary: str, workdir: Path, port: int) -> Iterator[None]:
         yield
 
 
-def measure(name: str, port: int, origin: int, duration: float, connections: int,
-            row: dict[str, Any]) -> Result:
-    before = origin_served(origin)
-    result = wrk(name, port, duration, connections, PATH)
-    row["origin_requests"] = origin_served(origin) - before
-    return result
-
-
-def run(duration: float, connections: int, nginx_bin: str | None,
+def run(duration: float, connections: int, rounds: int, nginx_bin: str | None,
         redis_bin: str) -> tuple[list[Result], dict[str, dict[str, Any]]]:
-    results: list[Result] = []
+    """Both caches up side by side, measured in turns (nginx, sidecar, nginx, ...): a slow
+    spell of a shared machine then hits both, and each case reports its median round."""
     extra: dict[str, dict[str, Any]] = {}
-    with tempfile.TemporaryDirectory(prefix="sidecar-bench-cache-") as tmp:
+    runs: dict[str, list[Result]] = {}
+    with tempfile.TemporaryDirectory(prefix="sidecar-bench-cache-") as tmp, ExitStack() as stack:
         workdir = Path(tmp)
         workdir.chmod(0o755)  # nginx workers run as nobody
         (workdir / "tmp").mkdir()
         origin, proxy, side, admin, redis = (free_port() for _ in range(5))
 
-        with child(["taskset", "-c", "1", sys.executable, "-c", ORIGIN_APP, str(origin),
-                    str(BODY_SIZE)], workdir / "origin.log"):
-            with log_on_failure("origin", workdir / "origin.log"):
-                wait_for_port(origin)
+        stack.enter_context(child(["taskset", "-c", "1", sys.executable, "-c", ORIGIN_APP,
+                                   str(origin), str(BODY_SIZE)], workdir / "origin.log"))
+        with log_on_failure("origin", workdir / "origin.log"):
+            wait_for_port(origin)
 
-            if nginx_bin is not None:
-                # nginx creates the cache directory itself, owned by its worker user.
-                block = (
-                    f"  proxy_cache_path {workdir}/nginx-cache levels=1:2 keys_zone=bench:10m"
-                    " max_size=64m inactive=60m use_temp_path=off;\n"
-                    f"  upstream origin {{ server 127.0.0.1:{origin}; keepalive 128; }}\n"
-                    f"  server {{ listen 127.0.0.1:{proxy}; keepalive_requests 100000;\n"
-                    f"    location / {{ proxy_pass http://origin; proxy_http_version 1.1;\n"
-                    f"      proxy_set_header Connection \"\";\n"
-                    f"      proxy_cache bench; proxy_cache_valid 200 60s;\n"
-                    f"      add_header X-Cache-Status $upstream_cache_status always; }} }}")
-                with nginx(workdir, "proxy-cache", block, core=0), \
-                        log_on_failure("nginx", workdir / "proxy-cache.error.log"):
-                    wait_for_port(proxy)
-                    row = extra.setdefault(NGINX_CASE, {})
-                    row["warm"] = warm(proxy, "X-Cache-Status", lambda v: v == "HIT")
-                    results.append(measure(NGINX_CASE, proxy, origin, duration, connections,
-                                           row))
+        cases: list[tuple[str, int]] = []
+        if nginx_bin is not None:
+            # nginx creates the cache directory itself, owned by its worker user.
+            block = (
+                f"  proxy_cache_path {workdir}/nginx-cache levels=1:2 keys_zone=bench:10m"
+                " max_size=64m inactive=60m use_temp_path=off;\n"
+                f"  upstream origin {{ server 127.0.0.1:{origin}; keepalive 128; }}\n"
+                f"  server {{ listen 127.0.0.1:{proxy}; keepalive_requests 100000;\n"
+                f"    location / {{ proxy_pass http://origin; proxy_http_version 1.1;\n"
+                f"      proxy_set_header Connection \"\";\n"
+                f"      proxy_cache bench; proxy_cache_valid 200 60s;\n"
+                f"      add_header X-Cache-Status $upstream_cache_status always; }} }}")
+            stack.enter_context(nginx(workdir, "proxy-cache", block, core=0))
+            with log_on_failure("nginx", workdir / "proxy-cache.error.log"):
+                wait_for_port(proxy)
+            extra[NGINX_CASE] = {"warm": warm(proxy, "X-Cache-Status", lambda v: v == "HIT")}
+            cases.append((NGINX_CASE, proxy))
 
-            config = {
-                "server": {"listen": f"127.0.0.1:{side}", "admin_listen": f"127.0.0.1:{admin}",
-                           "workers": 1, "watch_config": False,
-                           "state_dir": str(workdir / "sidecar-state")},
-                "redis": {"url": f"redis://127.0.0.1:{redis}/0"},
-                "upstreams": {"origin": {"url": f"http://127.0.0.1:{origin}"}},
-                "log": {"access": False},
-                "routes": [{"name": "item", "match": {"path": "/**"}, "upstream": "origin",
-                            "cache": {"ttl": "60s", "layers": ["memory", "redis"]}}],
-            }
-            with redis_server(redis_bin, workdir, redis), \
-                    log_on_failure("sidecar", workdir / "sidecar.log"), \
-                    sidecar_process(workdir, "sidecar", config, side):
-                row = extra.setdefault(SIDECAR_CASE, {})
-                row["warm"] = warm(side, "Cache-Status", lambda v: v.startswith("sidecar; hit"))
-                results.append(measure(SIDECAR_CASE, side, origin, duration, connections, row))
-                stats = json.loads(get(admin, "/admin/stats")[2])["cache"]
-                row["cache_counts"] = {f"{c['layer']}/{c['result']}": c["count"]
-                                       for c in stats["requests"] if c["route"] == "item"}
-                row["redis"] = stats["redis"]
+        config = {
+            "server": {"listen": f"127.0.0.1:{side}", "admin_listen": f"127.0.0.1:{admin}",
+                       "workers": 1, "watch_config": False,
+                       "state_dir": str(workdir / "sidecar-state")},
+            "redis": {"url": f"redis://127.0.0.1:{redis}/0"},
+            "upstreams": {"origin": {"url": f"http://127.0.0.1:{origin}"}},
+            "log": {"access": False},
+            "routes": [{"name": "item", "match": {"path": "/**"}, "upstream": "origin",
+                        "cache": {"ttl": "60s", "layers": ["memory", "redis"]}}],
+        }
+        stack.enter_context(redis_server(redis_bin, workdir, redis))
+        stack.enter_context(log_on_failure("sidecar", workdir / "sidecar.log"))
+        stack.enter_context(sidecar_process(workdir, "sidecar", config, side))
+        extra[SIDECAR_CASE] = {"warm": warm(side, "Cache-Status",
+                                            lambda v: v.startswith("sidecar; hit"))}
+        cases.append((SIDECAR_CASE, side))
+
+        for _ in range(rounds):
+            for name, port in cases:
+                row = extra[name]
+                before = origin_served(origin)
+                runs.setdefault(name, []).append(wrk(name, port, duration, connections, PATH))
+                row["origin_requests"] = row.get("origin_requests", 0) + (
+                    origin_served(origin) - before)
+
+        stats = json.loads(get(admin, "/admin/stats")[2])["cache"]
+        row = extra[SIDECAR_CASE]
+        row["cache_counts"] = {f"{c['layer']}/{c['result']}": c["count"]
+                               for c in stats["requests"] if c["route"] == "item"}
+        row["redis"] = stats["redis"]
+    results = []
+    for name, measured in runs.items():
+        extra[name]["rounds_rps"] = [round(r.rps) for r in measured]
+        results.append(sorted(measured, key=lambda r: r.rps)[len(measured) // 2])
     return results, extra
 
 
@@ -255,14 +264,16 @@ def on_signal(signum: int, _frame: object) -> None:
 
 def report(results: list[Result], extra: dict[str, dict[str, Any]], args: argparse.Namespace,
            load_start: str, load_end: str) -> tuple[float | None, str]:
-    print(f"\ncache hit, 1 KiB body, {args.connections} connections, {args.duration:g}s each; "
+    print(f"\ncache hit, 1 KiB body, {args.connections} connections, {args.rounds} alternating "
+          f"rounds of {args.duration:g}s per case (median shown); "
           "server under test on core 0, wrk + origin on core 1")
     print(f"load average: {load_start} at start, {load_end} at end")
     print(f"{'case':<22}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'errors':>8}"
           f"{'origin reqs':>13}")
     for r in results:
         print(f"{r.name:<22}{r.rps:>10.0f}{r.p50_ms:>10.2f}{r.p99_ms:>10.2f}{r.errors:>8}"
-              f"{extra[r.name].get('origin_requests', '?'):>13}")
+              f"{extra[r.name].get('origin_requests', '?'):>13}"
+              f"   rounds: {', '.join(str(x) for x in extra[r.name].get('rounds_rps', []))}")
     side = extra.get(SIDECAR_CASE, {})
     if side:
         counts = ", ".join(f"{k} {v}" for k, v in sorted(side.get("cache_counts", {}).items()))
@@ -282,6 +293,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per case (10)")
     parser.add_argument("--connections", type=int, default=64, help="wrk connections (64)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="measured turns per case, alternating; the median counts (3)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--strict", action="store_true",
                         help="exit 1 when the ratio is below the goal")
@@ -313,7 +326,7 @@ def main() -> int:
         signal.signal(sig, on_signal)
     load_start = loadavg()
     try:
-        results, extra = run(args.duration, args.connections, nginx_bin, redis_bin)
+        results, extra = run(args.duration, args.connections, args.rounds, nginx_bin, redis_bin)
     except KeyboardInterrupt as exc:
         print(f"\ninterrupted ({exc or 'SIGINT'}); every process started was stopped",
               file=sys.stderr)
@@ -326,6 +339,7 @@ def main() -> int:
     write_json({"results": [asdict(r) | extra.get(r.name, {}) for r in results],
                 "ratio": ratio, "goal": GOAL_RATIO, "verdict": verdict,
                 "duration_s": args.duration, "connections": args.connections,
+                "rounds": args.rounds,
                 "loadavg_start": load_start, "loadavg_end": load_end,
                 "nginx": "measured" if nginx_bin else "not installed"})
     return 1 if args.strict and verdict == "BELOW GOAL" else 0

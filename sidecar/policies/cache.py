@@ -8,6 +8,7 @@ only acts on their answers.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections import deque
@@ -108,6 +109,12 @@ class CachePolicy:
         ) | _CONDITIONALS
         self.tag_header = config.tag_header.lower().encode("latin-1")
         self.counts = service.counts
+        self._hit_keys = {layer: (route, layer, "hit") for layer in ("memory", "redis")}
+        # Without key headers or cookies the key depends on host and target only: memoise it,
+        # it is computed on every hit.
+        self._plain_key = (
+            functools.lru_cache(maxsize=4096)(self._keys)
+            if not config.key.headers and not config.key.cookies else None)
 
     # -- entry point ------------------------------------------------------------------------
 
@@ -118,34 +125,44 @@ class CachePolicy:
             if method in UNSAFE and 200 <= response.status < 400:
                 self._invalidate(request, response)
             return response
-        headers = request.web.headers
+        web = request.web
+        headers = web.headers
         if "Range" in headers:
             response = await call_next(request)
             response.headers.append((b"Cache-Status", b"sidecar; fwd=bypass; detail=range"))
             self.counts[(self.route, "-", "bypass")] += 1
             return response
-        request_cc = parse_cache_control(headers.get("Cache-Control"))
+        cache_control = headers.get("Cache-Control")
+        request_cc = parse_cache_control(cache_control) if cache_control is not None else {}
         if not request_cc and headers.get("Pragma", "").lower() == "no-cache":
             request_cc = {"no-cache": None}
-        target = normalize_target(request.web.raw_path, self.config.key.query)
-        primary = primary_key(request.web.host, target, headers, self.config.key.headers,
-                              self.config.key.cookies)
+        if self._plain_key is not None:
+            target, primary = self._plain_key(web.host, web.raw_path)
+        else:
+            target = normalize_target(web.raw_path, self.config.key.query)
+            primary = primary_key(web.host, target, headers, self.config.key.headers,
+                                  self.config.key.cookies)
         now = time.time()
-        entry, layer, known = await self._lookup(primary, headers)
+        entry, known = self._l1_lookup(primary, headers) if self.l1 is not None else (None, False)
+        layer = "memory"
+        if entry is None and self.use_l2:
+            layer = "redis"
+            entry, known_l2 = await self._l2_lookup(primary, headers)
+            known = known or known_l2
         if entry is not None:
             decision = verdict(entry.freshness, request_cc, now,
                                honor_client=self.config.honor_client_no_cache)
             if decision is Verdict.FRESH:
-                self.counts[(self.route, layer, "hit")] += 1
+                self.counts[self._hit_keys[layer]] += 1
                 ttl = int(entry.freshness.ttl(now))
-                return self._answer(request, entry, now, f"hit; ttl={ttl}")
+                return self._answer(request, entry, now, b"hit; ttl=%d" % ttl)
             if decision is Verdict.STALE_REVALIDATE:
                 self.counts[(self.route, layer, "stale")] += 1
                 if await self.service.try_refresh(primary, 10.0):
                     self.service.spawn(self._refresh(request, call_next, entry, primary, target))
                 ttl = int(entry.freshness.ttl(now))
                 return self._answer(request, entry, now,
-                                    f"hit; ttl={ttl}; detail=stale-while-revalidate")
+                                    b"hit; ttl=%d; detail=stale-while-revalidate" % ttl)
             return await self._revalidate(request, call_next, entry, primary, target, request_cc)
         self.counts[(self.route, "-", "miss")] += 1
         fwd = "vary-miss" if known else "uri-miss"
@@ -153,35 +170,45 @@ class CachePolicy:
 
     # -- lookup -------------------------------------------------------------------------------
 
-    async def _lookup(self, primary: str, headers: Mapping[str, str]
-                      ) -> tuple[CachedResponse | None, str, bool]:
-        known = False
-        if self.l1 is not None:
-            variants = self.l1.get(primary)
-            if variants:
-                known = True
-                values = vary_values(variants[0].vary_names, headers)
-                for entry in variants:
-                    if entry.vary_values == values:
-                        return entry, "memory", True
-        if self.use_l2:
-            variants = await self.service.l2_get(primary)
-            if variants:
-                known = True
-                values = vary_values(variants[0].vary_names, headers)
-                for entry in variants:
-                    if entry.vary_values == values:
-                        if self.l1 is not None:
-                            self.l1.put(entry)
-                        return entry, "redis", True
-        return None, "-", known
+    def _keys(self, host: str, raw_path: str) -> tuple[str, str]:
+        """(target, primary key) when only host and target make the key: memoised per policy."""
+        target = normalize_target(raw_path, self.config.key.query)
+        return target, primary_key(host, target, {}, (), ())
+
+    def _l1_lookup(self, primary: str, headers: Mapping[str, str]
+                   ) -> tuple[CachedResponse | None, bool]:
+        assert self.l1 is not None
+        variants = self.l1.get(primary)
+        if not variants:
+            return None, False
+        first = variants[0]
+        if not first.vary_names:  # one variant only
+            return first, True
+        values = vary_values(first.vary_names, headers)
+        for entry in variants:
+            if entry.vary_values == values:
+                return entry, True
+        return None, True
+
+    async def _l2_lookup(self, primary: str, headers: Mapping[str, str]
+                         ) -> tuple[CachedResponse | None, bool]:
+        variants = await self.service.l2_get(primary)
+        if not variants:
+            return None, False
+        values = vary_values(variants[0].vary_names, headers)
+        for entry in variants:
+            if entry.vary_values == values:
+                if self.l1 is not None:
+                    self.l1.put(entry)
+                return entry, True
+        return None, True
 
     # -- answering from an entry -------------------------------------------------------------
 
     def _answer(self, request: ProxyRequest, entry: CachedResponse, now: float,
-                status: str) -> ProxyResponse:
+                status: bytes | str) -> ProxyResponse:
         age = b"%d" % entry.freshness.age(now)
-        cache_status = b"sidecar; " + status.encode()
+        cache_status = b"sidecar; " + (status if isinstance(status, bytes) else status.encode())
         headers = [*entry.headers, (b"Age", age), (b"Cache-Status", cache_status)]
         web = request.web
         inm = web.headers.get("If-None-Match")
@@ -201,9 +228,7 @@ class CachePolicy:
     # -- going to the upstream ---------------------------------------------------------------
 
     def _forwarded(self, request: ProxyRequest, add: list[bytes] | None = None) -> ProxyRequest:
-        head = rewrite_head(request.head, self.strip, add or [])
-        return ProxyRequest(request.web, request.route, request.request_id, head, request.body,
-                            request.chunked, request.timeout)
+        return request.with_head(rewrite_head(request.head, self.strip, add or []))
 
     async def _fetch(self, request: ProxyRequest, call_next: Handler, primary: str, target: str,
                      fwd: str, request_cc: Directives) -> ProxyResponse:
