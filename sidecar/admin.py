@@ -86,7 +86,8 @@ async def stats(request: web.Request) -> web.Response:
     """A JSON snapshot of what each subsystem counts (this worker)."""
     runtime: Runtime = request.app[RUNTIME]  # type: ignore[assignment]
     return web.json_response({"pid": os.getpid(), "worker": runtime.worker_id,
-                              "cache": await runtime.cache.stats()})
+                              "cache": await runtime.cache.stats(),
+                              "dedup": runtime.dedup.stats()})
 
 
 def build_admin_app(runtime: Runtime) -> web.Application:

@@ -30,9 +30,11 @@ from .config import Config, ConfigError, LoadedConfig, RouteConfig, UpstreamConf
 from .logs import AccessLog, configure_logging
 from .pipeline import Handler, Policy, ProxyRequest, ProxyResponse, build_chain
 from .policies.cache import CachePolicy
+from .policies.dedup import DedupPolicy
 from .policies.etag import EtagPolicy
 from .proxy import ProxyHandler
 from .routing import RouteTable
+from .stores.dedup import DedupService
 from .stores.tiered import CacheService
 from .upstream import UpstreamPool
 
@@ -64,17 +66,21 @@ def _upstream_handler(pool: UpstreamPool) -> Handler:
     return call_upstream
 
 
-def build_policies(route: RouteConfig, cache: CacheService) -> list[Policy]:
+def build_policies(route: RouteConfig, cache: CacheService, dedup: DedupService
+                   ) -> list[Policy]:
     """The route's policies in the canonical order of pipeline.CANONICAL_ORDER."""
     policies: list[Policy] = []
     if route.etag:
         policies.append(EtagPolicy())
+    if route.dedup is not None:
+        policies.append(DedupPolicy(route.name, route.dedup, dedup))
     if route.cache is not None:
         policies.append(CachePolicy(route.name, route.cache, cache, generate_etag=route.etag))
     return policies
 
 
-def build_state(loaded: LoadedConfig, previous: State | None, cache: CacheService) -> State:
+def build_state(loaded: LoadedConfig, previous: State | None, cache: CacheService,
+                dedup: DedupService) -> State:
     """Compile a config; upstream pools whose settings did not change are carried over."""
     config = loaded.config
     pools: dict[str, UpstreamPool] = {}
@@ -83,7 +89,7 @@ def build_state(loaded: LoadedConfig, previous: State | None, cache: CacheServic
         pools[name] = old if old is not None and old.config == upstream else UpstreamPool(
             name, upstream)
     routes = RouteTable(config)
-    chains = {route.name: build_chain(build_policies(route.config, cache),
+    chains = {route.name: build_chain(build_policies(route.config, cache, dedup),
                                       _upstream_handler(pools[route.upstream]))
               for route in routes.routes}
     return State(
@@ -121,7 +127,8 @@ class Runtime:
     def __init__(self, loaded: LoadedConfig, redis_url: str, *, reuse_port: bool = False,
                  worker_id: int = 0) -> None:
         self.cache = CacheService()
-        self.state = build_state(loaded, None, self.cache)
+        self.dedup = DedupService()
+        self.state = build_state(loaded, None, self.cache, self.dedup)
         self.redis_url = redis_url
         self.reuse_port = reuse_port
         self.worker_id = worker_id
@@ -151,6 +158,8 @@ class Runtime:
         )
         await self._check_redis()
         self.cache.attach(self.redis, aioredis.Redis.from_url(
+            self.redis_url, socket_connect_timeout=config.redis.connect_timeout))
+        self.dedup.attach(self.redis, aioredis.Redis.from_url(
             self.redis_url, socket_connect_timeout=config.redis.connect_timeout))
         limits = config.server.limits
         server = web.Server(
@@ -207,6 +216,7 @@ class Runtime:
             await pool.close()
         await self.ws_session.close()
         await self.cache.close()
+        await self.dedup.close()
         if self.redis is not None:
             await self.redis.aclose()
         self.access_log.flush()
@@ -219,7 +229,7 @@ class Runtime:
             old = self.state
             try:
                 loaded = await asyncio.to_thread(load_config, old.loaded.path)
-                new = build_state(loaded, old, self.cache)
+                new = build_state(loaded, old, self.cache, self.dedup)
             except ConfigError as exc:
                 self.reloads["error"] += 1
                 self.last_reload_error = str(exc)
@@ -280,6 +290,7 @@ class Runtime:
             log.info("redis reachable", extra={"url": _redact(self.redis_url)})
         self.redis_up = up
         self.cache.redis_up = up
+        self.dedup.redis_up = up
 
     async def _watch_redis(self) -> None:
         while True:

@@ -222,12 +222,48 @@ class CacheConfig(_Model):
     ]
 
 
+class DedupKeyConfig(_Model):
+    query: Literal["sorted", "exact", "ignore"] = "sorted"
+    # The credentials by default: responses are shared only among callers with the same ones.
+    headers: list[str] = ["Authorization", "Cookie"]
+
+
+class DedupConfig(_Model):
+    key: DedupKeyConfig = DedupKeyConfig()
+    scope: Literal["local", "cluster"] = "local"
+    wait: Duration = Field(30.0, gt=0)
+    methods: list[Literal["GET", "HEAD", "OPTIONS"]] = ["GET", "HEAD"]
+    # Cluster scope: a leader holds its lock this long without renewing it before another
+    # instance may take over (it renews every third of it while alive).
+    lease: Duration = Field(5.0, gt=0)
+    # Largest response shared across instances through Redis (one copy per instance); larger
+    # responses are still shared inside each worker, streamed.
+    max_body: Size = 64 * 1024**2
+
+
+class IdempotencyConfig(_Model):
+    header: str = "Idempotency-Key"
+    ttl: Duration = Field(86400.0, gt=0)
+    methods: list[str] = ["POST", "PATCH"]
+    # Request bodies are read whole to fingerprint them; larger ones are refused (413).
+    max_body: Size = 10 * 1024**2
+    # Responses up to this size are stored for replay.
+    max_response: Size = 10 * 1024**2
+
+    @field_validator("methods")
+    @classmethod
+    def _upper(cls, methods: list[str]) -> list[str]:
+        return [m.upper() for m in methods]
+
+
 class PolicyKeys(_Model):
     """The keys a route or a policy bundle may set; each later policy adds its own key here."""
 
     timeout: OptionalDuration = None
     cache: CacheConfig | None = None
     etag: bool = False
+    dedup: DedupConfig | None = None
+    idempotency: IdempotencyConfig | None = None
 
 
 class RouteConfig(PolicyKeys):

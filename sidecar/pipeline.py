@@ -6,8 +6,8 @@ Chains are built once per route when a config loads, never per request.
 
 The canonical order, outermost first (later policies slot into it; a config cannot reorder it):
 
-    metrics -> rate_limit -> etag -> dedup -> cache -> offload -> breaker -> retry -> timeout
-    -> upstream
+    metrics -> rate_limit -> etag -> idempotency -> dedup -> cache -> offload -> breaker
+    -> retry -> timeout -> upstream
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ if TYPE_CHECKING:
     from .upstream import Body, RawHeaders, UpstreamResponse
 
 CANONICAL_ORDER = (
-    "metrics", "rate_limit", "etag", "dedup", "cache", "offload", "breaker", "retry", "timeout",
+    "metrics", "rate_limit", "etag", "idempotency", "dedup", "cache", "offload", "breaker",
+    "retry", "timeout",
 )
 
 

@@ -1,0 +1,321 @@
+"""`dedup`: identical requests in flight at the same time reach the upstream once.
+
+The first request for a key starts a flight: a task, not tied to any client, that calls the rest
+of the chain. Every identical request arriving while it runs, the first one included, waits for
+the flight and gets its own copy of the response: a whole body is shared by reference, a
+streamed one is fanned out by a Broadcast (sidecar/broadcast.py). With `scope: cluster` the
+flight first competes for a Redis lock: the winner's instance calls the upstream and publishes
+the result; the others wait for the publication (see sidecar/stores/dedup.py).
+
+Privacy: a response carrying `Set-Cookie` is never handed to another request, and a `private`
+one only when the key includes both `Authorization` and `Cookie` (the default), so it goes
+only to callers with the same credentials. A follower whose `Vary`'d headers differ from the
+leader's calls the upstream itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ..broadcast import Broadcast, Reader
+from ..core.cachekey import normalize_target, primary_key, vary_names, vary_values
+from ..core.freshness import parse_cache_control
+from ..pipeline import Handler, ProxyRequest, ProxyResponse
+from ..stores.dedup import REDIS_ERRORS, TOO_LARGE, DedupService, SharedResult
+from .cache import get_header
+
+if TYPE_CHECKING:
+    from ..config import DedupConfig
+
+log = logging.getLogger("sidecar.dedup")
+
+FOLLOWER = (b"X-Sidecar-Dedup", b"follower")
+_FOLLOWER_WIRE = b"X-Sidecar-Dedup: follower\r\n"
+_CONDITIONALS = ("If-None-Match", "If-Modified-Since", "If-Match", "If-Unmodified-Since")
+_CREDENTIALS = frozenset({"authorization", "cookie"})
+
+
+@dataclass(slots=True)
+class Shared:
+    """The flight's outcome as every waiting request receives it."""
+
+    status: int
+    reason: str
+    headers: tuple[tuple[bytes, bytes], ...]
+    body: bytes | None  # whole, or None with `broadcast`
+    broadcast: Broadcast | None
+    wire: bytes | None
+    etag: str | None
+    set_cookie: bool
+    private: bool
+    vary: tuple[str, ...]
+    vary_values: tuple[str | None, ...]
+    vary_star: bool
+    remote: bool = False  # answered by another instance's flight
+
+
+class FlightAbandoned(Exception):
+    """The flight was cancelled (shutdown): its waiters ask the upstream themselves."""
+
+
+class Flight:
+    __slots__ = ("future", "joinable", "key", "task")
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.future: asyncio.Future[Shared] = asyncio.get_running_loop().create_future()
+        self.joinable = True
+        self.task: asyncio.Task[None] | None = None
+
+
+class DedupPolicy:
+    def __init__(self, route: str, config: DedupConfig, service: DedupService) -> None:
+        self.route = route
+        self.config = config
+        self.service = service
+        self.methods = frozenset(config.methods)
+        self.key_headers = (*config.key.headers, *_CONDITIONALS)
+        self.credentials_keyed = {h.lower() for h in config.key.headers} >= _CREDENTIALS
+        self.counts = service.counts
+
+    async def handle(self, request: ProxyRequest, call_next: Handler) -> ProxyResponse:
+        headers = request.web.headers
+        if (request.method not in self.methods or request.body is not None
+                or "Range" in headers):
+            return await call_next(request)
+        key = self._key(request)
+        flights = self.service.flights
+        flight = flights.get(key)
+        if flight is not None and flight.joinable:
+            self.counts[(self.route, "follower")] += 1
+            return await self._receive(flight, request, call_next, follower=True)
+        flight = flights[key] = Flight(key)
+        self.counts[(self.route, "leader")] += 1
+        flight.task = self.service.spawn(self._fly(flight, request, call_next))
+        return await self._receive(flight, request, call_next, follower=False)
+
+    def _key(self, request: ProxyRequest) -> str:
+        web = request.web
+        target = normalize_target(web.raw_path, self.config.key.query)
+        raw = primary_key(web.host, target, web.headers, self.key_headers, ())
+        digest = hashlib.sha256(f"{self.route}\n{request.method}\n{raw}".encode(
+            "utf-8", "surrogateescape")).hexdigest()
+        return digest
+
+    # -- the flight -----------------------------------------------------------------------------
+
+    async def _fly(self, flight: Flight, request: ProxyRequest, call_next: Handler) -> None:
+        service = self.service
+        try:
+            if self.config.scope == "cluster" and service.cluster_ready:
+                shared = await self._fly_cluster(flight, request, call_next)
+            else:
+                shared = self._share(flight, await call_next(request), request)
+            flight.future.set_result(shared)
+            if shared.broadcast is not None:
+                # Readers register as the waiters wake; if none does, free the upstream.
+                asyncio.get_running_loop().call_later(5.0, shared.broadcast.abandon_if_unread)
+        except Exception as exc:
+            flight.future.set_exception(exc)
+        except BaseException:
+            flight.future.set_exception(FlightAbandoned())
+            raise
+        finally:
+            future = flight.future
+            if future.exception() is not None or future.result().broadcast is None:
+                self._land(flight)
+
+    def _land(self, flight: Flight) -> None:
+        flight.joinable = False
+        if self.service.flights.get(flight.key) is flight:
+            del self.service.flights[flight.key]
+
+    def _share(self, flight: Flight, response: ProxyResponse, request: ProxyRequest,
+               collect_up_to: int = 0) -> Shared:
+        raw = response.headers
+        cache_control = parse_cache_control(get_header(raw, b"cache-control"))
+        vary = get_header(raw, b"vary")
+        names = vary_names(vary)
+        broadcast = None
+        if response.body is None:
+            assert response.stream is not None
+            broadcast = Broadcast(response.stream, collect_up_to=collect_up_to)
+            broadcast.on_closed = lambda: self._land(flight)
+        return Shared(
+            status=response.status, reason=response.reason, headers=tuple(raw),
+            body=response.body, broadcast=broadcast, wire=response.wire, etag=response.etag,
+            set_cookie=get_header(raw, b"set-cookie") is not None,
+            private="private" in cache_control, vary=names,
+            vary_values=vary_values(names, request.web.headers),
+            vary_star=vary is not None and "*" in vary)
+
+    async def _fly_cluster(self, flight: Flight, request: ProxyRequest,
+                           call_next: Handler) -> Shared:
+        """Lead across instances, or wait for the instance that does; take over if it dies."""
+        service = self.service
+        config = self.config
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + config.wait
+        token = os.urandom(12).hex()
+        key = flight.key
+        try:
+            while True:
+                woken = service.waiter(key)
+                try:
+                    if await service.try_lead(key, token, config.lease):
+                        return await self._lead_cluster(flight, request, call_next, token)
+                    result = await service.result(key)
+                    if result is None:
+                        remaining = deadline - loop.time()
+                        if remaining <= 0:
+                            self.counts[(self.route, "wait_expired")] += 1
+                            return self._share(flight, await call_next(request), request)
+                        try:
+                            async with asyncio.timeout(min(remaining, config.lease / 2)):
+                                await asyncio.shield(woken)
+                        except TimeoutError:
+                            if not await service.lock_held(key):
+                                self.counts[(self.route, "takeover")] += 1
+                            continue
+                        result = await service.result(key)
+                        if result is None:
+                            continue  # the leader failed, or this worker lost its subscription
+                finally:
+                    service.forget(key, woken)
+                if result == TOO_LARGE:
+                    return self._share(flight, await call_next(request), request)
+                assert isinstance(result, SharedResult)
+                self.counts[(self.route, "cluster_follower")] += 1
+                return self._from_result(result, request)
+        except REDIS_ERRORS as exc:
+            service.redis_failed(exc)
+            return self._share(flight, await call_next(request), request)
+
+    async def _lead_cluster(self, flight: Flight, request: ProxyRequest, call_next: Handler,
+                            token: str) -> Shared:
+        service = self.service
+        key = flight.key
+        renewing = service.spawn(self._renew(key, token))
+        try:
+            response = await call_next(request)
+        except BaseException:
+            renewing.cancel()
+            # Wake the other instances' followers at once: one of them takes over.
+            service.spawn(self._release(key, token, wake=True))
+            raise
+        shared = self._share(flight, response, request, collect_up_to=self.config.max_body)
+        if shared.broadcast is None:
+            renewing.cancel()
+            result = None
+            if shared.body is not None and len(shared.body) <= self.config.max_body:
+                result = SharedResult(shared.status, shared.reason, shared.headers, shared.body)
+            service.spawn(self._publish(key, token, result))
+        else:
+            broadcast = shared.broadcast
+
+            async def publish_when_read() -> None:
+                try:
+                    await broadcast.finished()
+                finally:
+                    renewing.cancel()
+                collected = broadcast.collected
+                result = None
+                if broadcast.done and collected is not None:
+                    result = SharedResult(shared.status, shared.reason, shared.headers,
+                                          b"".join(collected))
+                await self._publish(key, token, result)
+
+            service.spawn(publish_when_read())
+        return shared
+
+    async def _renew(self, key: str, token: str) -> None:
+        lease = self.config.lease
+        while True:
+            await asyncio.sleep(lease / 3)
+            try:
+                if not await self.service.renew(key, token, lease):
+                    return
+            except REDIS_ERRORS:
+                return
+
+    async def _publish(self, key: str, token: str, result: SharedResult | None) -> None:
+        try:
+            await self.service.publish(key, result)
+        except REDIS_ERRORS as exc:
+            self.service.redis_failed(exc)
+        await self._release(key, token, wake=False)
+
+    async def _release(self, key: str, token: str, *, wake: bool) -> None:
+        try:
+            await self.service.release(key, token)
+            if wake:
+                await self.service.wake(key)
+        except REDIS_ERRORS as exc:
+            self.service.redis_failed(exc)
+
+    def _from_result(self, result: SharedResult, request: ProxyRequest) -> Shared:
+        raw = list(result.headers)
+        cache_control = parse_cache_control(get_header(raw, b"cache-control"))
+        vary = get_header(raw, b"vary")
+        names = vary_names(vary)
+        etag = get_header(raw, b"etag")
+        return Shared(
+            status=result.status, reason=result.reason, headers=result.headers,
+            body=result.body, broadcast=None, wire=None, etag=etag,
+            set_cookie=get_header(raw, b"set-cookie") is not None,
+            private="private" in cache_control, vary=names,
+            vary_values=vary_values(names, request.web.headers),
+            vary_star=vary is not None and "*" in vary, remote=True)
+
+    # -- receiving ------------------------------------------------------------------------------
+
+    async def _receive(self, flight: Flight, request: ProxyRequest, call_next: Handler, *,
+                       follower: bool) -> ProxyResponse:
+        reader: Reader | None = None
+        try:
+            try:
+                async with asyncio.timeout(self.config.wait if follower else None):
+                    shared = await asyncio.shield(flight.future)
+            except TimeoutError:
+                self.counts[(self.route, "wait_expired")] += 1
+                return await call_next(request)
+            except FlightAbandoned:
+                return await call_next(request)
+            follower = follower or shared.remote
+            if follower and not self._may_share(shared, request):
+                self.counts[(self.route, "not_shared")] += 1
+                return await call_next(request)
+            headers = list(shared.headers)
+            wire = shared.wire
+            if follower:
+                headers.append(FOLLOWER)
+                wire = wire + _FOLLOWER_WIRE if wire is not None else None
+            if shared.broadcast is None:
+                return ProxyResponse(shared.status, shared.reason, headers, body=shared.body,
+                                     wire=wire, etag=shared.etag)
+            broadcast = shared.broadcast
+            if not broadcast.joinable:  # too late to see the first bytes: ask for ourselves
+                self.counts[(self.route, "late")] += 1
+                return await call_next(request)
+            reader = broadcast.reader()
+            response = ProxyResponse(shared.status, shared.reason, headers,
+                                     stream=reader,  # type: ignore[arg-type]
+                                     etag=shared.etag)
+            reader = None
+            return response
+        finally:
+            if reader is not None:
+                reader.close()
+
+    def _may_share(self, shared: Shared, request: ProxyRequest) -> bool:
+        if shared.set_cookie or shared.vary_star:
+            return False
+        if shared.private and not self.credentials_keyed:
+            return False
+        return not shared.vary or vary_values(shared.vary, request.web.headers) == (
+            shared.vary_values)

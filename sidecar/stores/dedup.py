@@ -1,0 +1,220 @@
+"""Deduplication state of one worker: the flights in progress here, the Redis side shared by
+every instance (leader locks, published results), and counters for the stats interface.
+
+Across instances a flight works like this: the instance that wins `SET lock NX PX lease` is the
+leader; it renews the lease while the upstream call runs, stores the result under a short-lived
+key and publishes the flight's key on one channel. Every worker listens on that channel and
+wakes the followers waiting for that key, which then read the result. A follower that sees the
+lock vanish without a result (its leader died) takes the lock and becomes the leader.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import struct
+from collections import Counter
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
+
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from ..aio import cancel_and_wait
+
+if TYPE_CHECKING:
+    from ..upstream import RawHeaders
+
+log = logging.getLogger("sidecar.dedup")
+REDIS_ERRORS = (RedisError, OSError, TimeoutError)
+
+PREFIX = "sidecar:dedup:"
+CHANNEL = PREFIX + "done"
+RESULT_TTL_MS = 30_000  # followers read the result right after the publication
+TOO_LARGE = b"too-large"  # published instead of a result the leader could not share
+
+# Delete the lock only if this leader still holds it (a lease that expired may be someone
+# else's by now).
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class SharedResult:
+    """A whole response as a leader hands it to its followers."""
+
+    status: int
+    reason: str
+    headers: tuple[tuple[bytes, bytes], ...]
+    body: bytes
+
+    def pack(self) -> bytes:
+        meta = orjson.dumps({"s": self.status, "r": self.reason,
+                             "h": [[n.decode("latin-1"), v.decode("latin-1")]
+                                   for n, v in self.headers]})
+        return struct.pack("!I", len(meta)) + meta + self.body
+
+    @classmethod
+    def unpack(cls, data: bytes) -> SharedResult:
+        (length,) = struct.unpack_from("!I", data)
+        meta = orjson.loads(data[4:4 + length])
+        headers = tuple((n.encode("latin-1"), v.encode("latin-1")) for n, v in meta["h"])
+        return cls(meta["s"], meta["r"], headers, data[4 + length:])
+
+    @classmethod
+    def of(cls, status: int, reason: str, headers: RawHeaders, body: bytes) -> SharedResult:
+        return cls(status, reason, tuple(headers), body)
+
+
+class DedupService:
+    def __init__(self) -> None:
+        self.redis: aioredis.Redis | None = None
+        self.redis_up = False
+        self.counts: Counter[tuple[str, str]] = Counter()  # (route, event)
+        self.flights: dict[str, Any] = {}  # key -> policies.dedup.Flight, this worker
+        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._listener: asyncio.Task[None] | None = None
+        self._listener_client: aioredis.Redis | None = None
+        self._subscribed = asyncio.Event()
+        self._release: Any = None
+        self._renew: Any = None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def attach(self, client: aioredis.Redis, listener: aioredis.Redis) -> None:
+        self.redis = client
+        self._release = client.register_script(_RELEASE)
+        self._renew = client.register_script(_RENEW)
+        self._listener_client = listener
+        self._listener = asyncio.create_task(self._listen(listener), name="dedup-listener")
+
+    async def close(self) -> None:
+        tasks = list(self._tasks)
+        if self._listener is not None:
+            tasks.append(self._listener)
+        await cancel_and_wait(tasks)
+        if self._listener_client is not None:
+            await self._listener_client.aclose()
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    @property
+    def cluster_ready(self) -> bool:
+        """Redis reachable and this worker subscribed: a cluster flight can be coordinated."""
+        return self.redis is not None and self.redis_up and self._subscribed.is_set()
+
+    def redis_failed(self, exc: BaseException) -> None:
+        if self.redis_up:
+            log.warning("redis unavailable; deduplication falls back to this worker only",
+                        extra={"error": str(exc) or type(exc).__name__})
+        self.redis_up = False
+
+    # -- cluster flights ------------------------------------------------------------------------
+
+    def waiter(self, key: str) -> asyncio.Future[None]:
+        """Resolved when some instance publishes that the flight `key` is done."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(key, []).append(future)
+        return future
+
+    def forget(self, key: str, future: asyncio.Future[None]) -> None:
+        waiters = self._waiters.get(key)
+        if waiters is not None:
+            with contextlib.suppress(ValueError):
+                waiters.remove(future)
+            if not waiters:
+                del self._waiters[key]
+
+    async def try_lead(self, key: str, token: str, lease: float) -> bool:
+        assert self.redis is not None
+        return bool(await self.redis.set(PREFIX + "lock:" + key, token, nx=True,
+                                         px=int(lease * 1000)))
+
+    async def lock_held(self, key: str) -> bool:
+        assert self.redis is not None
+        return bool(await self.redis.exists(PREFIX + "lock:" + key))
+
+    async def renew(self, key: str, token: str, lease: float) -> bool:
+        return bool(await self._renew(keys=[PREFIX + "lock:" + key],
+                                      args=[token, int(lease * 1000)]))
+
+    async def release(self, key: str, token: str) -> None:
+        await self._release(keys=[PREFIX + "lock:" + key], args=[token])
+
+    async def publish(self, key: str, result: SharedResult | None) -> None:
+        """Store the result (None: too large to share) and wake every instance's followers."""
+        assert self.redis is not None
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(PREFIX + "result:" + key,
+                     result.pack() if result is not None else TOO_LARGE, px=RESULT_TTL_MS)
+            pipe.publish(CHANNEL, key)
+            await pipe.execute()
+
+    async def wake(self, key: str) -> None:
+        """Wake the followers of `key` without a result: they look at the lock again."""
+        assert self.redis is not None
+        await self.redis.publish(CHANNEL, key)
+
+    async def result(self, key: str) -> SharedResult | bytes | None:
+        """The published result, TOO_LARGE, or None when there is none (yet)."""
+        assert self.redis is not None
+        data = cast("bytes | None", await self.redis.get(PREFIX + "result:" + key))
+        if data is None or data == TOO_LARGE:
+            return data
+        return SharedResult.unpack(data)
+
+    async def _listen(self, client: aioredis.Redis) -> None:
+        while True:
+            pubsub = client.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(CHANNEL)
+                self._subscribed.set()
+                async for message in pubsub.listen():
+                    if message.get("type") != "message":
+                        continue
+                    data = message["data"]
+                    key = data.decode() if isinstance(data, bytes) else str(data)
+                    for future in self._waiters.pop(key, ()):
+                        if not future.done():
+                            future.set_result(None)
+            except asyncio.CancelledError:
+                self._subscribed.clear()
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                raise
+            except REDIS_ERRORS as exc:
+                self.redis_failed(exc)
+            self._subscribed.clear()
+            # Followers waiting here would miss publications: wake them to look for themselves.
+            for waiters in self._waiters.values():
+                for future in waiters:
+                    if not future.done():
+                        future.set_result(None)
+            self._waiters.clear()
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await asyncio.sleep(1.0)
+
+    # -- stats ----------------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "events": [{"route": route, "event": event, "count": n}
+                       for (route, event), n in sorted(self.counts.items())],
+            "in_flight": len(self.flights),
+            "redis": "up" if self.cluster_ready else "down",
+        }
