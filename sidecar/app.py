@@ -32,6 +32,7 @@ from .pipeline import Handler, Policy, ProxyRequest, ProxyResponse, build_chain
 from .policies.cache import CachePolicy
 from .policies.dedup import DedupPolicy
 from .policies.etag import EtagPolicy
+from .policies.idempotency import IdempotencyPolicy
 from .proxy import ProxyHandler
 from .routing import RouteTable
 from .stores.dedup import DedupService
@@ -72,6 +73,8 @@ def build_policies(route: RouteConfig, cache: CacheService, dedup: DedupService
     policies: list[Policy] = []
     if route.etag:
         policies.append(EtagPolicy())
+    if route.idempotency is not None:
+        policies.append(IdempotencyPolicy(route.name, route.idempotency, dedup))
     if route.dedup is not None:
         policies.append(DedupPolicy(route.name, route.dedup, dedup))
     if route.cache is not None:

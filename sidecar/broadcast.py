@@ -42,6 +42,8 @@ class Broadcast:
         self.on_closed: Callable[[], None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._finished = asyncio.Event()
+        # While this says no, nothing is dropped: readers are still on their way to register.
+        self.may_trim: Callable[[], bool] | None = None
 
     @property
     def joinable(self) -> bool:
@@ -119,7 +121,13 @@ class Broadcast:
         self._needed[index - self._base] -= 1
         self._trim()
 
+    def retrim(self) -> None:
+        """Drop what every reader has taken, now that `may_trim` may have changed its mind."""
+        self._trim()
+
     def _trim(self) -> None:
+        if self.may_trim is not None and not self.may_trim():
+            return
         dropped = False
         while self._needed and self._needed[0] <= 0:
             self._buffered -= len(self._chunks[0])

@@ -57,3 +57,31 @@ class UpstreamUnavailableError(UpstreamError):
 
     status = 503
     code = "upstream_busy"
+
+
+class IdempotencyKeyInvalidError(BadRequestError):
+    """The Idempotency-Key header is empty, repeated or too long to be a key."""
+
+    status = 400
+    code = "idempotency_key_invalid"
+
+
+class IdempotencyConflictError(SidecarError):
+    """The first request with this key is still in flight, or its response cannot be replayed."""
+
+    status = 409
+    code = "idempotency_key_in_use"
+
+
+class IdempotencyMismatchError(SidecarError):
+    """The key was first used for another request (method, target or body differ)."""
+
+    status = 422
+    code = "idempotency_key_reused"
+
+
+class IdempotencyBodyTooLargeError(SidecarError):
+    """The body is read whole to fingerprint it; past the configured bound it is refused."""
+
+    status = 413
+    code = "request_body_too_large"

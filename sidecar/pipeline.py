@@ -13,6 +13,7 @@ The canonical order, outermost first (later policies slot into it; a config cann
 from __future__ import annotations
 
 import functools
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
@@ -85,11 +86,51 @@ class ProxyResponse:
         self.wire = wire
         self.etag = etag  # known ETag, so later policies need not search the headers
 
+    async def read_whole(self, limit: int) -> bytes | None:
+        """The whole body when it is at most `limit` bytes (a streamed one is read into
+        `body`); else None, and the response still streams from its first byte."""
+        if self.body is not None:
+            return self.body if len(self.body) <= limit else None
+        stream = self.stream
+        assert stream is not None
+        for name, value in self.headers:
+            if name.lower() == b"content-length":
+                if not (value.isascii() and value.isdigit()) or int(value) > limit:
+                    return None
+                break
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := await stream.read():
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                self.stream = _Prefixed(chunks, stream)  # type: ignore[assignment]
+                return None
+        body = self.body = b"".join(chunks)
+        self.stream = None
+        return body
+
     @classmethod
     def from_upstream(cls, response: UpstreamResponse) -> ProxyResponse:
         if response.complete:
             return cls(response.status, response.reason, response.headers, body=response.body)
         return cls(response.status, response.reason, response.headers, stream=response)
+
+
+class _Prefixed:
+    """A response body already partly read into memory, then the rest from the upstream."""
+
+    def __init__(self, chunks: list[bytes], rest: UpstreamResponse) -> None:
+        self._chunks = deque(chunks)
+        self._rest = rest
+
+    async def read(self) -> bytes:
+        if self._chunks:
+            return self._chunks.popleft()
+        return await self._rest.read()
+
+    def close(self) -> None:
+        self._rest.close()
 
 
 Handler = Callable[[ProxyRequest], Awaitable[ProxyResponse]]

@@ -6,6 +6,7 @@ both ways, and the one place where SidecarError becomes an HTTP response.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import os
@@ -286,6 +287,9 @@ class ProxyHandler:
                 request.transport.abort()
         except ConnectionError:
             stream.close()  # the client went away
+        except asyncio.CancelledError:
+            stream.close()  # a shared body must not wait for a reader that is gone
+            raise
         return response, sent
 
     @staticmethod

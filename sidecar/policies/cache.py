@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections import deque
 from collections.abc import Mapping
 
 from ..config import CacheConfig
@@ -72,22 +71,6 @@ def rewrite_head(head: bytes, drop: frozenset[bytes], add: list[bytes]) -> bytes
             continue
         kept.append(line)
     return b"\r\n".join(kept + add) + b"\r\n\r\n"
-
-
-class _Prefixed:
-    """A response body already partly read into memory, then the rest from the upstream."""
-
-    def __init__(self, chunks: list[bytes], rest: object) -> None:
-        self._chunks = deque(chunks)
-        self._rest = rest
-
-    async def read(self) -> bytes:
-        if self._chunks:
-            return self._chunks.popleft()
-        return await self._rest.read()  # type: ignore[attr-defined,no-any-return]
-
-    def close(self) -> None:
-        self._rest.close()  # type: ignore[attr-defined]
 
 
 class CachePolicy:
@@ -326,40 +309,14 @@ class CachePolicy:
         )
         if reason is not None:
             return None, reason
-        if response.body is None:
-            body = await self._buffer(response)
-            if body is None:
-                return None, "too-large"
-        else:
-            body = response.body
-        if len(body) > self.max_entry:
+        body = await response.read_whole(self.max_entry)
+        if body is None:
             return None, "too-large"
         response_time = time.time()
         entry = self._entry(request, response.status, response.reason, raw, body, primary,
                             target, response_cc, expires_raw, vary, request_time, response_time)
         self._put(entry)
         return entry, "stored"
-
-    async def _buffer(self, response: ProxyResponse) -> bytes | None:
-        """Read a streamed body if it fits in an entry; else leave it streaming, unstored."""
-        stream = response.stream
-        assert stream is not None
-        declared = get_header(response.headers, b"content-length")
-        if declared is not None and (
-                not (declared.isascii() and declared.isdigit()) or int(declared) > self.max_entry):
-            return None
-        chunks: list[bytes] = []
-        size = 0
-        while chunk := await stream.read():
-            chunks.append(chunk)
-            size += len(chunk)
-            if size > self.max_entry:
-                response.stream = _Prefixed(chunks, stream)  # type: ignore[assignment]
-                return None
-        body = b"".join(chunks)
-        response.body = body
-        response.stream = None
-        return body
 
     def _entry(self, request: ProxyRequest, status: int, reason: str, raw: RawHeaders,
                body: bytes, primary: str, target: str, response_cc: Directives,

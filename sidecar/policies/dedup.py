@@ -22,7 +22,7 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..broadcast import Broadcast, Reader
+from ..broadcast import Broadcast
 from ..core.cachekey import normalize_target, primary_key, vary_names, vary_values
 from ..core.freshness import parse_cache_control
 from ..pipeline import Handler, ProxyRequest, ProxyResponse
@@ -64,10 +64,11 @@ class FlightAbandoned(Exception):
 
 
 class Flight:
-    __slots__ = ("future", "joinable", "key", "task")
+    __slots__ = ("future", "joinable", "key", "pending", "task")
 
     def __init__(self, key: str) -> None:
         self.key = key
+        self.pending = 0  # receivers that joined and have not yet taken their copy
         self.future: asyncio.Future[Shared] = asyncio.get_running_loop().create_future()
         self.joinable = True
         self.task: asyncio.Task[None] | None = None
@@ -146,6 +147,7 @@ class DedupPolicy:
             assert response.stream is not None
             broadcast = Broadcast(response.stream, collect_up_to=collect_up_to)
             broadcast.on_closed = lambda: self._land(flight)
+            broadcast.may_trim = lambda: flight.pending == 0
         return Shared(
             status=response.status, reason=response.reason, headers=tuple(raw),
             body=response.body, broadcast=broadcast, wire=response.wire, etag=response.etag,
@@ -276,41 +278,46 @@ class DedupPolicy:
 
     async def _receive(self, flight: Flight, request: ProxyRequest, call_next: Handler, *,
                        follower: bool) -> ProxyResponse:
-        reader: Reader | None = None
+        flight.pending += 1
+        shared: Shared | None = None
         try:
             try:
                 async with asyncio.timeout(self.config.wait if follower else None):
                     shared = await asyncio.shield(flight.future)
             except TimeoutError:
                 self.counts[(self.route, "wait_expired")] += 1
-                return await call_next(request)
             except FlightAbandoned:
-                return await call_next(request)
-            follower = follower or shared.remote
-            if follower and not self._may_share(shared, request):
-                self.counts[(self.route, "not_shared")] += 1
-                return await call_next(request)
-            headers = list(shared.headers)
-            wire = shared.wire
-            if follower:
-                headers.append(FOLLOWER)
-                wire = wire + _FOLLOWER_WIRE if wire is not None else None
-            if shared.broadcast is None:
-                return ProxyResponse(shared.status, shared.reason, headers, body=shared.body,
-                                     wire=wire, etag=shared.etag)
-            broadcast = shared.broadcast
-            if not broadcast.joinable:  # too late to see the first bytes: ask for ourselves
-                self.counts[(self.route, "late")] += 1
-                return await call_next(request)
-            reader = broadcast.reader()
-            response = ProxyResponse(shared.status, shared.reason, headers,
-                                     stream=reader,  # type: ignore[arg-type]
-                                     etag=shared.etag)
-            reader = None
-            return response
+                pass
+            response = self._copy(shared, request, follower) if shared is not None else None
         finally:
-            if reader is not None:
-                reader.close()
+            flight.pending -= 1
+            if shared is not None and shared.broadcast is not None:
+                shared.broadcast.retrim()
+        return response if response is not None else await call_next(request)
+
+    def _copy(self, shared: Shared, request: ProxyRequest, follower: bool
+              ) -> ProxyResponse | None:
+        """This request's own copy of the flight's response; None when it must ask for
+        itself (privacy, Vary, or a streamed body that has moved on)."""
+        follower = follower or shared.remote
+        if follower and not self._may_share(shared, request):
+            self.counts[(self.route, "not_shared")] += 1
+            return None
+        headers = list(shared.headers)
+        wire = shared.wire
+        if follower:
+            headers.append(FOLLOWER)
+            wire = wire + _FOLLOWER_WIRE if wire is not None else None
+        broadcast = shared.broadcast
+        if broadcast is None:
+            return ProxyResponse(shared.status, shared.reason, headers, body=shared.body,
+                                 wire=wire, etag=shared.etag)
+        if not broadcast.joinable:
+            self.counts[(self.route, "late")] += 1
+            return None
+        return ProxyResponse(shared.status, shared.reason, headers,
+                             stream=broadcast.reader(),  # type: ignore[arg-type]
+                             etag=shared.etag)
 
     def _may_share(self, shared: Shared, request: ProxyRequest) -> bool:
         if shared.set_cookie or shared.vary_star:
