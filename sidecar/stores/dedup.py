@@ -119,7 +119,7 @@ class DedupService:
 
     def redis_failed(self, exc: BaseException) -> None:
         if self.redis_up:
-            log.warning("redis unavailable; dedup works per worker and Idempotency-Key is not enforced",
+            log.warning("redis unavailable; dedup works per worker, Idempotency-Key unenforced",
                         extra={"error": str(exc) or type(exc).__name__})
         self.redis_up = False
 
