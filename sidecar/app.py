@@ -75,10 +75,10 @@ def build_policies(route: RouteConfig, cache: CacheService, dedup: DedupService
         policies.append(EtagPolicy())
     if route.idempotency is not None:
         policies.append(IdempotencyPolicy(route.name, route.idempotency, dedup))
-    if route.dedup is not None:
-        policies.append(DedupPolicy(route.name, route.dedup, dedup))
     if route.cache is not None:
         policies.append(CachePolicy(route.name, route.cache, cache, generate_etag=route.etag))
+    if route.dedup is not None:
+        policies.append(DedupPolicy(route.name, route.dedup, dedup))
     return policies
 
 

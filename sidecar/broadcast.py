@@ -148,8 +148,15 @@ class Broadcast:
             self._needed[i] -= 1
         self._trim()
         self._space.set()
-        if not self._readers and self._task is not None and not self._task.done():
-            self._task.cancel()
+        if not self._readers and not self._finished.is_set():
+            # Nobody left to read: let go of the upstream now, and take no new readers (a
+            # pump cancelled before its first step would never run its own clean-up).
+            self.error = ConnectionResetError("every reader left")
+            self.collected = None
+            self._source.close()
+            self._close()
+            if self._task is not None:
+                self._task.cancel()
 
 
 class Reader:

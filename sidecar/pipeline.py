@@ -6,8 +6,11 @@ Chains are built once per route when a config loads, never per request.
 
 The canonical order, outermost first (later policies slot into it; a config cannot reorder it):
 
-    metrics -> rate_limit -> etag -> idempotency -> dedup -> cache -> offload -> breaker
+    metrics -> rate_limit -> etag -> idempotency -> cache -> dedup -> offload -> breaker
     -> retry -> timeout -> upstream
+
+The cache sits outside dedup: a hit never waits for a flight; misses and revalidations are
+coalesced, and only the leader's response is stored.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ if TYPE_CHECKING:
     from .upstream import Body, RawHeaders, UpstreamResponse
 
 CANONICAL_ORDER = (
-    "metrics", "rate_limit", "etag", "idempotency", "dedup", "cache", "offload", "breaker",
+    "metrics", "rate_limit", "etag", "idempotency", "cache", "dedup", "offload", "breaker",
     "retry", "timeout",
 )
 

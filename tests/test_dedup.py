@@ -4,6 +4,7 @@ real clients, one or two sidecar instances."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import signal
 import time
@@ -316,3 +317,113 @@ async def test_unlisted_methods_and_bodies_are_not_coalesced(sidecar_factory, or
         gate.open.set()
         assert await asyncio.gather(*posts) == [200, 200, 200]
     assert await dedup_events(sidecar.admin_url, "leader") == 0
+
+
+async def test_credentials_left_out_of_the_key_are_never_coalesced(sidecar_factory, origin,
+                                                                   redis_url):
+    gate = Gate()
+
+    async def page(request: web.Request, n: int) -> web.Response:
+        await gate.open.wait()
+        return web.Response(text="page of " + request.headers.get("Authorization", "nobody"))
+
+    origin.script("/me", page)
+    sidecar = await sidecar_factory(dedup_config(origin, redis_url,
+                                                 key={"headers": ["Accept-Language"]}))
+    alice = asyncio.ensure_future(get_all([sidecar.url + "/me"],
+                                          headers={"Authorization": "alice"}))
+    bob = asyncio.ensure_future(get_all([sidecar.url + "/me"], headers={"Authorization": "bob"}))
+    await until(lambda: origin_called(origin, "/me", 2))
+    gate.open.set()
+    assert (await alice)[0][1] == b"page of alice"
+    assert (await bob)[0][1] == b"page of bob"
+
+
+async def test_a_client_leaving_before_a_streamed_answer_does_not_wedge_the_key(
+        sidecar_factory, origin, redis_url):
+    gate = Gate()
+    body = b"s" * (1024 * 1024)
+
+    async def big(request: web.Request, n: int) -> web.Response:
+        if n == 1:
+            await gate.open.wait()
+        return web.Response(body=body)
+
+    origin.script("/big", big)
+    sidecar = await sidecar_factory(dedup_config(origin, redis_url))
+    async with aiohttp.ClientSession() as session:
+        with contextlib.suppress(TimeoutError):
+            async with session.get(sidecar.url + "/big",
+                                   timeout=aiohttp.ClientTimeout(total=0.3)):
+                pass
+    gate.open.set()
+    await asyncio.sleep(0.2)
+    (status, got, _), = await asyncio.wait_for(get_all([sidecar.url + "/big"]), 5)
+    assert status == 200 and got == body
+
+
+async def test_a_new_flight_never_gets_the_previous_flights_result(sidecar_factory, origin,
+                                                                   redis_url):
+    gate = Gate()
+
+    async def answer(request: web.Request, n: int) -> web.Response:
+        if n == 2:
+            await gate.open.wait()
+        return web.Response(text=f"answer {n}", headers={"Cache-Control": "no-store"})
+
+    origin.script("/n", answer)
+    one = await sidecar_factory(dedup_config(origin, redis_url, scope="cluster"), "one.yaml")
+    two = await sidecar_factory(dedup_config(origin, redis_url, scope="cluster"), "two.yaml")
+    assert (await get_all([one.url + "/n"], headers=SHOP))[0][1] == b"answer 1"
+    second = asyncio.ensure_future(get_all([one.url + "/n"], headers=SHOP))
+    await until(lambda: origin_called(origin, "/n", 2))
+    third = asyncio.ensure_future(get_all([two.url + "/n"], headers=SHOP))
+    await until(lambda: dedup_events_is(two, "leader", 1))
+    await asyncio.sleep(0.1)
+    gate.open.set()
+    assert (await second)[0][1] == b"answer 2"
+    assert (await third)[0][1] == b"answer 2"
+    assert origin.calls["/n"] == 2
+
+
+async def test_vary_is_checked_against_the_remote_leaders_request(sidecar_factory, origin,
+                                                                  redis_url):
+    gate = Gate()
+
+    async def varied(request: web.Request, n: int) -> web.Response:
+        await gate.open.wait()
+        return web.Response(text=request.headers.get("Accept-Encoding", "none"),
+                            headers={"Vary": "Accept-Encoding"})
+
+    origin.script("/v", varied)
+    one = await sidecar_factory(dedup_config(origin, redis_url, scope="cluster"), "one.yaml")
+    two = await sidecar_factory(dedup_config(origin, redis_url, scope="cluster"), "two.yaml")
+    gzip = asyncio.ensure_future(get_all([one.url + "/v"],
+                                         headers={**SHOP, "Accept-Encoding": "gzip"}))
+    await until(lambda: origin_called(origin, "/v", 1))
+    brotli = asyncio.ensure_future(get_all([two.url + "/v"],
+                                           headers={**SHOP, "Accept-Encoding": "br"}))
+    await until(lambda: dedup_events_is(two, "leader", 1))
+    await asyncio.sleep(0.1)
+    gate.open.set()
+    assert (await gzip)[0][1] == b"gzip"
+    assert (await brotli)[0][1] == b"br"
+
+
+async def test_with_the_cache_a_burst_of_misses_is_one_call_and_hits_skip_dedup(
+        sidecar_factory, origin, redis_url):
+    gate = Gate()
+    origin.script("/p", gate.replying(b"product", {"Cache-Control": "max-age=60"}))
+    sidecar = await sidecar_factory(dedup_config(origin, redis_url,
+                                                 route={"cache": {"ttl": "60s"}}))
+    burst = asyncio.ensure_future(get_all([sidecar.url + "/p"] * 50))
+    await until(lambda: dedup_events_is(sidecar, "follower", 49))
+    gate.open.set()
+    assert {(status, body) for status, body, _ in await burst} == {(200, b"product")}
+    assert origin.calls["/p"] == 1
+    async with aiohttp.ClientSession() as session, session.get(sidecar.url + "/p") as hit:
+        assert hit.headers["Cache-Status"].startswith("sidecar; hit")
+        assert "X-Sidecar-Dedup" not in hit.headers
+    assert await dedup_events(sidecar.admin_url, "leader") == 1
+    stats = sidecar.runtime.cache.counts
+    assert stats[("api", "memory", "store")] == 1

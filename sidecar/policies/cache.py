@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from ..config import CacheConfig
 from ..core.cachekey import normalize_target, primary_key, vary_names, vary_values
@@ -53,7 +53,7 @@ _CONDITIONALS = frozenset({b"if-none-match", b"if-modified-since", b"if-match",
                            b"if-unmodified-since", b"if-range"})
 
 
-def get_header(headers: RawHeaders, lname: bytes) -> str | None:
+def get_header(headers: Sequence[tuple[bytes, bytes]], lname: bytes) -> str | None:
     values = [v for n, v in headers if n.lower() == lname]
     if not values:
         return None
@@ -293,6 +293,8 @@ class CachePolicy:
                      target: str, request_cc: Directives, request_time: float
                      ) -> tuple[CachedResponse | None, str]:
         raw = response.headers
+        if get_header(raw, b"x-sidecar-dedup") is not None:
+            return None, "coalesced"  # a copy of a flight's response: its leader stores it
         response_cc = parse_cache_control(get_header(raw, b"cache-control"))
         expires_raw = get_header(raw, b"expires")
         vary = get_header(raw, b"vary")

@@ -26,17 +26,19 @@ from ..broadcast import Broadcast
 from ..core.cachekey import normalize_target, primary_key, vary_names, vary_values
 from ..core.freshness import parse_cache_control
 from ..pipeline import Handler, ProxyRequest, ProxyResponse
-from ..stores.dedup import REDIS_ERRORS, TOO_LARGE, DedupService, SharedResult
+from ..stores.dedup import REDIS_ERRORS, DedupService, SharedResult
 from .cache import get_header
 
 if TYPE_CHECKING:
     from ..config import DedupConfig
 
 log = logging.getLogger("sidecar.dedup")
+_LEAD = object()
 
 FOLLOWER = (b"X-Sidecar-Dedup", b"follower")
 _FOLLOWER_WIRE = b"X-Sidecar-Dedup: follower\r\n"
-_CONDITIONALS = ("If-None-Match", "If-Modified-Since", "If-Match", "If-Unmodified-Since")
+_CONDITIONALS = frozenset({b"if-none-match", b"if-modified-since", b"if-match",
+                           b"if-unmodified-since", b"if-range"})
 _CREDENTIALS = frozenset({"authorization", "cookie"})
 
 
@@ -80,14 +82,19 @@ class DedupPolicy:
         self.config = config
         self.service = service
         self.methods = frozenset(config.methods)
-        self.key_headers = (*config.key.headers, *_CONDITIONALS)
-        self.credentials_keyed = {h.lower() for h in config.key.headers} >= _CREDENTIALS
+        self.key_headers = tuple(config.key.headers)
+        keyed = {h.lower() for h in config.key.headers}
+        self.credentials_keyed = keyed >= _CREDENTIALS
+        # Credentials left out of the key: requests carrying them are not coalesced at all,
+        # or one caller would get a response meant for another.
+        self.unkeyed_credentials = tuple(sorted(_CREDENTIALS - keyed))
         self.counts = service.counts
 
     async def handle(self, request: ProxyRequest, call_next: Handler) -> ProxyResponse:
         headers = request.web.headers
         if (request.method not in self.methods or request.body is not None
-                or "Range" in headers):
+                or "Range" in headers
+                or any(name in headers for name in self.unkeyed_credentials)):
             return await call_next(request)
         key = self._key(request)
         flights = self.service.flights
@@ -104,9 +111,14 @@ class DedupPolicy:
         web = request.web
         target = normalize_target(web.raw_path, self.config.key.query)
         raw = primary_key(web.host, target, web.headers, self.key_headers, ())
-        digest = hashlib.sha256(f"{self.route}\n{request.method}\n{raw}".encode(
-            "utf-8", "surrogateescape")).hexdigest()
-        return digest
+        digest = hashlib.sha256(f"{self.route}\n{request.method}\n{raw}\n".encode(
+            "utf-8", "surrogateescape"))
+        # Conditionals as they go upstream (the client's, or the cache's validators when it
+        # revalidates): a 304 goes only to requests that asked the same question.
+        for line in request.head.split(b"\r\n")[1:]:
+            if line[:3].lower() == b"if-" and line.split(b":", 1)[0].lower() in _CONDITIONALS:
+                digest.update(line.lower() + b"\n")
+        return digest.hexdigest()
 
     # -- the flight -----------------------------------------------------------------------------
 
@@ -158,25 +170,36 @@ class DedupPolicy:
 
     async def _fly_cluster(self, flight: Flight, request: ProxyRequest,
                            call_next: Handler) -> Shared:
-        """Lead across instances, or wait for the instance that does; take over if it dies."""
+        """Lead across instances, or take the result of the instance that does."""
+        token = os.urandom(12).hex()
+        outcome = await self._coordinate(flight.key, token)
+        if outcome is _LEAD:
+            return await self._lead_cluster(flight, request, call_next, token)
+        if isinstance(outcome, SharedResult):
+            self.counts[(self.route, "cluster_follower")] += 1
+            return self._from_result(outcome, request)
+        return self._share(flight, await call_next(request), request)
+
+    async def _coordinate(self, key: str, token: str) -> SharedResult | object | None:
+        """_LEAD, another instance's result, or None: call the upstream without coordination
+        (Redis failed, `wait` ran out, or the result cannot be shared)."""
         service = self.service
         config = self.config
         loop = asyncio.get_running_loop()
         deadline = loop.time() + config.wait
-        token = os.urandom(12).hex()
-        key = flight.key
         try:
             while True:
                 woken = service.waiter(key)
                 try:
-                    if await service.try_lead(key, token, config.lease):
-                        return await self._lead_cluster(flight, request, call_next, token)
-                    result = await service.result(key)
+                    holder = await service.lead_or_holder(key, token, config.lease)
+                    if holder is None:
+                        return _LEAD
+                    result = await service.result(key, holder)
                     if result is None:
                         remaining = deadline - loop.time()
                         if remaining <= 0:
                             self.counts[(self.route, "wait_expired")] += 1
-                            return self._share(flight, await call_next(request), request)
+                            return None
                         try:
                             async with asyncio.timeout(min(remaining, config.lease / 2)):
                                 await asyncio.shield(woken)
@@ -184,19 +207,15 @@ class DedupPolicy:
                             if not await service.lock_held(key):
                                 self.counts[(self.route, "takeover")] += 1
                             continue
-                        result = await service.result(key)
+                        result = await service.result(key, holder)
                         if result is None:
                             continue  # the leader failed, or this worker lost its subscription
                 finally:
                     service.forget(key, woken)
-                if result == TOO_LARGE:
-                    return self._share(flight, await call_next(request), request)
-                assert isinstance(result, SharedResult)
-                self.counts[(self.route, "cluster_follower")] += 1
-                return self._from_result(result, request)
+                return result if isinstance(result, SharedResult) else None
         except REDIS_ERRORS as exc:
             service.redis_failed(exc)
-            return self._share(flight, await call_next(request), request)
+            return None
 
     async def _lead_cluster(self, flight: Flight, request: ProxyRequest, call_next: Handler,
                             token: str) -> Shared:
@@ -211,11 +230,16 @@ class DedupPolicy:
             service.spawn(self._release(key, token, wake=True))
             raise
         shared = self._share(flight, response, request, collect_up_to=self.config.max_body)
-        if shared.broadcast is None:
+        declared = get_header(shared.headers, b"content-length")
+        if (not self._shareable(shared) or shared.broadcast is None or (
+                declared is not None and declared.isdigit()
+                and int(declared) > self.config.max_body)):
+            # Answer the other instances now: with the result, or with "ask for yourselves".
             renewing.cancel()
             result = None
-            if shared.body is not None and len(shared.body) <= self.config.max_body:
-                result = SharedResult(shared.status, shared.reason, shared.headers, shared.body)
+            if (self._shareable(shared) and shared.body is not None
+                    and len(shared.body) <= self.config.max_body):
+                result = self._result(shared)
             service.spawn(self._publish(key, token, result))
         else:
             broadcast = shared.broadcast
@@ -228,26 +252,39 @@ class DedupPolicy:
                 collected = broadcast.collected
                 result = None
                 if broadcast.done and collected is not None:
-                    result = SharedResult(shared.status, shared.reason, shared.headers,
-                                          b"".join(collected))
+                    result = self._result(shared, b"".join(collected))
                 await self._publish(key, token, result)
 
             service.spawn(publish_when_read())
         return shared
 
+    def _result(self, shared: Shared, body: bytes | None = None) -> SharedResult:
+        body = shared.body if body is None else body
+        assert body is not None
+        return SharedResult(shared.status, shared.reason, shared.headers, body,
+                            shared.vary_values)
+
     async def _renew(self, key: str, token: str) -> None:
+        """Keep the lock while the upstream call runs; a Redis hiccup is retried until the
+        lease would have lapsed anyway."""
         lease = self.config.lease
+        loop = asyncio.get_running_loop()
+        renewed = loop.time()
         while True:
             await asyncio.sleep(lease / 3)
             try:
                 if not await self.service.renew(key, token, lease):
+                    self.counts[(self.route, "lease_lost")] += 1
                     return
+                renewed = loop.time()
             except REDIS_ERRORS:
-                return
+                if loop.time() - renewed > lease:
+                    self.counts[(self.route, "lease_lost")] += 1
+                    return
 
     async def _publish(self, key: str, token: str, result: SharedResult | None) -> None:
         try:
-            await self.service.publish(key, result)
+            await self.service.publish(key, token, result)
         except REDIS_ERRORS as exc:
             self.service.redis_failed(exc)
         await self._release(key, token, wake=False)
@@ -271,7 +308,7 @@ class DedupPolicy:
             body=result.body, broadcast=None, wire=None, etag=etag,
             set_cookie=get_header(raw, b"set-cookie") is not None,
             private="private" in cache_control, vary=names,
-            vary_values=vary_values(names, request.web.headers),
+            vary_values=result.vary_values,
             vary_star=vary is not None and "*" in vary, remote=True)
 
     # -- receiving ------------------------------------------------------------------------------
@@ -319,10 +356,14 @@ class DedupPolicy:
                              stream=broadcast.reader(),  # type: ignore[arg-type]
                              etag=shared.etag)
 
-    def _may_share(self, shared: Shared, request: ProxyRequest) -> bool:
+    def _shareable(self, shared: Shared) -> bool:
+        """May this response go to any other request with the same key (Vary aside)?"""
         if shared.set_cookie or shared.vary_star:
             return False
-        if shared.private and not self.credentials_keyed:
+        return not shared.private or self.credentials_keyed
+
+    def _may_share(self, shared: Shared, request: ProxyRequest) -> bool:
+        if not self._shareable(shared):
             return False
         return not shared.vary or vary_values(shared.vary, request.web.headers) == (
             shared.vary_values)

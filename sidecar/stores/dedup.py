@@ -17,7 +17,7 @@ import struct
 from collections import Counter
 from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 import orjson
 import redis.asyncio as aioredis
@@ -25,22 +25,25 @@ from redis.exceptions import RedisError
 
 from ..aio import cancel_and_wait
 
-if TYPE_CHECKING:
-    from ..upstream import RawHeaders
-
 log = logging.getLogger("sidecar.dedup")
 REDIS_ERRORS = (RedisError, OSError, TimeoutError)
 
 PREFIX = "sidecar:dedup:"
 CHANNEL = PREFIX + "done"
 RESULT_TTL_MS = 30_000  # followers read the result right after the publication
-TOO_LARGE = b"too-large"  # published instead of a result the leader could not share
+NOT_SHARED = b"not-shared"  # published instead of a result followers may not have
 
 # Delete the lock only if this leader still holds it (a lease that expired may be someone
 # else's by now).
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
+"""
+# Take the lock, or say who holds it, in one step: a leader that releases in between cannot
+# leave a follower without either.
+_LEAD = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+return redis.call('GET', KEYS[1]) or 1
 """
 _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
@@ -56,11 +59,13 @@ class SharedResult:
     reason: str
     headers: tuple[tuple[bytes, bytes], ...]
     body: bytes
+    vary_values: tuple[str | None, ...] = ()  # the leader's, for the Vary'd request headers
 
     def pack(self) -> bytes:
         meta = orjson.dumps({"s": self.status, "r": self.reason,
                              "h": [[n.decode("latin-1"), v.decode("latin-1")]
-                                   for n, v in self.headers]})
+                                   for n, v in self.headers],
+                             "vv": self.vary_values})
         return struct.pack("!I", len(meta)) + meta + self.body
 
     @classmethod
@@ -68,11 +73,7 @@ class SharedResult:
         (length,) = struct.unpack_from("!I", data)
         meta = orjson.loads(data[4:4 + length])
         headers = tuple((n.encode("latin-1"), v.encode("latin-1")) for n, v in meta["h"])
-        return cls(meta["s"], meta["r"], headers, data[4 + length:])
-
-    @classmethod
-    def of(cls, status: int, reason: str, headers: RawHeaders, body: bytes) -> SharedResult:
-        return cls(status, reason, tuple(headers), body)
+        return cls(meta["s"], meta["r"], headers, data[4 + length:], tuple(meta["vv"]))
 
 
 class DedupService:
@@ -87,6 +88,7 @@ class DedupService:
         self._listener_client: aioredis.Redis | None = None
         self._subscribed = asyncio.Event()
         self._release: Any = None
+        self._lead: Any = None
         self._renew: Any = None
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -94,6 +96,7 @@ class DedupService:
     def attach(self, client: aioredis.Redis, listener: aioredis.Redis) -> None:
         self.redis = client
         self._release = client.register_script(_RELEASE)
+        self._lead = client.register_script(_LEAD)
         self._renew = client.register_script(_RENEW)
         self._listener_client = listener
         self._listener = asyncio.create_task(self._listen(listener), name="dedup-listener")
@@ -139,10 +142,10 @@ class DedupService:
             if not waiters:
                 del self._waiters[key]
 
-    async def try_lead(self, key: str, token: str, lease: float) -> bool:
-        assert self.redis is not None
-        return bool(await self.redis.set(PREFIX + "lock:" + key, token, nx=True,
-                                         px=int(lease * 1000)))
+    async def lead_or_holder(self, key: str, token: str, lease: float) -> str | None:
+        """Take the lock (None), or learn which leader's token holds it."""
+        holder = await self._lead(keys=[PREFIX + "lock:" + key], args=[token, int(lease * 1000)])
+        return None if holder == 1 else cast(bytes, holder).decode()
 
     async def lock_held(self, key: str) -> bool:
         assert self.redis is not None
@@ -155,12 +158,13 @@ class DedupService:
     async def release(self, key: str, token: str) -> None:
         await self._release(keys=[PREFIX + "lock:" + key], args=[token])
 
-    async def publish(self, key: str, result: SharedResult | None) -> None:
-        """Store the result (None: too large to share) and wake every instance's followers."""
+    async def publish(self, key: str, token: str, result: SharedResult | None) -> None:
+        """Store this leader's result (None: followers must ask for themselves) and wake every
+        instance's followers."""
         assert self.redis is not None
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.set(PREFIX + "result:" + key,
-                     result.pack() if result is not None else TOO_LARGE, px=RESULT_TTL_MS)
+            pipe.set(PREFIX + "result:" + key + ":" + token,
+                     result.pack() if result is not None else NOT_SHARED, px=RESULT_TTL_MS)
             pipe.publish(CHANNEL, key)
             await pipe.execute()
 
@@ -169,11 +173,11 @@ class DedupService:
         assert self.redis is not None
         await self.redis.publish(CHANNEL, key)
 
-    async def result(self, key: str) -> SharedResult | bytes | None:
-        """The published result, TOO_LARGE, or None when there is none (yet)."""
+    async def result(self, key: str, token: str) -> SharedResult | bytes | None:
+        """What the leader holding `token` published: a result, NOT_SHARED, or None (yet)."""
         assert self.redis is not None
-        data = cast("bytes | None", await self.redis.get(PREFIX + "result:" + key))
-        if data is None or data == TOO_LARGE:
+        data = cast("bytes | None", await self.redis.get(PREFIX + "result:" + key + ":" + token))
+        if data is None or data == NOT_SHARED:
             return data
         return SharedResult.unpack(data)
 
@@ -187,7 +191,7 @@ class DedupService:
                     if message.get("type") != "message":
                         continue
                     data = message["data"]
-                    key = data.decode() if isinstance(data, bytes) else str(data)
+                    key = data.decode("latin-1") if isinstance(data, bytes) else str(data)
                     for future in self._waiters.pop(key, ()):
                         if not future.done():
                             future.set_result(None)
@@ -198,6 +202,8 @@ class DedupService:
                 raise
             except REDIS_ERRORS as exc:
                 self.redis_failed(exc)
+            except Exception:
+                log.exception("dedup listener failed; restarting it")
             self._subscribed.clear()
             # Followers waiting here would miss publications: wake them to look for themselves.
             for waiters in self._waiters.values():
