@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp import web
 from conftest import InProcessSidecar, Origin, SidecarProcess, free_port, make_config
 
@@ -427,3 +428,34 @@ async def test_with_the_cache_a_burst_of_misses_is_one_call_and_hits_skip_dedup(
     assert await dedup_events(sidecar.admin_url, "leader") == 1
     stats = sidecar.runtime.cache.counts
     assert stats[("api", "memory", "store")] == 1
+
+
+@pytest.mark.parametrize("size", [1024, BIG], ids=["1KiB", "10MiB"])
+async def test_two_sidecar_processes_sharing_redis_send_one_upstream_request(
+        sidecar_process, origin, redis_url, size):
+    gate = Gate()
+    body = bytes(range(256)) * (size // 256)
+    origin.script("/item", gate.replying(body))
+    procs = []
+    for name in ("one.yaml", "two.yaml"):
+        config = dedup_config(origin, redis_url, scope="cluster")
+        config["server"] = {"listen": f"127.0.0.1:{free_port()}",
+                            "admin_listen": f"127.0.0.1:{free_port()}", "workers": 1}
+        procs.append(sidecar_process(config, name))
+    one, two = procs
+    requests = asyncio.ensure_future(get_all(
+        [one.url + "/item"] * 100 + [two.url + "/item"] * 100, headers=SHOP))
+
+    async def all_waiting() -> bool:
+        followers = [await dedup_events(p.admin_url, "follower") for p in procs]
+        leaders = [await dedup_events(p.admin_url, "leader") for p in procs]
+        return followers == [99, 99] and leaders == [1, 1]
+
+    await until(all_waiting, timeout=20)
+    gate.open.set()
+    results = await requests
+    assert origin.calls["/item"] == 1
+    digest = hashlib.sha256(body).hexdigest()
+    assert {(status, hashlib.sha256(got).hexdigest()) for status, got, _ in results} == {
+        (200, digest)}
+    assert [marker for _, _, marker in results].count("follower") == 199
