@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: help setup run test lint bench bench-passthrough bench-cache check clean
+.PHONY: help setup run test lint bench bench-passthrough bench-cache bench-dedup check clean
 
 help:
 	@echo "make run     start the example backend and the sidecar in front of it (:8080, admin :9901)"
@@ -35,7 +35,7 @@ lint: setup
 	$(BIN)/ruff check sidecar tests loadtests
 	$(BIN)/mypy sidecar
 
-bench: bench-passthrough bench-cache
+bench: bench-passthrough bench-cache bench-dedup
 
 bench-passthrough: setup
 	@scripts/ensure-debian-packages nginx wrk
@@ -44,6 +44,10 @@ bench-passthrough: setup
 bench-cache: setup
 	@scripts/ensure-debian-packages nginx wrk
 	$(BIN)/python loadtests/bench/cache_hit.py
+
+bench-dedup: setup
+	@scripts/ensure-debian-packages nginx
+	$(BIN)/python loadtests/bench/dedup.py
 
 clean:
 	rm -rf $(VENV) .sidecar .pytest_cache .ruff_cache

@@ -7,6 +7,7 @@ they import this module as `common`.
 from __future__ import annotations
 
 import ctypes
+import http.client
 import json
 import shutil
 import signal
@@ -140,3 +141,78 @@ def sidecar_process(workdir: Path, name: str, config: dict[str, Any],
         yield
     finally:
         stop(process, signal.SIGTERM)
+
+
+# --- helpers for scripts that run their own origin and redis-server ---------------------------
+
+
+def which(name: str, *fallbacks: str) -> str | None:
+    """`name` on PATH, else the first of `fallbacks` that exists (sbin is not always on PATH)."""
+    found = shutil.which(name)
+    if found:
+        return found
+    return next((path for path in fallbacks if Path(path).exists()), None)
+
+
+def loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+@contextmanager
+def child(args: list[str], log: Path, sig: int = signal.SIGTERM) -> Iterator[None]:
+    """A helper process (origin, redis) that dies with the script in any case; its stderr goes
+    to `log`."""
+    with open(log, "wb") as err:
+        process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                   stderr=err, preexec_fn=die_with_parent)
+    try:
+        yield
+    finally:
+        stop(process, sig)
+
+
+def http_get(port: int, path: str, headers: dict[str, str] | None = None,
+             timeout: float = 5.0) -> tuple[int, dict[str, str], bytes]:
+    """One GET on a fresh connection: status, headers (lower-case names), body."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        conn.close()
+
+
+def redis_ping(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+@contextmanager
+def redis_server(binary: str, workdir: Path, port: int, core: int = 0) -> Iterator[None]:
+    """A throw-away redis-server (no persistence) pinned to `core`, until it answers PING;
+    RuntimeError (with its log) if it does not within 10 s."""
+    log = workdir / "redis.log"
+    with child(["taskset", "-c", str(core), binary, "--port", str(port), "--bind", "127.0.0.1",
+                "--save", "", "--appendonly", "no", "--daemonize", "no", "--dir", str(workdir),
+                "--loglevel", "warning", "--logfile", str(log)], workdir / "redis.err"):
+        deadline = time.monotonic() + 10
+        while not redis_ping(port):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server did not answer on :{port}\n{tail(log)}")
+            time.sleep(0.05)
+        yield
