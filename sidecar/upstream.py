@@ -335,7 +335,12 @@ class _Connection(asyncio.Protocol):
             if body is None:
                 transport.write(head)
             elif isinstance(body, bytes):
-                transport.write(head + body)
+                if chunked:  # the head says Transfer-Encoding: chunked: one chunk, then the end
+                    framed = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body) if body else (
+                        b"0\r\n\r\n")
+                    transport.write(head + framed)
+                else:
+                    transport.write(head + body)
             else:
                 transport.write(head)
                 await self._send_stream(body, chunked, timeout)
