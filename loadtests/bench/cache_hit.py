@@ -27,12 +27,9 @@ harness itself fails. Every process it starts is stopped on exit, on error and o
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -45,14 +42,18 @@ from typing import Any
 
 from common import (
     Result,
-    die_with_parent,
+    child,
     free_port,
+    loadavg,
     nginx,
+    redis_server,
     sidecar_process,
-    stop,
+    tail,
     wait_for_port,
+    which,
     wrk,
 )
+from common import http_get as get
 
 GOAL_RATIO = 0.5
 PATH = "/item"
@@ -89,39 +90,6 @@ class HarnessError(Exception):
     pass
 
 
-def which(name: str, *fallbacks: str) -> str | None:
-    found = shutil.which(name)
-    if found:
-        return found
-    return next((path for path in fallbacks if Path(path).exists()), None)
-
-
-def loadavg() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "unknown"
-
-
-def tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-@contextmanager
-def child(args: list[str], log: Path, sig: int = signal.SIGTERM) -> Iterator[None]:
-    """A helper process (origin, redis) that dies with this script in any case."""
-    with open(log, "wb") as err:
-        process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                   stderr=err, preexec_fn=die_with_parent)
-    try:
-        yield
-    finally:
-        stop(process, sig)
-
-
 @contextmanager
 def log_on_failure(what: str, log: Path) -> Iterator[None]:
     """Adds the tail of `log` to a RuntimeError (nothing listening, wrk output unreadable)."""
@@ -129,16 +97,6 @@ def log_on_failure(what: str, log: Path) -> Iterator[None]:
         yield
     except RuntimeError as exc:
         raise HarnessError(f"{what}: {exc}\n--- {log.name}:\n{tail(log)}") from exc
-
-
-def get(port: int, path: str) -> tuple[int, dict[str, str], bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-    try:
-        conn.request("GET", path)
-        response = conn.getresponse()
-        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
-    finally:
-        conn.close()
 
 
 def warm(port: int, header: str, is_hit: Callable[[str], bool], tries: int = 20) -> str:
@@ -157,29 +115,6 @@ def warm(port: int, header: str, is_hit: Callable[[str], bool], tries: int = 20)
 
 def origin_served(port: int) -> int:
     return int(json.loads(get(port, "/_served")[2])["served"])
-
-
-def redis_ping(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
-@contextmanager
-def redis_server(binary: str, workdir: Path, port: int) -> Iterator[None]:
-    log = workdir / "redis.log"
-    with child(["taskset", "-c", "0", binary, "--port", str(port), "--bind", "127.0.0.1",
-                "--save", "", "--appendonly", "no", "--daemonize", "no", "--dir", str(workdir),
-                "--loglevel", "warning", "--logfile", str(log)], workdir / "redis.err"):
-        deadline = time.monotonic() + 10
-        while not redis_ping(port):
-            if time.monotonic() > deadline:
-                raise HarnessError(f"redis-server did not answer on :{port}\n{tail(log)}")
-            time.sleep(0.05)
-        yield
 
 
 def run(duration: float, connections: int, rounds: int, nginx_bin: str | None,
