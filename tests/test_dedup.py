@@ -42,6 +42,16 @@ class Gate:
 
         return answer
 
+    def echoing_accept_encoding(self) -> Callable[[web.Request, int],
+                                                  Awaitable[web.StreamResponse]]:
+        """Answers with the request's Accept-Encoding, varying on it."""
+        async def answer(request: web.Request, n: int) -> web.StreamResponse:
+            await self.open.wait()
+            return web.Response(text=request.headers.get("Accept-Encoding", "none"),
+                                headers={"Vary": "Accept-Encoding"})
+
+        return answer
+
 
 async def dedup_events(admin_url: str, event: str) -> int:
     async with aiohttp.ClientSession() as session, session.get(
@@ -257,12 +267,7 @@ async def test_a_follower_with_other_vary_values_asks_for_itself(sidecar_factory
                                                                  redis_url):
     gate = Gate()
 
-    async def varied(request: web.Request, n: int) -> web.Response:
-        await gate.open.wait()
-        return web.Response(text=request.headers.get("Accept-Encoding", "none"),
-                            headers={"Vary": "Accept-Encoding"})
-
-    origin.script("/v", varied)
+    origin.script("/v", gate.echoing_accept_encoding())
     sidecar = await sidecar_factory(dedup_config(origin, redis_url))
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:
@@ -391,12 +396,7 @@ async def test_vary_is_checked_against_the_remote_leaders_request(sidecar_factor
                                                                   redis_url):
     gate = Gate()
 
-    async def varied(request: web.Request, n: int) -> web.Response:
-        await gate.open.wait()
-        return web.Response(text=request.headers.get("Accept-Encoding", "none"),
-                            headers={"Vary": "Accept-Encoding"})
-
-    origin.script("/v", varied)
+    origin.script("/v", gate.echoing_accept_encoding())
     one = await sidecar_factory(dedup_config(origin, redis_url, scope="cluster"), "one.yaml")
     two = await sidecar_factory(dedup_config(origin, redis_url, scope="cluster"), "two.yaml")
     gzip = asyncio.ensure_future(get_all([one.url + "/v"],
