@@ -67,9 +67,10 @@ def _upstream_handler(pool: UpstreamPool) -> Handler:
     return call_upstream
 
 
-def build_policies(route: RouteConfig, cache: CacheService, dedup: DedupService
-                   ) -> list[Policy]:
-    """The route's policies in the canonical order of pipeline.CANONICAL_ORDER."""
+def build_policies(route: RouteConfig, upstream: UpstreamConfig, cache: CacheService,
+                   dedup: DedupService) -> list[Policy]:
+    """The route's policies in the canonical order of pipeline.CANONICAL_ORDER. `breaker` and
+    `retry` may be set on the upstream; a route's own setting wins."""
     policies: list[Policy] = []
     if route.etag:
         policies.append(EtagPolicy())
@@ -92,9 +93,12 @@ def build_state(loaded: LoadedConfig, previous: State | None, cache: CacheServic
         pools[name] = old if old is not None and old.config == upstream else UpstreamPool(
             name, upstream)
     routes = RouteTable(config)
-    chains = {route.name: build_chain(build_policies(route.config, cache, dedup),
-                                      _upstream_handler(pools[route.upstream]))
-              for route in routes.routes}
+    chains = {
+        route.name: build_chain(
+            build_policies(route.config, config.upstreams[route.upstream], cache, dedup),
+            _upstream_handler(pools[route.upstream]))
+        for route in routes.routes
+    }
     return State(
         loaded=loaded,
         config=config,

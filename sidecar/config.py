@@ -18,7 +18,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .core.units import parse_duration, parse_size
 
@@ -115,6 +123,88 @@ class RedisConfig(_Model):
         )
 
 
+class BreakerConfig(_Model):
+    failures: int = Field(5, ge=1)  # consecutive failures that open the breaker
+    reset: Duration = Field(30.0, gt=0)  # open -> half-open after this
+    failure_on: list[Literal["5xx", "timeout", "connect"]] = ["5xx", "timeout", "connect"]
+    exclude_status: list[int] = [501]
+    scope: Literal["local", "cluster"] = "local"
+    fallback: Literal["stale", "error"] = "error"
+    half_open_trials: int = Field(1, ge=1)  # requests let through while half-open
+
+
+def _percent(value: object) -> float:
+    """`20%` -> 0.2; a bare number between 0 and 1 is taken as the fraction itself."""
+    if isinstance(value, str) and value.strip().endswith("%"):
+        number = float(value.strip()[:-1])
+        if not 0 <= number <= 100:
+            raise ValueError(f"expected a percentage between 0% and 100%, got {value!r}")
+        return number / 100
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1:
+        return float(value)
+    raise ValueError(f"expected a percentage like '20%', got {value!r}")
+
+
+class RetryConfig(_Model):
+    attempts: int = Field(2, ge=0)  # extra attempts, idempotent methods only
+    backoff: Duration = 0.1  # base of the exponential backoff, with full jitter
+    max_backoff: Duration = 2.0
+    on: list[str] = ["connect", "502", "503", "504"]
+    budget: Annotated[float, BeforeValidator(_percent)] = 0.2
+
+    @model_validator(mode="before")
+    @classmethod
+    def _yaml_on(cls, data: Any) -> Any:
+        # YAML 1.1 reads a bare `on:` key as the boolean true.
+        if isinstance(data, dict) and True in data:
+            data = {("on" if k is True else k): v for k, v in data.items()}
+        return data
+
+    @field_validator("on", mode="before")
+    @classmethod
+    def _check_on(cls, outcomes: Any) -> Any:
+        if not isinstance(outcomes, list):
+            return outcomes
+        outcomes = [str(o) if isinstance(o, int) and not isinstance(o, bool) else o
+                    for o in outcomes]
+        for outcome in outcomes:
+            if not isinstance(outcome, str):
+                raise ValueError(f"retry.on takes 'connect', 'timeout' or 5xx statuses, "
+                                 f"got {outcome!r}")
+            if outcome not in ("connect", "timeout") and not (
+                    outcome.isdigit() and 500 <= int(outcome) <= 599):
+                raise ValueError(
+                    f"retry.on takes 'connect', 'timeout' or 5xx statuses like '503', "
+                    f"got {outcome!r}")
+        return outcomes
+
+
+def _rate(value: object) -> float:
+    """`100/s`, `6000/m`, `10/h` -> tokens per second."""
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*/\s*(s|m|h)\s*", value)
+        if match:
+            per = {"s": 1.0, "m": 60.0, "h": 3600.0}[match.group(2)]
+            rate = float(match.group(1)) / per
+            if rate > 0:
+                return rate
+    raise ValueError(f"expected a rate like '100/s', '6000/m' or '10/h', got {value!r}")
+
+
+class RateLimitConfig(_Model):
+    rate: Annotated[float, BeforeValidator(_rate)]
+    burst: int = Field(ge=1)
+    key: str = "client_ip"  # client_ip | header:<Name> | route
+    scope: Literal["local", "cluster"] = "local"
+
+    @field_validator("key")
+    @classmethod
+    def _check_key(cls, key: str) -> str:
+        if key in ("client_ip", "route") or (key.startswith("header:") and len(key) > 7):
+            return key
+        raise ValueError(f"expected client_ip, route or header:<Name>, got {key!r}")
+
+
 class UpstreamConfig(_Model):
     url: str
     timeout: Duration = 30.0
@@ -123,6 +213,8 @@ class UpstreamConfig(_Model):
     max_idle: int = Field(64, ge=0)
     idle_timeout: Duration = 60.0
     preserve_host: bool = True
+    breaker: BreakerConfig | None = None  # a route's own `breaker` wins
+    retry: RetryConfig | None = None  # a route's own `retry` wins
 
     @field_validator("url")
     @classmethod
@@ -264,6 +356,9 @@ class PolicyKeys(_Model):
     etag: bool = False
     dedup: DedupConfig | None = None
     idempotency: IdempotencyConfig | None = None
+    breaker: BreakerConfig | None = None
+    retry: RetryConfig | None = None
+    rate_limit: RateLimitConfig | None = None
 
 
 class RouteConfig(PolicyKeys):
