@@ -100,6 +100,18 @@ BAD: dict[str, Case] = {
     "bad_duration": Case(edit(BASE, l16="    timeout: soon"), (
         Expect(16, ROUTE0 + r"\.timeout",
                "expected a duration like '30s', '100ms' or '10m', got 'soon'"),)),
+    "bad_rate": Case(edit(BASE, l16="    rate_limit: {rate: lots, burst: 10}"), (
+        Expect(16, ROUTE0 + r"\.rate_limit\.rate",
+               "expected a rate like '100/s', '6000/m' or '10/h', got 'lots'"),)),
+    "bad_rate_limit_key": Case(edit(BASE, l16="    rate_limit: {rate: 10/s, burst: 10, key: ip}"), (
+        Expect(16, ROUTE0 + r"\.rate_limit\.key",
+               "expected client_ip, route or header:<Name>, got 'ip'"),)),
+    "bad_retry_budget": Case(edit(BASE, l16="    retry: {budget: 120%}"), (
+        Expect(16, ROUTE0 + r"\.retry\.budget", "between 0% and 100%"),)),
+    "bad_retry_on": Case(edit(BASE, l16="    retry: {on: [connect, 404]}"), (
+        Expect(16, ROUTE0 + r"\.retry\.on", "5xx statuses like '503', got '404'"),)),
+    "bad_breaker_scope": Case(edit(BASE, l9="    breaker: {scope: global}"), (
+        Expect(9, r"upstreams\.app\.breaker\.scope", "'local' or 'cluster'"),)),
     "bare_number_duration": Case(edit(BASE, l9="    timeout: 30"), (
         Expect(9, r"upstreams\.app\.timeout", "expected a duration like '30s'"),)),
     "bad_size": Case(edit(BASE, l2="  limits: {max_header_size: lots}"), (
@@ -348,3 +360,19 @@ def test_load_config_collects_every_problem(tmp_path: Path) -> None:
     assert (15, "routes[0] (products).upstream") in wheres
     assert (16, "routes[0] (products).timeout") in wheres
     assert (19, "routes[1] (rest).use[0]") in wheres
+
+
+def test_resilience_keys_parse_as_the_issue_writes_them(tmp_path: Path) -> None:
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "policies" / "a.yaml").write_text(POLICY_A)
+    path = tmp_path / "config.yaml"
+    path.write_text(edit(
+        BASE, l9="    retry: {attempts: 2, backoff: 100ms, on: [connect, 502, 503, 504], "
+                 "budget: 20%}",
+        l16="    rate_limit: {rate: 6000/m, burst: 200, key: 'header:X-Api-Key', scope: cluster}"))
+    config = load_config(path).config
+    retry = config.upstreams["app"].retry
+    assert retry is not None and retry.on == ["connect", "502", "503", "504"]
+    assert retry.budget == pytest.approx(0.2) and retry.backoff == pytest.approx(0.1)
+    limit = config.routes[0].rate_limit
+    assert limit is not None and limit.rate == pytest.approx(100.0) and limit.burst == 200
