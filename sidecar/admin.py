@@ -1,4 +1,4 @@
-"""The admin listener: health and readiness now; metrics and /admin/* endpoints join it later."""
+"""The admin listener: health, readiness, stats, cache purge and circuit breakers."""
 
 from __future__ import annotations
 
@@ -87,7 +87,28 @@ async def stats(request: web.Request) -> web.Response:
     runtime: Runtime = request.app[RUNTIME]  # type: ignore[assignment]
     return web.json_response({"pid": os.getpid(), "worker": runtime.worker_id,
                               "cache": await runtime.cache.stats(),
-                              "dedup": runtime.dedup.stats()})
+                              "dedup": runtime.dedup.stats(),
+                              "breakers": runtime.breakers.stats()})
+
+
+async def breakers(request: web.Request) -> web.Response:
+    """Every circuit breaker of this worker: state, failures counted, when it half-opens."""
+    runtime: Runtime = request.app[RUNTIME]  # type: ignore[assignment]
+    return web.json_response({"pid": os.getpid(), "worker": runtime.worker_id,
+                              "breakers": runtime.breakers.stats()})
+
+
+async def reset_breaker(request: web.Request) -> web.Response:
+    """Close a breaker now (cluster-scoped ones close on every instance)."""
+    runtime: Runtime = request.app[RUNTIME]  # type: ignore[assignment]
+    name = request.match_info["name"]
+    if not runtime.breakers.reset(name):
+        known = sorted(runtime.breakers.breakers)
+        return web.json_response({
+            "error": "not_found",
+            "detail": f"no breaker named {name!r}; known: {', '.join(known) or 'none'}",
+        }, status=404)
+    return web.json_response({"name": name, "state": "closed"})
 
 
 def build_admin_app(runtime: Runtime) -> web.Application:
@@ -97,4 +118,6 @@ def build_admin_app(runtime: Runtime) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_post("/admin/cache/purge", purge)
     app.router.add_get("/admin/stats", stats)
+    app.router.add_get("/admin/breakers", breakers)
+    app.router.add_post("/admin/breakers/{name}/reset", reset_breaker)
     return app

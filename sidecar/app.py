@@ -29,12 +29,16 @@ from .aio import cancel_and_wait
 from .config import Config, ConfigError, LoadedConfig, RouteConfig, UpstreamConfig, load_config
 from .logs import AccessLog, configure_logging
 from .pipeline import Handler, Policy, ProxyRequest, ProxyResponse, build_chain
+from .policies.breaker import BreakerPolicy
 from .policies.cache import CachePolicy
 from .policies.dedup import DedupPolicy
 from .policies.etag import EtagPolicy
 from .policies.idempotency import IdempotencyPolicy
+from .policies.ratelimit import RateLimitPolicy
+from .policies.retry import RetryPolicy
 from .proxy import ProxyHandler
 from .routing import RouteTable
+from .stores.breakers import BreakerService
 from .stores.dedup import DedupService
 from .stores.tiered import CacheService
 from .upstream import UpstreamPool
@@ -68,10 +72,12 @@ def _upstream_handler(pool: UpstreamPool) -> Handler:
 
 
 def build_policies(route: RouteConfig, upstream: UpstreamConfig, cache: CacheService,
-                   dedup: DedupService) -> list[Policy]:
+                   dedup: DedupService, breakers: BreakerService) -> list[Policy]:
     """The route's policies in the canonical order of pipeline.CANONICAL_ORDER. `breaker` and
     `retry` may be set on the upstream; a route's own setting wins."""
     policies: list[Policy] = []
+    if route.rate_limit is not None:
+        policies.append(RateLimitPolicy(route.name, route.rate_limit, dedup))
     if route.etag:
         policies.append(EtagPolicy())
     if route.idempotency is not None:
@@ -80,11 +86,18 @@ def build_policies(route: RouteConfig, upstream: UpstreamConfig, cache: CacheSer
         policies.append(CachePolicy(route.name, route.cache, cache, generate_etag=route.etag))
     if route.dedup is not None:
         policies.append(DedupPolicy(route.name, route.dedup, dedup))
+    breaker = route.breaker or upstream.breaker
+    if breaker is not None:
+        name = f"route:{route.name}" if route.breaker else f"upstream:{route.upstream}"
+        policies.append(BreakerPolicy(name, route.upstream, breaker, breakers))
+    retry = route.retry or upstream.retry
+    if retry is not None and retry.attempts > 0:
+        policies.append(RetryPolicy(route.name, retry, dedup.counts))
     return policies
 
 
 def build_state(loaded: LoadedConfig, previous: State | None, cache: CacheService,
-                dedup: DedupService) -> State:
+                dedup: DedupService, breakers: BreakerService) -> State:
     """Compile a config; upstream pools whose settings did not change are carried over."""
     config = loaded.config
     pools: dict[str, UpstreamPool] = {}
@@ -95,7 +108,8 @@ def build_state(loaded: LoadedConfig, previous: State | None, cache: CacheServic
     routes = RouteTable(config)
     chains = {
         route.name: build_chain(
-            build_policies(route.config, config.upstreams[route.upstream], cache, dedup),
+            build_policies(route.config, config.upstreams[route.upstream], cache, dedup,
+                           breakers),
             _upstream_handler(pools[route.upstream]))
         for route in routes.routes
     }
@@ -135,7 +149,8 @@ class Runtime:
                  worker_id: int = 0) -> None:
         self.cache = CacheService()
         self.dedup = DedupService()
-        self.state = build_state(loaded, None, self.cache, self.dedup)
+        self.breakers = BreakerService()
+        self.state = build_state(loaded, None, self.cache, self.dedup, self.breakers)
         self.redis_url = redis_url
         self.reuse_port = reuse_port
         self.worker_id = worker_id
@@ -167,6 +182,8 @@ class Runtime:
         self.cache.attach(self.redis, aioredis.Redis.from_url(
             self.redis_url, socket_connect_timeout=config.redis.connect_timeout))
         self.dedup.attach(self.redis, aioredis.Redis.from_url(
+            self.redis_url, socket_connect_timeout=config.redis.connect_timeout))
+        self.breakers.attach(self.redis, aioredis.Redis.from_url(
             self.redis_url, socket_connect_timeout=config.redis.connect_timeout))
         limits = config.server.limits
         server = web.Server(
@@ -224,6 +241,7 @@ class Runtime:
         await self.ws_session.close()
         await self.cache.close()
         await self.dedup.close()
+        await self.breakers.close()
         if self.redis is not None:
             await self.redis.aclose()
         self.access_log.flush()
@@ -236,7 +254,7 @@ class Runtime:
             old = self.state
             try:
                 loaded = await asyncio.to_thread(load_config, old.loaded.path)
-                new = build_state(loaded, old, self.cache, self.dedup)
+                new = build_state(loaded, old, self.cache, self.dedup, self.breakers)
             except ConfigError as exc:
                 self.reloads["error"] += 1
                 self.last_reload_error = str(exc)
@@ -298,6 +316,7 @@ class Runtime:
         self.redis_up = up
         self.cache.redis_up = up
         self.dedup.redis_up = up
+        self.breakers.redis_up = up
 
     async def _watch_redis(self) -> None:
         while True:

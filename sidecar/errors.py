@@ -6,14 +6,22 @@ the boundary that sees them (upstream.py), so the edge maps one small tree to re
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
+
 
 class SidecarError(Exception):
     status: int = 500
     code: str = "internal_error"
+    # Fields the error response carries besides the fixed ones (Retry-After, RateLimit-*):
+    # the raiser knows them, proxy.error_response only copies them.
+    headers: Mapping[str, str] = MappingProxyType({})
 
-    def __init__(self, detail: str) -> None:
+    def __init__(self, detail: str, *, headers: Mapping[str, str] | None = None) -> None:
         super().__init__(detail)
         self.detail = detail
+        if headers:
+            self.headers = headers
 
 
 class NoRouteError(SidecarError):
@@ -32,8 +40,9 @@ class UpstreamError(SidecarError):
     status = 502
     code = "bad_gateway"
 
-    def __init__(self, upstream: str, detail: str) -> None:
-        super().__init__(detail)
+    def __init__(self, upstream: str, detail: str, *,
+                 headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(detail, headers=headers)
         self.upstream = upstream
 
 
@@ -85,3 +94,10 @@ class IdempotencyBodyTooLargeError(SidecarError):
 
     status = 413
     code = "request_body_too_large"
+
+
+class RateLimitedError(SidecarError):
+    """The caller's token bucket is empty; the headers say when to come back."""
+
+    status = 429
+    code = "rate_limited"

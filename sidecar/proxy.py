@@ -192,6 +192,7 @@ class PassStreamResponse(_Transparent, web.StreamResponse):
 def error_response(exc: SidecarError, request_id: str) -> web.Response:
     body = orjson.dumps({"error": exc.code, "detail": exc.detail, "request_id": request_id})
     response = web.Response(status=exc.status, body=body, content_type="application/json")
+    response.headers.update(exc.headers)
     response.headers["X-Request-ID"] = request_id
     response.headers["Cache-Control"] = "no-store"
     return response

@@ -36,6 +36,7 @@ from ..stores.entry import CachedResponse
 from ..stores.memory import MemoryStore
 from ..stores.tiered import CacheService
 from ..upstream import RawHeaders
+from .breaker import BreakerOpenError
 
 log = logging.getLogger("sidecar.cache")
 
@@ -232,6 +233,17 @@ class CachePolicy:
         request_time = time.time()
         try:
             response = await call_next(self._forwarded(request, self._validators(entry)))
+        except BreakerOpenError as exc:
+            f = entry.freshness
+            if exc.serve_stale and not (f.must_revalidate or f.no_cache):
+                self.counts[(self.route, "-", "stale")] += 1
+                return self._answer(request, entry, time.time(),
+                                    "fwd=stale; detail=breaker-open")
+            if f.usable_for_error(time.time()):
+                self.counts[(self.route, "-", "stale")] += 1
+                return self._answer(request, entry, time.time(),
+                                    "fwd=stale; detail=stale-if-error")
+            raise
         except UpstreamError:
             if entry.freshness.usable_for_error(time.time()):
                 self.counts[(self.route, "-", "stale")] += 1

@@ -1,0 +1,191 @@
+"""The breakers of one worker, and (scope: cluster) their open/closed state shared through Redis.
+
+Sharing: when a cluster-scoped breaker opens here, the worker writes `opened_at` under the
+breaker's key (expiring after `reset`) and publishes it on one channel; every worker of every
+instance listens and opens its own copy with the same `opened_at`, so all of them stop sending
+within a publication's delay (milliseconds), and half-open together when `reset` has passed. A
+close (a trial succeeded, or an operator reset it) is published the same way. A worker that
+(re)subscribes reads the keys of its cluster breakers, so it does not miss an opening made
+while it was away. Failures are counted per worker; only the verdict is shared.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections import Counter
+from typing import Any, cast
+
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from ..aio import cancel_and_wait
+from ..core.breaker import Breaker, State
+
+log = logging.getLogger("sidecar.breaker")
+REDIS_ERRORS = (RedisError, OSError, TimeoutError)
+PREFIX = "sidecar:breaker:"
+CHANNEL = PREFIX + "events"
+
+
+class BreakerService:
+    def __init__(self) -> None:
+        self.breakers: dict[str, Breaker] = {}
+        self.cluster: set[str] = set()  # names of cluster-scoped breakers
+        self.counts: Counter[tuple[str, str]] = Counter()  # (breaker, event)
+        self.redis: aioredis.Redis | None = None
+        self.redis_up = False
+        self._instance = os.urandom(8).hex()
+        self._applying_remote = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._listener: asyncio.Task[None] | None = None
+        self._listener_client: aioredis.Redis | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def attach(self, client: aioredis.Redis, listener: aioredis.Redis) -> None:
+        self.redis = client
+        self._listener_client = listener
+        self._listener = asyncio.create_task(self._listen(listener), name="breaker-listener")
+
+    async def close(self) -> None:
+        tasks = list(self._tasks)
+        if self._listener is not None:
+            tasks.append(self._listener)
+        await cancel_and_wait(tasks)
+        if self._listener_client is not None:
+            await self._listener_client.aclose()
+
+    def breaker(self, name: str, *, failures: int, reset: float, half_open_trials: int,
+                cluster: bool) -> Breaker:
+        """The worker's breaker of that name: kept, with its state, across reloads that do not
+        change its settings."""
+        current = self.breakers.get(name)
+        if current is not None and (current.failures, current.reset,
+                                    current.half_open_trials) == (failures, reset,
+                                                                  half_open_trials):
+            breaker = current
+        else:
+            breaker = Breaker(name, failures=failures, reset=reset,
+                              half_open_trials=half_open_trials)
+            breaker.on_transition.append(self._transition)
+            self.breakers[name] = breaker
+        if cluster:
+            self.cluster.add(name)
+        else:
+            self.cluster.discard(name)
+        return breaker
+
+    # -- transitions ----------------------------------------------------------------------------
+
+    def _transition(self, breaker: Breaker, old: State, new: State, now: float) -> None:
+        self.counts[(breaker.name, new.value)] += 1
+        log.warning("circuit breaker %s", new.value, extra={
+            "breaker": breaker.name, "from": old.value, "to": new.value,
+            "remote": self._applying_remote})
+        if self._applying_remote or breaker.name not in self.cluster:
+            return
+        if new is State.OPEN:
+            self._spawn(self._share(breaker.name, "open", breaker.opened_at, breaker.reset))
+        elif new is State.CLOSED:
+            self._spawn(self._share(breaker.name, "closed", now, breaker.reset))
+
+    def reset(self, name: str) -> bool:
+        """Close a breaker now (the admin endpoint); False when there is no such breaker."""
+        breaker = self.breakers.get(name)
+        if breaker is None:
+            return False
+        breaker.force_close(time.time())
+        return True
+
+    async def _share(self, name: str, state: str, at: float, reset: float) -> None:
+        if self.redis is None or not self.redis_up:
+            return
+        message = orjson.dumps({"name": name, "state": state, "at": at,
+                                "from": self._instance})
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                if state == "open":
+                    pipe.set(PREFIX + name, str(at), px=max(1, int(reset * 1000)))
+                else:
+                    pipe.delete(PREFIX + name)
+                pipe.publish(CHANNEL, message)
+                await pipe.execute()
+        except REDIS_ERRORS as exc:
+            log.warning("could not share a breaker's state; it holds in this worker only",
+                        extra={"breaker": name, "error": str(exc) or type(exc).__name__})
+
+    def _apply(self, name: str, state: str, at: float) -> None:
+        breaker = self.breakers.get(name)
+        if breaker is None or name not in self.cluster:
+            return
+        self._applying_remote = True
+        try:
+            if state == "open":
+                breaker.force_open(at, time.time())
+            elif breaker.state is not State.CLOSED:
+                breaker.force_close(time.time())
+        finally:
+            self._applying_remote = False
+
+    async def _sync(self) -> None:
+        """Adopt the openings recorded while this worker was not listening."""
+        if self.redis is None or not self.cluster:
+            return
+        names = sorted(self.cluster)
+        values = cast("list[bytes | None]", await self.redis.mget([PREFIX + n for n in names]))
+        for name, value in zip(names, values, strict=True):
+            if value is not None:
+                self._apply(name, "open", float(value))
+
+    async def _listen(self, client: aioredis.Redis) -> None:
+        while True:
+            pubsub = client.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(CHANNEL)
+                await self._sync()
+                async for message in pubsub.listen():
+                    if message.get("type") != "message":
+                        continue
+                    try:
+                        event = orjson.loads(message["data"])
+                        if event["from"] != self._instance:
+                            self._apply(str(event["name"]), str(event["state"]),
+                                        float(event["at"]))
+                    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+                        continue
+            except asyncio.CancelledError:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                raise
+            except REDIS_ERRORS:
+                pass
+            except Exception:
+                log.exception("breaker listener failed; restarting it")
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await asyncio.sleep(1.0)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- stats ----------------------------------------------------------------------------------
+
+    def stats(self) -> list[dict[str, Any]]:
+        now = time.time()
+        return [{
+            "name": name, "state": b.state.value,
+            "scope": "cluster" if name in self.cluster else "local",
+            "consecutive_failures": b.consecutive_failures, "failures_to_open": b.failures,
+            "reset_s": b.reset, "retry_after_s": round(b.retry_after(now), 3),
+            "opened_at": b.opened_at if b.state is not State.CLOSED else None,
+            "transitions": b.transitions,
+            "events": {event: n for (bname, event), n in sorted(self.counts.items())
+                       if bname == name},
+        } for name, b in sorted(self.breakers.items())]
