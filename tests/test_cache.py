@@ -736,7 +736,7 @@ async def test_stats_count_per_layer_and_index_of_expired_entries_is_pruned(
         return (await stats(client, sidecar))["redis"].get("entries") == 1
     await eventually(indexed)
     assert (await stats(client, sidecar))["redis"]["used_memory"] > 0
-    store = sidecar.runtime.cache.redis
+    store = sidecar.runtime.cache.store
     assert store is not None
     assert await store.prune() == 0                  # kept for max(swr, sie, 60 s) past expiry
     redis = aioredis.Redis.from_url(redis_url)

@@ -26,7 +26,8 @@ from ..broadcast import Broadcast
 from ..core.cachekey import normalize_target, primary_key, vary_names, vary_values
 from ..core.freshness import parse_cache_control
 from ..pipeline import Handler, ProxyRequest, ProxyResponse
-from ..stores.dedup import REDIS_ERRORS, DedupService, SharedResult
+from ..stores.dedup import DedupService, SharedResult
+from ..stores.subscriber import REDIS_ERRORS
 from .cache import get_header
 
 if TYPE_CHECKING:

@@ -27,8 +27,9 @@ from ..errors import (
     UpstreamError,
 )
 from ..pipeline import Handler, ProxyRequest, ProxyResponse
-from ..stores.dedup import REDIS_ERRORS, DedupService
+from ..stores.dedup import DedupService
 from ..stores.idempotency import IdempotencyRecord, IdempotencyStore, RecordState, record_key
+from ..stores.subscriber import REDIS_ERRORS
 from .cache import rewrite_head
 
 if TYPE_CHECKING:

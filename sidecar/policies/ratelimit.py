@@ -24,8 +24,9 @@ from ..core.ratelimit import (
 )
 from ..errors import RateLimitedError
 from ..pipeline import Handler, ProxyRequest, ProxyResponse
-from ..stores.dedup import REDIS_ERRORS, DedupService
+from ..stores.dedup import DedupService
 from ..stores.ratelimit import RateLimitStore
+from ..stores.subscriber import REDIS_ERRORS
 
 if TYPE_CHECKING:
     from ..config import RateLimitConfig

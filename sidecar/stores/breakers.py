@@ -11,8 +11,6 @@ while it was away. Failures are counted per worker; only the verdict is shared.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import os
 import time
@@ -20,45 +18,27 @@ from collections import Counter
 from typing import Any, cast
 
 import orjson
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
-from ..aio import cancel_and_wait
 from ..core.breaker import Breaker, State
+from .subscriber import REDIS_ERRORS, Subscriber
 
 log = logging.getLogger("sidecar.breaker")
-REDIS_ERRORS = (RedisError, OSError, TimeoutError)
 PREFIX = "sidecar:breaker:"
 CHANNEL = PREFIX + "events"
 
 
-class BreakerService:
+class BreakerService(Subscriber):
+    channel = CHANNEL
+    task_name = "breaker-listener"
+
     def __init__(self) -> None:
+        super().__init__()
         self.breakers: dict[str, Breaker] = {}
         self.cluster: set[str] = set()  # names of cluster-scoped breakers
         self.counts: Counter[tuple[str, str]] = Counter()  # (breaker, event)
-        self.redis: aioredis.Redis | None = None
         self.redis_up = False
         self._instance = os.urandom(8).hex()
         self._applying_remote = False
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._listener: asyncio.Task[None] | None = None
-        self._listener_client: aioredis.Redis | None = None
-
-    # -- lifecycle ------------------------------------------------------------------------------
-
-    def attach(self, client: aioredis.Redis, listener: aioredis.Redis) -> None:
-        self.redis = client
-        self._listener_client = listener
-        self._listener = asyncio.create_task(self._listen(listener), name="breaker-listener")
-
-    async def close(self) -> None:
-        tasks = list(self._tasks)
-        if self._listener is not None:
-            tasks.append(self._listener)
-        await cancel_and_wait(tasks)
-        if self._listener_client is not None:
-            await self._listener_client.aclose()
 
     def breaker(self, name: str, *, failures: int, reset: float, half_open_trials: int,
                 cluster: bool) -> Breaker:
@@ -90,9 +70,9 @@ class BreakerService:
         if self._applying_remote or breaker.name not in self.cluster:
             return
         if new is State.OPEN:
-            self._spawn(self._share(breaker.name, "open", breaker.opened_at, breaker.reset))
+            self.spawn(self._share(breaker.name, "open", breaker.opened_at, breaker.reset))
         elif new is State.CLOSED:
-            self._spawn(self._share(breaker.name, "closed", now, breaker.reset))
+            self.spawn(self._share(breaker.name, "closed", now, breaker.reset))
 
     def reset(self, name: str) -> bool:
         """Close a breaker now (the admin endpoint); False when there is no such breaker."""
@@ -132,7 +112,7 @@ class BreakerService:
         finally:
             self._applying_remote = False
 
-    async def _sync(self) -> None:
+    async def on_subscribed(self) -> None:
         """Adopt the openings recorded while this worker was not listening."""
         if self.redis is None or not self.cluster:
             return
@@ -142,38 +122,13 @@ class BreakerService:
             if value is not None:
                 self._apply(name, "open", float(value))
 
-    async def _listen(self, client: aioredis.Redis) -> None:
-        while True:
-            pubsub = client.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.subscribe(CHANNEL)
-                await self._sync()
-                async for message in pubsub.listen():
-                    if message.get("type") != "message":
-                        continue
-                    try:
-                        event = orjson.loads(message["data"])
-                        if event["from"] != self._instance:
-                            self._apply(str(event["name"]), str(event["state"]),
-                                        float(event["at"]))
-                    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-                        continue
-            except asyncio.CancelledError:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
-                raise
-            except REDIS_ERRORS:
-                pass
-            except Exception:
-                log.exception("breaker listener failed; restarting it")
-            with contextlib.suppress(Exception):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
-            await asyncio.sleep(1.0)
-
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    async def on_message(self, data: bytes) -> None:
+        try:
+            event = orjson.loads(data)
+            if event["from"] != self._instance:
+                self._apply(str(event["name"]), str(event["state"]), float(event["at"]))
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            return
 
     # -- stats ----------------------------------------------------------------------------------
 

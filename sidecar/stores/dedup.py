@@ -15,18 +15,15 @@ import contextlib
 import logging
 import struct
 from collections import Counter
-from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, cast
 
 import orjson
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
-from ..aio import cancel_and_wait
+from .subscriber import Subscriber
 
 log = logging.getLogger("sidecar.dedup")
-REDIS_ERRORS = (RedisError, OSError, TimeoutError)
 
 PREFIX = "sidecar:dedup:"
 CHANNEL = PREFIX + "done"
@@ -76,16 +73,16 @@ class SharedResult:
         return cls(meta["s"], meta["r"], headers, data[4 + length:], tuple(meta["vv"]))
 
 
-class DedupService:
+class DedupService(Subscriber):
+    channel = CHANNEL
+    task_name = "dedup-listener"
+
     def __init__(self) -> None:
-        self.redis: aioredis.Redis | None = None
+        super().__init__()
         self.redis_up = False
         self.counts: Counter[tuple[str, str]] = Counter()  # (route, event)
         self.flights: dict[str, Any] = {}  # key -> policies.dedup.Flight, this worker
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._listener: asyncio.Task[None] | None = None
-        self._listener_client: aioredis.Redis | None = None
         self._subscribed = asyncio.Event()
         self._release: Any = None
         self._lead: Any = None
@@ -94,26 +91,16 @@ class DedupService:
     # -- lifecycle ------------------------------------------------------------------------------
 
     def attach(self, client: aioredis.Redis, listener: aioredis.Redis) -> None:
-        self.redis = client
+        """`client` is this service's own (closed with it): see Runtime.start."""
+        super().attach(client, listener)
         self._release = client.register_script(_RELEASE)
         self._lead = client.register_script(_LEAD)
         self._renew = client.register_script(_RENEW)
-        self._listener_client = listener
-        self._listener = asyncio.create_task(self._listen(listener), name="dedup-listener")
 
     async def close(self) -> None:
-        tasks = list(self._tasks)
-        if self._listener is not None:
-            tasks.append(self._listener)
-        await cancel_and_wait(tasks)
-        if self._listener_client is not None:
-            await self._listener_client.aclose()
-
-    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
-        task = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
+        await super().close()
+        if self.redis is not None:
+            await self.redis.aclose()
 
     @property
     def cluster_ready(self) -> bool:
@@ -181,39 +168,26 @@ class DedupService:
             return data
         return SharedResult.unpack(data)
 
-    async def _listen(self, client: aioredis.Redis) -> None:
-        while True:
-            pubsub = client.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.subscribe(CHANNEL)
-                self._subscribed.set()
-                async for message in pubsub.listen():
-                    if message.get("type") != "message":
-                        continue
-                    data = message["data"]
-                    key = data.decode("latin-1") if isinstance(data, bytes) else str(data)
-                    for future in self._waiters.pop(key, ()):
-                        if not future.done():
-                            future.set_result(None)
-            except asyncio.CancelledError:
-                self._subscribed.clear()
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
-                raise
-            except REDIS_ERRORS as exc:
-                self.redis_failed(exc)
-            except Exception:
-                log.exception("dedup listener failed; restarting it")
-            self._subscribed.clear()
-            # Followers waiting here would miss publications: wake them to look for themselves.
-            for waiters in self._waiters.values():
-                for future in waiters:
-                    if not future.done():
-                        future.set_result(None)
-            self._waiters.clear()
-            with contextlib.suppress(Exception):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
-            await asyncio.sleep(1.0)
+    async def on_subscribed(self) -> None:
+        self._subscribed.set()
+
+    async def on_message(self, data: bytes) -> None:
+        key = data.decode("latin-1") if isinstance(data, bytes) else str(data)
+        for future in self._waiters.pop(key, ()):
+            if not future.done():
+                future.set_result(None)
+
+    def on_unsubscribed(self) -> None:
+        self._subscribed.clear()
+        # Followers waiting here would miss publications: wake them to look for themselves.
+        for waiters in self._waiters.values():
+            for future in waiters:
+                if not future.done():
+                    future.set_result(None)
+        self._waiters.clear()
+
+    def on_redis_error(self, exc: BaseException) -> None:
+        self.redis_failed(exc)
 
     # -- stats ----------------------------------------------------------------------------------
 

@@ -8,52 +8,41 @@ import contextlib
 import logging
 import os
 from collections import Counter
-from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 import orjson
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
-from ..aio import cancel_and_wait
 from .entry import CachedResponse
 from .memory import MemoryStore
 from .redis import CHANNEL, RedisStore
+from .subscriber import REDIS_ERRORS, Subscriber
 
 if TYPE_CHECKING:
     from ..config import CacheConfig
 
 log = logging.getLogger("sidecar.cache")
-REDIS_ERRORS = (RedisError, OSError, TimeoutError)
 
 
-class CacheService:
+class CacheService(Subscriber):
+    channel = CHANNEL
+    task_name = "cache-purge-listener"
+
     def __init__(self) -> None:
+        super().__init__()
         self.memory: dict[str, MemoryStore] = {}
-        self.redis: RedisStore | None = None
+        self.store: RedisStore | None = None
         self.redis_up = False
         self.counts: Counter[tuple[str, str, str]] = Counter()  # (route, layer, result)
-        self._tasks: set[asyncio.Task[Any]] = set()
         self._refreshing: set[str] = set()
-        self._listener: asyncio.Task[None] | None = None
-        self._listener_client: aioredis.Redis | None = None
-        self._pruner: asyncio.Task[None] | None = None
+        self._connected_before = False
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     def attach(self, client: aioredis.Redis, listener: aioredis.Redis) -> None:
-        """`listener` is a client without a read timeout: a subscription is idle by nature."""
-        self.redis = RedisStore(client)
-        self._listener_client = listener
-        self._listener = asyncio.create_task(self._listen(listener), name="cache-purge-listener")
-        self._pruner = asyncio.create_task(self._prune(), name="cache-index-pruner")
-
-    async def close(self) -> None:
-        tasks = list(self._tasks)
-        tasks += [task for task in (self._listener, self._pruner) if task is not None]
-        await cancel_and_wait(tasks)
-        if self._listener_client is not None:
-            await self._listener_client.aclose()
+        super().attach(client, listener)
+        self.store = RedisStore(client)
+        self.spawn(self._prune())
 
     def memory_for(self, route: str, config: CacheConfig) -> MemoryStore:
         """The route's L1, kept across reloads unless its bounds change."""
@@ -64,26 +53,21 @@ class CacheService:
             self.memory[route] = store
         return store
 
-    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
-        task = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
     # -- L2 -------------------------------------------------------------------------------------
 
     async def l2_get(self, primary: str) -> list[CachedResponse] | None:
-        if self.redis is None or not self.redis_up:
+        if self.store is None or not self.redis_up:
             return None
         try:
-            return await self.redis.get(primary)
+            return await self.store.get(primary)
         except REDIS_ERRORS as exc:
             self._redis_failed(exc)
             return None
 
     def l2_put(self, entry: CachedResponse, retention: float) -> None:
-        if self.redis is None or not self.redis_up:
+        if self.store is None or not self.redis_up:
             return
-        redis = self.redis
+        redis = self.store
 
         async def put() -> None:
             try:
@@ -104,9 +88,9 @@ class CacheService:
         while Redis is up."""
         if primary in self._refreshing:
             return False
-        if self.redis is not None and self.redis_up:
+        if self.store is not None and self.redis_up:
             try:
-                if not await self.redis.try_refresh_lock(primary, seconds):
+                if not await self.store.try_refresh_lock(primary, seconds):
                     return False
             except REDIS_ERRORS as exc:
                 self._redis_failed(exc)
@@ -116,8 +100,8 @@ class CacheService:
     def refresh_done(self, primary: str) -> None:
         """Release the claim at once, so the refreshed entry's next expiry can refresh too."""
         self._refreshing.discard(primary)
-        if self.redis is not None and self.redis_up:
-            redis = self.redis
+        if self.store is not None and self.redis_up:
+            redis = self.store
 
             async def release() -> None:
                 with contextlib.suppress(*REDIS_ERRORS):
@@ -144,14 +128,14 @@ class CacheService:
         copies (or `wait` passed), so no instance serves a purged entry afterwards."""
         result: dict[str, Any] = {"kind": kind, "value": value,
                                   "memory_removed": self.purge_local(kind, value)}
-        if self.redis is None or not self.redis_up:
+        if self.store is None or not self.redis_up:
             result.update(redis="down", instances_notified=0, instances_acked=0)
             return result
         purge_id = os.urandom(12).hex()
         try:
-            result["redis_removed"] = await self.redis.purge(kind, value)
-            listeners = await self.redis.publish_purge(kind, value, purge_id)
-            acked = (await self.redis.wait_acks(purge_id, listeners, wait)
+            result["redis_removed"] = await self.store.purge(kind, value)
+            listeners = await self.store.publish_purge(kind, value, purge_id)
+            acked = (await self.store.wait_acks(purge_id, listeners, wait)
                      if listeners and wait > 0 else 0)
         except REDIS_ERRORS as exc:
             self._redis_failed(exc)
@@ -160,46 +144,34 @@ class CacheService:
         result.update(redis="up", instances_notified=listeners, instances_acked=acked)
         return result
 
-    async def _listen(self, client: aioredis.Redis) -> None:
-        """Apply purges published by any instance to this worker's L1, and acknowledge them."""
-        connected_before = False
-        while True:
-            pubsub = client.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.subscribe(CHANNEL)
-                if connected_before:
-                    # Purges may have been missed while disconnected: start L1 afresh.
-                    for store in self.memory.values():
-                        store.remove_where(lambda entry: True)
-                connected_before = True
-                self.redis_up = True
-                async for message in pubsub.listen():
-                    if message.get("type") != "message":
-                        continue
-                    try:
-                        body = orjson.loads(message["data"])
-                        self.purge_local(body["kind"], body["value"])
-                    except (orjson.JSONDecodeError, KeyError, TypeError):
-                        continue
-                    if self.redis is not None:
-                        with contextlib.suppress(*REDIS_ERRORS):
-                            await self.redis.ack(body["id"])
-            except asyncio.CancelledError:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
-                raise
-            except REDIS_ERRORS as exc:
-                self._redis_failed(exc)
-            with contextlib.suppress(Exception):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
-            await asyncio.sleep(1.0)
+    async def on_subscribed(self) -> None:
+        if self._connected_before:
+            # Purges may have been missed while disconnected: start L1 afresh.
+            for store in self.memory.values():
+                store.remove_where(lambda entry: True)
+        self._connected_before = True
+        self.redis_up = True
+
+    async def on_message(self, data: bytes) -> None:
+        """Apply a purge published by any instance to this worker's L1, and acknowledge it."""
+        try:
+            body = orjson.loads(data)
+            self.purge_local(body["kind"], body["value"])
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            return
+        if self.store is not None:
+            with contextlib.suppress(*REDIS_ERRORS):
+                await self.store.ack(body["id"])
+
+    def on_redis_error(self, exc: BaseException) -> None:
+        self._redis_failed(exc)
 
     async def _prune(self, interval: float = 60.0) -> None:
         while True:
             await asyncio.sleep(interval)
-            if self.redis is not None and self.redis_up:
+            if self.store is not None and self.redis_up:
                 try:
-                    while await self.redis.prune() >= 1000:
+                    while await self.store.prune() >= 1000:
                         pass
                 except REDIS_ERRORS as exc:
                     self._redis_failed(exc)
@@ -208,9 +180,9 @@ class CacheService:
 
     async def stats(self) -> dict[str, Any]:
         l2: dict[str, Any] = {"status": "down"}
-        if self.redis is not None and self.redis_up:
+        if self.store is not None and self.redis_up:
             try:
-                l2 = {"status": "up", **await self.redis.info()}
+                l2 = {"status": "up", **await self.store.info()}
             except REDIS_ERRORS as exc:
                 self._redis_failed(exc)
         return {
