@@ -34,21 +34,22 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from common import (
+    HarnessError,
     Result,
     child,
     free_port,
     loadavg,
+    log_on_failure,
     nginx,
     redis_server,
     sidecar_process,
-    tail,
     wait_for_port,
     which,
     wrk,
@@ -84,19 +85,6 @@ app.router.add_get("/item", item)
 app.router.add_get("/_served", count)
 web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None)
 """
-
-
-class HarnessError(Exception):
-    pass
-
-
-@contextmanager
-def log_on_failure(what: str, log: Path) -> Iterator[None]:
-    """Adds the tail of `log` to a RuntimeError (nothing listening, wrk output unreadable)."""
-    try:
-        yield
-    except RuntimeError as exc:
-        raise HarnessError(f"{what}: {exc}\n--- {log.name}:\n{tail(log)}") from exc
 
 
 def warm(port: int, header: str, is_hit: Callable[[str], bool], tries: int = 20) -> str:

@@ -146,6 +146,19 @@ def sidecar_process(workdir: Path, name: str, config: dict[str, Any],
 # --- helpers for scripts that run their own origin and redis-server ---------------------------
 
 
+class HarnessError(Exception):
+    """The benchmark itself failed (not the server under test): exit status 2."""
+
+
+@contextmanager
+def log_on_failure(what: str, log: Path) -> Iterator[None]:
+    """Adds the tail of `log` to a RuntimeError (nothing listening, output unreadable)."""
+    try:
+        yield
+    except RuntimeError as exc:
+        raise HarnessError(f"{what}: {exc}\n--- {log.name}:\n{tail(log)}") from exc
+
+
 def which(name: str, *fallbacks: str) -> str | None:
     """`name` on PATH, else the first of `fallbacks` that exists (sbin is not always on PATH)."""
     found = shutil.which(name)

@@ -50,10 +50,12 @@ from pathlib import Path
 from typing import Any
 
 from common import (
+    HarnessError,
     child,
     free_port,
     http_get,
     loadavg,
+    log_on_failure,
     nginx,
     redis_server,
     sidecar_process,
@@ -96,19 +98,6 @@ app.router.add_get("/_calls", count)
 web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None,
             backlog=1024)
 """
-
-
-class HarnessError(Exception):
-    pass
-
-
-@contextmanager
-def log_on_failure(what: str, log: Path) -> Iterator[None]:
-    """Adds the tail of `log` to a RuntimeError (nothing listening, no answer)."""
-    try:
-        yield
-    except RuntimeError as exc:
-        raise HarnessError(f"{what}: {exc}\n--- {log.name}:\n{tail(log)}") from exc
 
 
 @contextmanager
