@@ -335,3 +335,12 @@ async def gather_limited(coros: list[Awaitable[Any]], limit: int = 50) -> list[A
             return await coro
 
     return await asyncio.gather(*(run(c) for c in coros))
+
+
+async def until(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
+    """Poll `check` every 20 ms until it is true; AssertionError after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.02)

@@ -5,12 +5,11 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
 from aiohttp import web
-from conftest import InProcessSidecar, Origin, free_port, make_config
+from conftest import InProcessSidecar, Origin, free_port, make_config, until
 
 SHOP = {"Host": "shop.example"}
 
@@ -49,14 +48,6 @@ async def breaker_state(admin_url: str, name: str = "route:api") -> str:
         body = await response.json()
     states = {b["name"]: b["state"] for b in body["breakers"]}
     return states.get(name, "missing")
-
-
-async def until(check: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)
 
 
 async def test_opens_after_failures_and_answers_fast_without_the_upstream(

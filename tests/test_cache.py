@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
-from conftest import InProcessSidecar, Origin, RedisServer, make_config
+from conftest import InProcessSidecar, Origin, RedisServer, make_config, until
 from multidict import CIMultiDictProxy
 
 Factory = Callable[..., Awaitable[InProcessSidecar]]
@@ -51,14 +51,6 @@ def cache_config(origin: Origin, redis_url: str, *, route: dict[str, Any] | None
 async def start(factory: Factory, origin: Origin, redis_url: str, name: str = "config.yaml",
                 **kwargs: Any) -> InProcessSidecar:
     return await factory(cache_config(origin, redis_url, **kwargs), name)
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 3.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)
 
 
 async def l2_entries(redis_url: str) -> int:
@@ -503,7 +495,7 @@ async def test_purge_by_key_prefix_and_tag_across_two_instances(sidecar_factory,
 
         async def in_l2() -> bool:                   # L2 writes happen after the response
             return await l2_entries(redis_url) > before
-        await eventually(in_l2)
+        await until(in_l2)
         for instance in (b, a):                      # B from L2, filling its own L1
             reply = await get(instance, path)
             assert reply.hit and reply.body == body
@@ -621,7 +613,7 @@ async def test_l2_hit_on_a_second_instance_fills_its_l1(sidecar_factory, origin,
 
     async def in_l2() -> bool:
         return await l2_entries(redis_url) == 1
-    await eventually(in_l2)
+    await until(in_l2)
     assert (await fetch(client, b.url + "/shared", headers=SHOP)).hit
     assert (await fetch(client, b.url + "/shared", headers=SHOP)).hit
     b_stats = await stats(client, b)
@@ -644,7 +636,7 @@ async def test_redis_killed_mid_test_requests_still_answered(sidecar_factory, or
 
     async def degraded() -> bool:
         return (await stats(client, sidecar))["redis"]["status"] == "down"
-    await eventually(degraded)
+    await until(degraded)
     result = await purge(client, sidecar, key="/warm")
     assert result["redis"] == "down" and result["memory_removed"] == 1
     assert not (await fetch(client, sidecar.url + "/warm")).hit
@@ -671,7 +663,7 @@ async def test_stale_while_revalidate_refreshes_once(sidecar_factory, origin, re
 
     async def refreshed() -> bool:
         return (await fetch(client, sidecar.url + "/swr")).body == "version 2"
-    await eventually(refreshed)
+    await until(refreshed)
     assert origin.calls["/swr"] == 2
 
     await asyncio.sleep(1.2)                          # the next expiry refreshes again
@@ -679,7 +671,7 @@ async def test_stale_while_revalidate_refreshes_once(sidecar_factory, origin, re
 
     async def refreshed_again() -> bool:
         return (await fetch(client, sidecar.url + "/swr")).body == "version 3"
-    await eventually(refreshed_again)
+    await until(refreshed_again)
 
 
 async def test_stale_if_error_on_5xx_and_on_unreachable_upstream(sidecar_factory, origin,
@@ -734,7 +726,7 @@ async def test_stats_count_per_layer_and_index_of_expired_entries_is_pruned(
 
     async def indexed() -> bool:
         return (await stats(client, sidecar))["redis"].get("entries") == 1
-    await eventually(indexed)
+    await until(indexed)
     assert (await stats(client, sidecar))["redis"]["used_memory"] > 0
     store = sidecar.runtime.cache.store
     assert store is not None

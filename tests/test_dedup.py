@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from conftest import InProcessSidecar, Origin, SidecarProcess, free_port, make_config
+from conftest import InProcessSidecar, Origin, SidecarProcess, free_port, make_config, until
 
 Factory = Callable[..., Awaitable[InProcessSidecar]]
 SHOP = {"Host": "shop.example"}  # instances behind one load balancer see one Host
@@ -58,14 +58,6 @@ async def dedup_events(admin_url: str, event: str) -> int:
             admin_url + "/admin/stats") as response:
         stats = await response.json()
     return sum(e["count"] for e in stats["dedup"]["events"] if e["event"] == event)
-
-
-async def until(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)
 
 
 async def get_all(urls: list[str], headers: dict[str, str] | None = None
