@@ -184,11 +184,12 @@ class Runtime:
         # Dedup moves whole responses (up to dedup.max_body) through Redis: a read timeout
         # sized for small commands would turn a big, slow transfer into a second upstream call.
         self.dedup.attach(
+            self.redis,
             aioredis.Redis.from_url(
+                self.redis_url, socket_connect_timeout=config.redis.connect_timeout),
+            bulk=aioredis.Redis.from_url(
                 self.redis_url, socket_connect_timeout=config.redis.connect_timeout,
-                socket_timeout=max(config.redis.connect_timeout, 10.0), health_check_interval=0),
-            aioredis.Redis.from_url(
-                self.redis_url, socket_connect_timeout=config.redis.connect_timeout))
+                socket_timeout=max(config.redis.connect_timeout, 10.0), health_check_interval=0))
         self.breakers.attach(self.redis, aioredis.Redis.from_url(
             self.redis_url, socket_connect_timeout=config.redis.connect_timeout))
         limits = config.server.limits

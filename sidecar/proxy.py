@@ -235,7 +235,8 @@ class ProxyHandler:
             return response
         except SidecarError as exc:
             response = error_response(exc, request_id)
-            if isinstance(exc, UpstreamError):
+            if isinstance(exc, UpstreamError) and exc.code != "breaker_open":
+                # (an open breaker is logged once, when it opens, not once per refusal)
                 log.warning("upstream request failed", extra={
                     "request_id": request_id, "route": route.name if route else None,
                     "upstream": exc.upstream, "error": exc.code, "detail": exc.detail,

@@ -11,6 +11,9 @@ import aiohttp
 from aiohttp import web
 from conftest import InProcessSidecar, Origin, free_port, make_config, until
 
+from sidecar.core.breaker import State
+from sidecar.stores.breakers import BreakerService
+
 SHOP = {"Host": "shop.example"}
 
 
@@ -241,3 +244,18 @@ async def test_cluster_breakers_keep_working_with_redis_down(sidecar_factory, or
     status, _, body = await get(client, sidecar.url + "/x")
     assert status == 503 and "breaker_open" in body
     assert origin.calls["/x"] == 2
+
+
+async def test_cluster_news_applies_last_writer_wins() -> None:
+    service = BreakerService()
+    b = service.breaker("route:x", failures=1, reset=1, half_open_trials=1, cluster=True)
+    b.failure(100)  # opened here
+    assert b.allow(101.5)  # half-open trial
+    b.failure(102)  # the trial failed: open again, later than another worker's good trial
+    service._apply("route:x", "closed", 101.8)
+    assert b.state is State.OPEN
+    service._apply("route:x", "closed", 103)
+    assert b.state is State.CLOSED
+    service._apply("route:x", "open", 102.5)  # older than the close
+    assert b.state is State.CLOSED
+    await service.close()

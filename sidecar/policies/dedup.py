@@ -241,7 +241,9 @@ class DedupPolicy:
             if (self._shareable(shared) and shared.body is not None
                     and len(shared.body) <= self.config.max_body):
                 result = self._result(shared)
-            service.spawn(self._publish(key, token, result))
+            # Before anyone is answered: a request that comes after the answer must find the
+            # flight over (the lock gone), not join it.
+            await self._publish(key, token, result)
         else:
             broadcast = shared.broadcast
 
@@ -288,7 +290,6 @@ class DedupPolicy:
             await self.service.publish(key, token, result)
         except REDIS_ERRORS as exc:
             self.service.redis_failed(exc)
-        await self._release(key, token, wake=False)
 
     async def _release(self, key: str, token: str, *, wake: bool) -> None:
         try:

@@ -39,6 +39,7 @@ class BreakerService(Subscriber):
         self.redis_up = False
         self._instance = os.urandom(8).hex()
         self._applying_remote = False
+        self._changed_at: dict[str, float] = {}  # when the shared state last changed, by name
 
     def breaker(self, name: str, *, failures: int, reset: float, half_open_trials: int,
                 cluster: bool) -> Breaker:
@@ -70,16 +71,24 @@ class BreakerService(Subscriber):
         if self._applying_remote or breaker.name not in self.cluster:
             return
         if new is State.OPEN:
+            self._changed_at[breaker.name] = breaker.opened_at
             self.spawn(self._share(breaker.name, "open", breaker.opened_at, breaker.reset))
         elif new is State.CLOSED:
+            self._changed_at[breaker.name] = now
             self.spawn(self._share(breaker.name, "closed", now, breaker.reset))
 
     def reset(self, name: str) -> bool:
-        """Close a breaker now (the admin endpoint); False when there is no such breaker."""
+        """Close a breaker now (the admin endpoint); False when there is no such breaker.
+        A cluster-scoped one is closed everywhere, even if this worker had it closed already."""
         breaker = self.breakers.get(name)
         if breaker is None:
             return False
-        breaker.force_close(time.time())
+        now = time.time()
+        was_closed = breaker.state is State.CLOSED
+        breaker.force_close(now)
+        if was_closed and name in self.cluster:
+            self._changed_at[name] = now
+            self.spawn(self._share(name, "closed", now, breaker.reset))
         return True
 
     async def _share(self, name: str, state: str, at: float, reset: float) -> None:
@@ -103,6 +112,11 @@ class BreakerService(Subscriber):
         breaker = self.breakers.get(name)
         if breaker is None or name not in self.cluster:
             return
+        # Last writer wins: a worker whose trial failed after another's succeeded must not be
+        # closed by the older news, nor leave the other one closed.
+        if at < self._changed_at.get(name, 0.0):
+            return
+        self._changed_at[name] = at
         self._applying_remote = True
         try:
             if state == "open":

@@ -42,6 +42,11 @@ _LEAD = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
 return redis.call('GET', KEYS[1]) or 1
 """
+_FINISH = """
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+if redis.call('GET', KEYS[2]) == ARGV[3] then redis.call('DEL', KEYS[2]) end
+return redis.call('PUBLISH', ARGV[4], ARGV[5])
+"""
 _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 0
@@ -84,23 +89,31 @@ class DedupService(Subscriber):
         self.flights: dict[str, Any] = {}  # key -> policies.dedup.Flight, this worker
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._subscribed = asyncio.Event()
+        self._bulk: aioredis.Redis | None = None
+        self._own_bulk = False
         self._release: Any = None
+        self._finish: Any = None
         self._lead: Any = None
         self._renew: Any = None
 
     # -- lifecycle ------------------------------------------------------------------------------
 
-    def attach(self, client: aioredis.Redis, listener: aioredis.Redis) -> None:
-        """`client` is this service's own (closed with it): see Runtime.start."""
+    def attach(self, client: aioredis.Redis, listener: aioredis.Redis,
+               bulk: aioredis.Redis | None = None) -> None:
+        """`bulk` (this service's own, closed with it) carries whole responses: its read
+        timeout is sized for them, not for the small commands of `client`."""
         super().attach(client, listener)
+        self._bulk = bulk if bulk is not None else client
+        self._own_bulk = bulk is not None
+        self._finish = self._bulk.register_script(_FINISH)
         self._release = client.register_script(_RELEASE)
         self._lead = client.register_script(_LEAD)
         self._renew = client.register_script(_RENEW)
 
     async def close(self) -> None:
         await super().close()
-        if self.redis is not None:
-            await self.redis.aclose()
+        if self._own_bulk and self._bulk is not None:
+            await self._bulk.aclose()
 
     @property
     def cluster_ready(self) -> bool:
@@ -146,14 +159,14 @@ class DedupService(Subscriber):
         await self._release(keys=[PREFIX + "lock:" + key], args=[token])
 
     async def publish(self, key: str, token: str, result: SharedResult | None) -> None:
-        """Store this leader's result (None: followers must ask for themselves) and wake every
-        instance's followers."""
-        assert self.redis is not None
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.set(PREFIX + "result:" + key + ":" + token,
-                     result.pack() if result is not None else NOT_SHARED, px=RESULT_TTL_MS)
-            pipe.publish(CHANNEL, key)
-            await pipe.execute()
+        """Store this leader's result (None: followers must ask for themselves), let go of the
+        lock and wake every instance's followers, in one step: a request arriving after it
+        starts a flight of its own, never joins the finished one."""
+        assert self._bulk is not None
+        await self._finish(
+            keys=[PREFIX + "result:" + key + ":" + token, PREFIX + "lock:" + key],
+            args=[result.pack() if result is not None else NOT_SHARED, RESULT_TTL_MS, token,
+                  CHANNEL, key])
 
     async def wake(self, key: str) -> None:
         """Wake the followers of `key` without a result: they look at the lock again."""
@@ -162,8 +175,8 @@ class DedupService(Subscriber):
 
     async def result(self, key: str, token: str) -> SharedResult | bytes | None:
         """What the leader holding `token` published: a result, NOT_SHARED, or None (yet)."""
-        assert self.redis is not None
-        data = cast("bytes | None", await self.redis.get(PREFIX + "result:" + key + ":" + token))
+        assert self._bulk is not None
+        data = cast("bytes | None", await self._bulk.get(PREFIX + "result:" + key + ":" + token))
         if data is None or data == NOT_SHARED:
             return data
         return SharedResult.unpack(data)
