@@ -35,7 +35,7 @@ class Breaker:
     consecutive_failures: int = 0
     opened_at: float = 0.0
     trials: int = 0  # trials let through and not yet reported
-    transitions: int = 0
+    transitions: int = 0  # also the generation: reports from before a transition are stale
     on_transition: list[Listener] = field(default_factory=list)
 
     def allow(self, now: float) -> bool:
@@ -51,14 +51,21 @@ class Breaker:
             self.trials += 1
         return True
 
-    def success(self, now: float) -> None:
+    def success(self, now: float, generation: int | None = None) -> None:
+        """A good answer. `generation` is `transitions` as it was when the request was let
+        through: the answer to a request from before the last transition changes nothing (a
+        request sent while closed must not close, or free a trial slot of, a later half-open)."""
+        if generation is not None and generation != self.transitions:
+            return
         if self.state is State.HALF_OPEN:
             self._move(State.CLOSED, now)
         elif self.state is State.CLOSED:
             self.consecutive_failures = 0
         # open: an answer to a request let through before it opened changes nothing
 
-    def failure(self, now: float) -> None:
+    def failure(self, now: float, generation: int | None = None) -> None:
+        if generation is not None and generation != self.transitions:
+            return
         if self.state is State.HALF_OPEN:
             self.opened_at = now
             self._move(State.OPEN, now)
@@ -68,9 +75,11 @@ class Breaker:
                 self.opened_at = now
                 self._move(State.OPEN, now)
 
-    def ignored(self, now: float) -> None:
+    def ignored(self, now: float, generation: int | None = None) -> None:
         """The request ended without a verdict (cancelled, or an outcome that does not count):
         a half-open trial slot is free again."""
+        if generation is not None and generation != self.transitions:
+            return
         if self.state is State.HALF_OPEN and self.trials > 0:
             self.trials -= 1
 

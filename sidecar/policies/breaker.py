@@ -56,35 +56,37 @@ class BreakerPolicy:
             self.counts[(self.name, "rejected")] += 1
             raise BreakerOpenError(self.upstream, self.name, breaker.retry_after(time.time()),
                                    serve_stale=self.serve_stale)
+        generation = breaker.transitions
         try:
             response = await call_next(request)
         except UpstreamTimeoutError:
-            self._report("timeout")
+            self._report("timeout", generation)
             raise
         except UpstreamConnectError:
-            self._report("connect")
+            self._report("connect", generation)
             raise
         except UpstreamUnavailableError:
-            breaker.ignored(time.time())  # this worker's pool is full: not the upstream's fault
+            # this worker's pool is full: not the upstream's fault
+            breaker.ignored(time.time(), generation)
             raise
         except UpstreamError:
-            self._report("5xx")  # an invalid response
+            self._report("5xx", generation)  # an invalid response
             raise
         except BaseException:
-            breaker.ignored(time.time())
+            breaker.ignored(time.time(), generation)
             raise
         status = response.status
         if status >= 500:
             if status in self.exclude:
-                breaker.ignored(time.time())
+                breaker.ignored(time.time(), generation)
             else:
-                self._report("5xx")
+                self._report("5xx", generation)
         else:
-            breaker.success(time.time())
+            breaker.success(time.time(), generation)
         return response
 
-    def _report(self, kind: str) -> None:
+    def _report(self, kind: str, generation: int) -> None:
         if kind in self.failure_on:
-            self.breaker.failure(time.time())
+            self.breaker.failure(time.time(), generation)
         else:
-            self.breaker.ignored(time.time())
+            self.breaker.ignored(time.time(), generation)

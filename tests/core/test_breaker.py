@@ -106,3 +106,19 @@ def test_any_sequence_keeps_the_invariants(events: tuple[str, ...]) -> None:
         assert b.consecutive_failures < b.failures or b.state is not State.CLOSED
         if b.state is State.CLOSED:
             assert b.trials == 0
+
+
+def test_answers_to_requests_from_before_a_transition_change_nothing() -> None:
+    b = breaker(failures=1, reset=10, trials=1)
+    assert b.allow(0)
+    early = b.transitions  # a slow request sent while closed
+    assert b.allow(0)
+    b.failure(0, b.transitions)  # another one fails: open
+    assert b.allow(10)  # half-open: one trial
+    trial = b.transitions
+    b.ignored(11, early)  # the slow one gives up: the trial's slot stays taken
+    assert not b.allow(11)
+    b.success(11, early)  # or it succeeds: that does not close the breaker
+    assert b.state is State.HALF_OPEN
+    b.success(12, trial)
+    assert b.state is State.CLOSED
