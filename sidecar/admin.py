@@ -1,4 +1,5 @@
-"""The admin listener: health, readiness, stats, cache purge and circuit breakers."""
+"""The admin listener: health, readiness, stats, cache purge, circuit breakers and jobs; and the
+progress reports upstreams post for the jobs they run."""
 
 from __future__ import annotations
 
@@ -8,8 +9,12 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from aiohttp import web
+from saq.job import Job, Status
 
 from . import __version__
+from .core.jobs import CANCELLED, FAILED, TERMINAL, JobId, parse_progress, public_status
+from .jobsapi import view
+from .stores.subscriber import REDIS_ERRORS
 
 if TYPE_CHECKING:
     from .app import Runtime
@@ -25,7 +30,8 @@ async def require_token(
     """Bearer token on everything but health probes, when admin.token is set."""
     runtime: Runtime = request.app[RUNTIME]  # type: ignore[assignment]
     token = runtime.config.admin.token
-    if token and request.path not in _OPEN_PATHS:
+    # Progress reports carry their job's own secret instead (the upstream has no admin token).
+    if token and request.path not in _OPEN_PATHS and not request.path.startswith("/internal/"):
         header = request.headers.get("Authorization", "")
         scheme, _, given = header.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
@@ -88,7 +94,20 @@ async def stats(request: web.Request) -> web.Response:
     return web.json_response({"pid": os.getpid(), "worker": runtime.worker_id,
                               "cache": await runtime.cache.stats(),
                               "dedup": runtime.dedup.stats(),
-                              "breakers": runtime.breakers.stats()})
+                              "breakers": runtime.breakers.stats(),
+                              "jobs": await _job_stats(runtime)})
+
+
+async def _job_stats(runtime: Runtime) -> dict[str, object]:
+    """Per queue, across the cluster: depth, running, outcomes, durations."""
+    stats: dict[str, object] = {
+        "running_here": runtime.runner.running if runtime.runner is not None else 0}
+    try:
+        stats["queues"] = {name: await runtime.jobs.queue_stats(name)
+                           for name in runtime.config.queues}
+    except (*REDIS_ERRORS, RuntimeError) as exc:
+        stats["error"] = f"redis unreachable: {exc}"
+    return stats
 
 
 async def breakers(request: web.Request) -> web.Response:
@@ -111,6 +130,122 @@ async def reset_breaker(request: web.Request) -> web.Response:
     return web.json_response({"name": name, "state": "closed"})
 
 
+# -- jobs ----------------------------------------------------------------------------------------
+
+_LIBRARY_STATES = {
+    "queued": [Status.NEW, Status.QUEUED], "running": [Status.ACTIVE, Status.ABORTING],
+    "succeeded": [Status.COMPLETE], "failed": [Status.FAILED, Status.ABORTED],
+    "cancelled": [Status.ABORTED],
+}
+
+
+def _admin_view(runtime: Runtime, job: Job) -> dict[str, object]:
+    spec = job.kwargs or {}
+    found = view(job, {}, runtime.config.jobs.path)
+    found.update({
+        "queue": job.key.split(".", 1)[0], "route": spec.get("route"),
+        "method": spec.get("method"), "target": spec.get("target"),
+        "request_id": spec.get("request_id"), "error_detail": job.error,
+        "max_attempts": job.retries,
+    })
+    return found
+
+
+def _json_error(status: int, error: str, detail: str) -> web.Response:
+    return web.json_response({"error": error, "detail": detail}, status=status)
+
+
+async def _find_job(runtime: Runtime, text: str) -> tuple[Job | None, dict[bytes, bytes]]:
+    job_id = JobId.parse(text)
+    if job_id is None:
+        return None, {}
+    return await runtime.jobs.lookup(job_id)
+
+
+async def jobs_list(request: web.Request) -> web.Response:
+    """GET /admin/jobs?status=failed[&queue=reports][&limit=100]"""
+    runtime: Runtime = request.app[RUNTIME]  # type: ignore[assignment]
+    status = request.query.get("status", "failed")
+    if status not in _LIBRARY_STATES:
+        return _json_error(400, "bad_request", f"status is one of {', '.join(_LIBRARY_STATES)}")
+    queues = list(runtime.config.queues)
+    if "queue" in request.query:
+        if request.query["queue"] not in runtime.config.queues:
+            return _json_error(400, "bad_request", f"unknown queue; known: {', '.join(queues)}")
+        queues = [request.query["queue"]]
+    limit_text = request.query.get("limit", "100")
+    if not limit_text.isdigit() or not 1 <= int(limit_text) <= 1000:
+        return _json_error(400, "bad_request", "limit is a number from 1 to 1000")
+    limit = int(limit_text)
+    found: list[dict[str, object]] = []
+    try:
+        for queue in queues:
+            for job in await runtime.jobs.jobs(queue, _LIBRARY_STATES[status], limit):
+                if public_status(job.status.value, job.error) == status:
+                    found.append(_admin_view(runtime, job))
+    except REDIS_ERRORS as exc:
+        return _json_error(503, "redis_unavailable", str(exc))
+    found.sort(key=lambda j: str(j["created_at"]))
+    return web.json_response({"status": status, "jobs": found[:limit]})
+
+
+async def job_detail(request: web.Request) -> web.Response:
+    runtime: Runtime = request.app[RUNTIME]  # type: ignore[assignment]
+    try:
+        job, progress = await _find_job(runtime, request.match_info["id"])
+    except REDIS_ERRORS as exc:
+        return _json_error(503, "redis_unavailable", str(exc))
+    if job is None:
+        return _json_error(404, "job_not_found", "no such job (or its record expired)")
+    found = _admin_view(runtime, job)
+    found.update(view(job, progress, runtime.config.jobs.path))
+    return web.json_response(found)
+
+
+async def job_retry(request: web.Request) -> web.Response:
+    """Run a failed or cancelled job again, from its first attempt."""
+    runtime: Runtime = request.app[RUNTIME]  # type: ignore[assignment]
+    try:
+        job, _ = await _find_job(runtime, request.match_info["id"])
+        if job is None:
+            return _json_error(404, "job_not_found", "no such job (or its record expired)")
+        status = public_status(job.status.value, job.error)
+        if status not in (FAILED, CANCELLED):
+            return _json_error(409, "job_not_retryable",
+                               f"the job is {status}; only failed or cancelled jobs are retried")
+        await runtime.jobs.retry(job)
+        job, _ = await _find_job(runtime, request.match_info["id"])
+    except REDIS_ERRORS as exc:
+        return _json_error(503, "redis_unavailable", str(exc))
+    assert job is not None
+    return web.json_response(_admin_view(runtime, job))
+
+
+async def job_progress(request: web.Request) -> web.Response:
+    """POST /internal/jobs/{id}/progress?token=... {"progress": 40, "message": "..."}: what an
+    upstream reports while it works on a job (the URL comes in X-Sidecar-Progress-URL)."""
+    runtime: Runtime = request.app[RUNTIME]  # type: ignore[assignment]
+    try:
+        payload = await request.json()
+        progress, message = parse_progress(payload)
+    except ValueError as exc:
+        return _json_error(400, "bad_request", str(exc))
+    try:
+        job, _ = await _find_job(runtime, request.match_info["id"])
+        token = (job.kwargs or {}).get("progress_token", "") if job is not None else ""
+        if job is None or not hmac.compare_digest(token.encode(),
+                                                  request.query.get("token", "").encode()):
+            return _json_error(404, "job_not_found",
+                               "no such job, or not this job's progress URL")
+        if public_status(job.status.value, job.error) in TERMINAL:
+            return _json_error(409, "job_finished", "the job is over; progress is not taken")
+        await runtime.jobs.set_progress(job, progress, message,
+                                        runtime.config.jobs.max_age)
+    except REDIS_ERRORS as exc:
+        return _json_error(503, "redis_unavailable", str(exc))
+    return web.Response(status=204)
+
+
 def build_admin_app(runtime: Runtime) -> web.Application:
     app = web.Application(middlewares=[require_token])
     app[RUNTIME] = runtime
@@ -120,4 +255,8 @@ def build_admin_app(runtime: Runtime) -> web.Application:
     app.router.add_get("/admin/stats", stats)
     app.router.add_get("/admin/breakers", breakers)
     app.router.add_post("/admin/breakers/{name}/reset", reset_breaker)
+    app.router.add_get("/admin/jobs", jobs_list)
+    app.router.add_get("/admin/jobs/{id}", job_detail)
+    app.router.add_post("/admin/jobs/{id}/retry", job_retry)
+    app.router.add_post("/internal/jobs/{id}/progress", job_progress)
     return app

@@ -16,7 +16,7 @@ import signal
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import redis.asyncio as aioredis
@@ -34,14 +34,19 @@ from .policies.cache import CachePolicy
 from .policies.dedup import DedupPolicy
 from .policies.etag import EtagPolicy
 from .policies.idempotency import IdempotencyPolicy
+from .policies.offload import OffloadPolicy
 from .policies.ratelimit import RateLimitPolicy
 from .policies.retry import RetryPolicy
 from .proxy import ProxyHandler
 from .routing import RouteTable
 from .stores.breakers import BreakerService
 from .stores.dedup import DedupService
+from .stores.jobs import JobService
 from .stores.tiered import CacheService
 from .upstream import UpstreamPool
+
+if TYPE_CHECKING:
+    from .jobrunner import JobRunner
 
 log = logging.getLogger("sidecar")
 
@@ -60,6 +65,7 @@ class State:
     via: bytes
     via_response: str
     via_response_bytes: bytes
+    jobs_path: str
 
 
 def _upstream_handler(pool: UpstreamPool) -> Handler:
@@ -72,7 +78,8 @@ def _upstream_handler(pool: UpstreamPool) -> Handler:
 
 
 def build_policies(route: RouteConfig, upstream: UpstreamConfig, cache: CacheService,
-                   dedup: DedupService, breakers: BreakerService) -> list[Policy]:
+                   dedup: DedupService, breakers: BreakerService,
+                   jobs: JobService) -> list[Policy]:
     """The route's policies in the canonical order of pipeline.CANONICAL_ORDER. `breaker` and
     `retry` may be set on the upstream; a route's own setting wins."""
     policies: list[Policy] = []
@@ -86,6 +93,8 @@ def build_policies(route: RouteConfig, upstream: UpstreamConfig, cache: CacheSer
         policies.append(CachePolicy(route.name, route.cache, cache, generate_etag=route.etag))
     if route.dedup is not None:
         policies.append(DedupPolicy(route.name, route.dedup, dedup))
+    if route.offload is not None:
+        policies.append(OffloadPolicy(route.name, route.upstream, route.offload, jobs))
     breaker = route.breaker or upstream.breaker
     if breaker is not None:
         name = f"route:{route.name}" if route.breaker else f"upstream:{route.upstream}"
@@ -97,7 +106,7 @@ def build_policies(route: RouteConfig, upstream: UpstreamConfig, cache: CacheSer
 
 
 def build_state(loaded: LoadedConfig, previous: State | None, cache: CacheService,
-                dedup: DedupService, breakers: BreakerService) -> State:
+                dedup: DedupService, breakers: BreakerService, jobs: JobService) -> State:
     """Compile a config; upstream pools whose settings did not change are carried over."""
     config = loaded.config
     pools: dict[str, UpstreamPool] = {}
@@ -109,7 +118,7 @@ def build_state(loaded: LoadedConfig, previous: State | None, cache: CacheServic
     chains = {
         route.name: build_chain(
             build_policies(route.config, config.upstreams[route.upstream], cache, dedup,
-                           breakers),
+                           breakers, jobs),
             _upstream_handler(pools[route.upstream]))
         for route in routes.routes
     }
@@ -124,6 +133,7 @@ def build_state(loaded: LoadedConfig, previous: State | None, cache: CacheServic
         via=config.server.via.encode("latin-1"),
         via_response=f"1.1 {config.server.via}",
         via_response_bytes=f"1.1 {config.server.via}".encode("latin-1"),
+        jobs_path=config.jobs.path,
     )
 
 
@@ -150,7 +160,9 @@ class Runtime:
         self.cache = CacheService()
         self.dedup = DedupService()
         self.breakers = BreakerService()
-        self.state = build_state(loaded, None, self.cache, self.dedup, self.breakers)
+        self.jobs = JobService()
+        self.runner: JobRunner | None = None
+        self.state = build_state(loaded, None, self.cache, self.dedup, self.breakers, self.jobs)
         self.redis_url = redis_url
         self.reuse_port = reuse_port
         self.worker_id = worker_id
@@ -170,6 +182,14 @@ class Runtime:
     @property
     def config(self) -> Config:
         return self.state.config
+
+    @property
+    def pools(self) -> dict[str, UpstreamPool]:
+        return self.state.pools
+
+    def progress_base(self) -> str:
+        """Where upstreams POST job progress: jobs.progress_url, else this admin listener."""
+        return progress_base(self.config, self.admin_port)
 
     async def start(self) -> None:
         config = self.config
@@ -192,6 +212,7 @@ class Runtime:
                 socket_timeout=max(config.redis.connect_timeout, 10.0), health_check_interval=0))
         self.breakers.attach(self.redis, aioredis.Redis.from_url(
             self.redis_url, socket_connect_timeout=config.redis.connect_timeout))
+        attach_jobs(self.jobs, self.redis_url, config)
         limits = config.server.limits
         server = web.Server(
             ProxyHandler(self), auto_decompress=False,
@@ -216,6 +237,11 @@ class Runtime:
         ]
         if config.server.watch_config:
             self._tasks.append(asyncio.create_task(self._watch_config(), name="config-watch"))
+        if config.jobs.workers:
+            from .jobrunner import JobRunner
+
+            self.runner = JobRunner(self, self.jobs)
+            await self.runner.start()
         log.info("sidecar listening", extra={
             "listen": f"{config.server.listen.host}:{self.public_port}",
             "admin": f"{config.server.admin_listen.host}:{self.admin_port}",
@@ -242,6 +268,8 @@ class Runtime:
         for runner in reversed(self._runners):
             await runner.cleanup()
         self._runners.clear()
+        if self.runner is not None:
+            await self.runner.stop()
         await cancel_and_wait(self._tasks)
         for pool in self.state.pools.values():
             await pool.close()
@@ -249,6 +277,7 @@ class Runtime:
         await self.cache.close()
         await self.dedup.close()
         await self.breakers.close()
+        await self.jobs.close()
         if self.redis is not None:
             await self.redis.aclose()
         self.access_log.flush()
@@ -261,7 +290,7 @@ class Runtime:
             old = self.state
             try:
                 loaded = await asyncio.to_thread(load_config, old.loaded.path)
-                new = build_state(loaded, old, self.cache, self.dedup, self.breakers)
+                new = build_state(loaded, old, self.cache, self.dedup, self.breakers, self.jobs)
             except ConfigError as exc:
                 self.reloads["error"] += 1
                 self.last_reload_error = str(exc)
@@ -324,11 +353,31 @@ class Runtime:
         self.cache.redis_up = up
         self.dedup.redis_up = up
         self.breakers.redis_up = up
+        self.jobs.redis_up = up
 
     async def _watch_redis(self) -> None:
         while True:
             await asyncio.sleep(self.config.redis.health_interval)
             await self._check_redis()
+
+
+def attach_jobs(service: JobService, redis_url: str, config: Config) -> None:
+    """Two clients without a read timeout: saq's pub/sub of job changes shares the first, and
+    the wake-up subscription is idle by nature."""
+    service.attach(
+        aioredis.Redis.from_url(redis_url, socket_connect_timeout=config.redis.connect_timeout),
+        aioredis.Redis.from_url(redis_url, socket_connect_timeout=config.redis.connect_timeout))
+
+
+def progress_base(config: Config, admin_port: int | None) -> str:
+    if config.jobs.progress_url:
+        return config.jobs.progress_url.rstrip("/")
+    host = config.server.admin_listen.host
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{admin_port or config.server.admin_listen.port}"
 
 
 def _bound_port(runner: web.BaseRunner) -> int | None:

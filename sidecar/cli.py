@@ -1,4 +1,4 @@
-"""`sidecar run|check`: the command line."""
+"""`sidecar run|worker|check`: the command line."""
 
 from __future__ import annotations
 
@@ -74,6 +74,29 @@ def cmd_run(args: argparse.Namespace) -> int:
             embedded.stop()
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    from .jobworker import StandaloneWorker, embedded_url
+
+    loaded = _load_or_report(args.config)
+    if loaded is None:
+        return 1
+    config = loaded.config
+    configure_logging(config.log)
+    redis_url = config.redis.url
+    if redis_url == "embedded":
+        found = embedded_url(config)
+        if found is None:
+            print(f"sidecar worker: redis.url is 'embedded' but no embedded Redis runs in "
+                  f"{config.server.state_dir}: start 'sidecar run' with this config first, "
+                  "or set redis.url to a shared Redis", file=sys.stderr)
+            return 1
+        redis_url = found
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(StandaloneWorker(loaded, redis_url).run())
+    return 0
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     loaded = _load_or_report(args.config)
     if loaded is None:
@@ -97,6 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
             "it; SIGTERM drains requests in flight within server.shutdown_grace."))
     run.add_argument("-c", "--config", default="config.yaml", help="config file (config.yaml)")
     run.set_defaults(func=cmd_run)
+    worker = sub.add_parser(
+        "worker", help="run offloaded jobs only", description=(
+            "Run the jobs of the queues in the config (see docs/jobs.md) without serving "
+            "traffic; any number of workers, on any machines, share the queue through Redis. "
+            "SIGTERM puts running jobs back in their queue; SIGHUP reloads the config."))
+    worker.add_argument("-c", "--config", default="config.yaml", help="config file (config.yaml)")
+    worker.set_defaults(func=cmd_worker)
     check = sub.add_parser(
         "check", help="validate a config file", description=(
             "Validate the config file and the policy files it includes. Exits 0 when valid, "

@@ -348,6 +348,19 @@ class IdempotencyConfig(_Model):
         return [m.upper() for m in methods]
 
 
+class OffloadConfig(_Model):
+    """Answer at once with 202 and replay the request from the job queue (docs/jobs.md)."""
+
+    mode: Literal["always", "prefer"] = "always"  # prefer: only with `Prefer: respond-async`
+    queue: str = "default"
+    priority: int = Field(5, ge=0, le=1000)  # lower runs first
+    attempts: int = Field(3, ge=1, le=100)  # upstream calls at most, 5xx and failures retried
+    backoff: Duration = Field(2.0, ge=0)  # before the second attempt; doubled after, jittered
+    timeout: Duration = Field(600.0, gt=0)  # per attempt
+    result_ttl: Duration = Field(86400.0, gt=0)
+    max_body: Size = 16 * 1024**2
+
+
 class PolicyKeys(_Model):
     """The keys a route or a policy bundle may set; each later policy adds its own key here."""
 
@@ -359,6 +372,7 @@ class PolicyKeys(_Model):
     breaker: BreakerConfig | None = None
     retry: RetryConfig | None = None
     rate_limit: RateLimitConfig | None = None
+    offload: OffloadConfig | None = None
 
 
 class RouteConfig(PolicyKeys):
@@ -378,6 +392,26 @@ class AdminConfig(_Model):
     token: str | None = None
 
 
+class QueueConfig(_Model):
+    concurrency: int = Field(10, ge=1, le=10000)  # upstream calls in flight, whole cluster
+
+
+class JobsConfig(_Model):
+    """The job queue's own settings; `queues` names the queues and their limits."""
+
+    path: str = Field("/_sidecar/jobs", pattern=r"^(/[A-Za-z0-9._~\-]+)+$")
+    workers: bool = True  # `sidecar run` also runs jobs (besides `sidecar worker`)
+    # A running job whose worker stops answering is picked up again this long after its last
+    # heartbeat (and then after the sweep that notices it).
+    visibility_timeout: Duration = Field(30.0, ge=1.0)
+    sweep_interval: Duration = Field(10.0, ge=1.0)
+    max_wait: Duration = Field(60.0, ge=0)  # the longest `Prefer: wait=N` honoured
+    max_age: Duration = Field(7 * 86400.0, gt=0)  # a job not finished by then is dropped
+    # Where upstreams POST progress; by default the admin listener of the worker running the
+    # job (a wildcard host becomes 127.0.0.1).
+    progress_url: str | None = None
+
+
 class Config(_Model):
     server: ServerConfig = ServerConfig()
     redis: RedisConfig = RedisConfig()
@@ -386,6 +420,16 @@ class Config(_Model):
     routes: list[RouteConfig] = Field(min_length=1)
     log: LogConfig = LogConfig()
     admin: AdminConfig = AdminConfig()
+    queues: dict[str, QueueConfig] = {"default": QueueConfig()}
+    jobs: JobsConfig = JobsConfig()
+
+    @field_validator("queues")
+    @classmethod
+    def _queue_names(cls, queues: dict[str, QueueConfig]) -> dict[str, QueueConfig]:
+        for name in queues:
+            if not re.fullmatch(r"[A-Za-z0-9_\-]{1,64}", name):
+                raise ValueError(f"queue name {name!r}: use letters, digits, '_' and '-' only")
+        return queues
 
     @field_validator("include", mode="before")
     @classmethod
@@ -758,6 +802,13 @@ def _cross_check(config: Config, doc: _Document) -> list[Problem]:
                                 f"the admin listener {config.server.admin_listen} is not on "
                                 "loopback: set admin.token so its endpoints require a bearer token",
                                 doc.line_of(("server", "admin_listen"))))
+    for i, route in enumerate(config.routes):
+        if route.offload is not None and route.offload.queue not in config.queues:
+            known = ", ".join(sorted(config.queues)) or "none"
+            problems.append(Problem(doc.file, f"routes[{i}] ({route.name}).offload.queue",
+                                    f"unknown queue {route.offload.queue!r}; defined queues: "
+                                    f"{known} (declare it under the top-level 'queues:')",
+                                    doc.line_of(("routes", i, "offload", "queue"))))
     if config.server.listen == config.server.admin_listen:
         problems.append(Problem(doc.file, "server.admin_listen",
                                 "the admin listener must not share the public address",

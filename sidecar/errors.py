@@ -101,3 +101,43 @@ class RateLimitedError(SidecarError):
 
     status = 429
     code = "rate_limited"
+
+
+class MethodNotAllowedError(SidecarError):
+    status = 405
+    code = "method_not_allowed"
+
+
+class OffloadBodyTooLargeError(SidecarError):
+    """An offloaded request's body is stored whole in Redis; past offload.max_body it is
+    refused."""
+
+    status = 413
+    code = "request_body_too_large"
+
+
+class JobQueueUnavailableError(SidecarError):
+    """Redis cannot be reached: the request was not queued, and nothing was sent upstream."""
+
+    status = 503
+    code = "job_queue_unavailable"
+
+
+class JobNotFoundError(SidecarError):
+    """No such job, it expired, or it belongs to another client (never said which)."""
+
+    status = 404
+    code = "job_not_found"
+
+
+class JobNotFinishedError(SidecarError):
+    status = 425
+    code = "job_not_finished"
+
+
+class JobFinishedError(SidecarError):
+    """The job failed or was cancelled, so it has no result; or it is over and cannot be
+    cancelled."""
+
+    status = 409
+    code = "job_finished"

@@ -20,6 +20,7 @@ from multidict import CIMultiDict
 
 from .errors import NoRouteError, SidecarError, UpstreamError
 from .forwarding import HOP_BY_HOP, connection_tokens
+from .jobsapi import JobsEndpoint, under
 from .pipeline import ProxyRequest, ProxyResponse
 from .upstream import Body, RawHeaders
 
@@ -204,6 +205,7 @@ class ProxyHandler:
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
+        self.jobs = JobsEndpoint(runtime)
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.perf_counter()
@@ -217,7 +219,10 @@ class ProxyHandler:
         sent = 0
         try:
             method = request.method
-            route = state.routes.match(method, request.host, _request_path(request), headers)
+            path = _request_path(request)
+            if path.startswith(state.jobs_path) and under(path, state.jobs_path):
+                return await self.jobs.handle(request, path, request_id)
+            route = state.routes.match(method, request.host, path, headers)
             if route is None:
                 raise NoRouteError(f"no route matches {method} {request.path}")
             if hdrs.UPGRADE in headers and headers[hdrs.UPGRADE].lower() == "websocket":

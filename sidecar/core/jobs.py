@@ -1,0 +1,235 @@
+"""The rules of offloaded jobs, without I/O: ids, who may see a job, what a client is told, the
+`Prefer` header (RFC 7240), and the request head replayed to the upstream."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+import struct
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+# What a client sees; the queue library's own states map onto these (public_status).
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
+    "queued", "running", "succeeded", "failed", "cancelled")
+TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
+
+# The error a job record carries when its worker stopped answering and no attempt was left.
+SWEPT_ERROR = "the worker running this job stopped answering (visibility timeout)"
+
+_LIBRARY_STATES = {
+    "new": QUEUED, "queued": QUEUED, "active": RUNNING, "aborting": RUNNING,
+    "complete": SUCCEEDED, "failed": FAILED,
+}
+
+
+def public_status(state: str, error: str | None) -> str:
+    """queued | running | succeeded | failed | cancelled, from the queue library's state."""
+    if state == "aborted":
+        return FAILED if error == SWEPT_ERROR else CANCELLED
+    return _LIBRARY_STATES.get(state, QUEUED)
+
+
+# -- ids ----------------------------------------------------------------------------------------
+
+_ID = re.compile(r"^([A-Za-z0-9_\-]{1,64})\.(\d{1,4})\.([A-Za-z0-9_\-]{24})$")
+
+
+@dataclass(frozen=True, slots=True)
+class JobId:
+    """`<queue>.<priority>.<24 random url-safe characters>`: the random part (144 bits) makes
+    it unguessable; the prefix says which Redis list holds the job without a lookup."""
+
+    queue: str
+    priority: int
+    token: str
+
+    def __str__(self) -> str:
+        return f"{self.queue}.{self.priority}.{self.token}"
+
+    @classmethod
+    def new(cls, queue: str, priority: int) -> JobId:
+        return cls(queue, priority, secrets.token_urlsafe(18))
+
+    @classmethod
+    def parse(cls, text: str) -> JobId | None:
+        match = _ID.match(text)
+        if match is None:
+            return None
+        return cls(match.group(1), int(match.group(2)), match.group(3))
+
+
+def lane(queue: str, priority: int) -> str:
+    """The queue library's queue for one priority of one configured queue."""
+    return f"sidecar.{queue}.p{priority}"
+
+
+# -- who may see a job --------------------------------------------------------------------------
+
+_CREDENTIALS = frozenset({b"authorization", b"cookie"})
+
+
+def owner_fingerprint(raw_headers: Iterable[tuple[bytes, bytes]]) -> str:
+    """A digest of every Authorization and Cookie line as sent, length-framed so that no two
+    different sets of lines give the same input. Anonymous clients all share one value (the
+    unguessable id is then what protects a job)."""
+    digest = hashlib.sha256(b"sidecar-job-owner\n")
+    for name, value in raw_headers:
+        lname = name.lower()
+        if lname in _CREDENTIALS:
+            digest.update(struct.pack("!BI", len(lname), len(value)) + lname + value)
+    return digest.hexdigest()
+
+
+# -- Prefer (RFC 7240) --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Preferences:
+    respond_async: bool = False
+    wait: float | None = None  # seconds
+
+
+def parse_prefer(values: Iterable[str]) -> Preferences:
+    """`respond-async` and `wait=N` from every Prefer line; the first `wait` wins (§2), unknown
+    preferences and malformed values are ignored, as the RFC asks."""
+    respond_async = False
+    wait: float | None = None
+    for value in values:
+        for item in value.split(","):
+            token, _, rest = item.partition(";")[0].partition("=")
+            name = token.strip().lower()
+            if name == "respond-async":
+                respond_async = True
+            elif name == "wait" and wait is None:
+                text = rest.strip().strip('"')
+                if text.isascii() and text.isdigit():
+                    wait = float(int(text))
+    return Preferences(respond_async, wait)
+
+
+def strip_prefer(value: bytes) -> bytes:
+    """A Prefer value without the preferences the sidecar honours itself (so that the upstream
+    does not also answer asynchronously); b"" when nothing is left."""
+    kept = []
+    for item in value.split(b","):
+        name = item.partition(b";")[0].partition(b"=")[0].strip().lower()
+        if name in (b"respond-async", b"wait") or not name:
+            continue
+        kept.append(item.strip())
+    return b", ".join(kept)
+
+
+# -- the replayed request -----------------------------------------------------------------------
+
+_REFRAMED = frozenset({b"content-length", b"transfer-encoding", b"x-sidecar-job-id",
+                       b"x-sidecar-progress-url"})
+
+
+def replay_head(head: bytes, job_id: str, progress_url: str, body_length: int | None) -> bytes:
+    """The upstream request head of a job: the client's forwarded head, framed by
+    Content-Length (the body was read whole), with the job's id and progress URL, without the
+    asynchronous preferences."""
+    lines = head.split(b"\r\n")
+    out = [lines[0]]
+    for line in lines[1:]:
+        if not line:
+            continue
+        name, _, value = line.partition(b":")
+        lname = name.strip().lower()
+        if lname in _REFRAMED:
+            continue
+        if lname == b"prefer":
+            value = strip_prefer(value)
+            if not value:
+                continue
+            line = name + b": " + value
+        out.append(line)
+    if body_length is not None:
+        out.append(b"Content-Length: %d" % body_length)
+    out.append(b"X-Sidecar-Job-Id: " + job_id.encode("ascii"))
+    out.append(b"X-Sidecar-Progress-URL: " + progress_url.encode("ascii"))
+    return b"\r\n".join(out) + b"\r\n\r\n"
+
+
+# -- progress reports ---------------------------------------------------------------------------
+
+MAX_MESSAGE = 1000
+
+
+def parse_progress(payload: object) -> tuple[float, str | None]:
+    """`{"progress": 0..100, "message": "..."}` as an upstream posts it; ValueError says what
+    is wrong."""
+    if not isinstance(payload, Mapping):
+        raise ValueError('send a JSON object like {"progress": 40, "message": "step 2 of 5"}')
+    progress = payload.get("progress")
+    if isinstance(progress, bool) or not isinstance(progress, int | float):
+        raise ValueError('"progress" must be a number from 0 to 100')
+    if not 0 <= progress <= 100:
+        raise ValueError(f'"progress" must be from 0 to 100, got {progress}')
+    message = payload.get("message")
+    if message is not None and not isinstance(message, str):
+        raise ValueError('"message" must be a string')
+    if message is not None and len(message) > MAX_MESSAGE:
+        raise ValueError(f'"message" may be at most {MAX_MESSAGE} characters')
+    unknown = set(payload) - {"progress", "message"}
+    if unknown:
+        raise ValueError(f"unknown fields: {', '.join(sorted(map(str, unknown)))}")
+    return float(progress), message
+
+
+# -- what a client is told ----------------------------------------------------------------------
+
+
+def iso_time(millis: int) -> str | None:
+    """An RFC 3339 UTC time from epoch milliseconds; None for 0 (not happened yet)."""
+    if not millis:
+        return None
+    seconds, ms = divmod(int(millis), 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{ms:03d}Z"
+
+
+def client_error(status: str, error: str | None) -> str | None:
+    """The last line of what went wrong, not a worker's traceback."""
+    if status == CANCELLED:
+        return "cancelled"
+    if not error:
+        return None
+    lines = [line for line in error.strip().splitlines() if line.strip()]
+    last = lines[-1].strip() if lines else error.strip()
+    if last in ("TimeoutError", "asyncio.exceptions.TimeoutError", "builtins.TimeoutError"):
+        return "the attempt timed out (offload.timeout)"
+    # `sidecar.jobs.JobFailure: upstream answered 503` -> `upstream answered 503`
+    prefix, sep, rest = last.partition(": ")
+    if sep and "." in prefix and " " not in prefix:
+        return rest
+    return last
+
+
+def status_view(job_id: str, state: str, error: str | None, *, attempts: int, queued: int,
+                started: int, completed: int, progress: float, message: str | None,
+                urls: Mapping[str, str]) -> dict[str, Any]:
+    """The JSON body of `GET <jobs path>/<id>`."""
+    status = public_status(state, error)
+    if status == SUCCEEDED:
+        progress = 100.0
+    view: dict[str, Any] = {
+        "id": job_id,
+        "status": status,
+        "progress": int(progress) if progress == int(progress) else round(progress, 1),
+        "message": message,
+        "attempts": attempts,
+        "created_at": iso_time(queued),
+        "started_at": iso_time(started) if status != QUEUED else None,
+        "finished_at": iso_time(completed) if status in TERMINAL else None,
+        "error": client_error(status, error) if status in (FAILED, CANCELLED) else None,
+    }
+    view.update(urls)
+    return view
+
+
+def view_etag(body: bytes) -> str:
+    return '"' + hashlib.blake2b(body, digest_size=12).hexdigest() + '"'

@@ -1,0 +1,346 @@
+"""Running offloaded jobs: replay each queued request to its upstream and store the answer.
+
+Runs inside `sidecar run` (unless `jobs.workers: false`) and as `sidecar worker`, on any
+number of machines sharing Redis. Per configured queue a process keeps `concurrency` loops;
+each loop takes a cluster-wide slot (stores/jobs.py), then lets saq's Worker.process() take the
+next job from the lowest priority lane that has one and run it: saq does the dequeue, status
+updates, the attempt timeout, retries with exponential backoff and jitter, and aborts; its
+upkeep re-queues jobs whose worker stopped heart-beating (crash recovery).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import os
+import uuid
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
+
+from saq.job import Job, Status
+from saq.worker import Worker
+
+from .aio import cancel_and_wait
+from .core.jobs import SWEPT_ERROR, client_error, lane, replay_head
+from .errors import UpstreamError
+from .pipeline import ProxyResponse
+from .stores.dedup import SharedResult
+from .stores.jobs import CANCELLED_BY_CLIENT, REPLAY, JobService, SidecarQueue
+from .stores.subscriber import REDIS_ERRORS
+
+if TYPE_CHECKING:
+    from .config import Config
+    from .upstream import UpstreamPool
+
+log = logging.getLogger("sidecar.jobs")
+
+IDLE_POLL = 1.0  # the first loop of a queue looks for due retries this often when idle
+IDLE_POLL_OTHERS = 15.0  # the other loops rely on wake-ups
+
+
+class _HidesJobs(logging.Filter):
+    """saq logs whole job records (with their request heads: credentials) on errors, and one
+    line per job at INFO. The runner logs what matters itself, without them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        return record.levelno >= logging.WARNING and not any(
+            isinstance(a, Job) or (isinstance(a, str) and a.startswith("Job<")) for a in args)
+
+
+logging.getLogger("saq").addFilter(_HidesJobs())
+
+
+class JobHost(Protocol):
+    """What the runner needs from the process it runs in."""
+
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def pools(self) -> Mapping[str, UpstreamPool]: ...
+
+    def progress_base(self) -> str: ...
+
+
+class JobFailure(Exception):
+    """An attempt failed; the message is what the job's `error` tells the client."""
+
+
+# Set by each loop before it calls saq's process(): saq's return value does not say whether a
+# job was taken (it is True also when the dequeue itself failed).
+_took_job: contextvars.ContextVar[list[bool]] = contextvars.ContextVar("took_job")
+
+
+class LaneWorker(Worker):  # type: ignore[type-arg]
+    """saq's worker for one lane, driven by the runner's loops instead of its own."""
+
+    def __init__(self, runner: JobRunner, queue: SidecarQueue) -> None:
+        jobs = runner.host.config.jobs
+        super().__init__(
+            queue, functions=[(REPLAY, runner.replay)], concurrency=1, dequeue_timeout=-1,
+            timers={"schedule": 1, "abort": 1, "sweep": max(1, round(jobs.sweep_interval)),
+                    "worker_info": 10},
+            before_process=runner.before_process, after_process=runner.after_process,
+            id=f"{runner.worker_id}:{queue.name}",
+        )
+        self.runner = runner
+        self.upkeep_tasks: list[asyncio.Task[Any]] = []
+
+    async def schedule(self, lock: int = 1) -> None:
+        # Retries waiting out their backoff become due here: wake this queue's loops.
+        if await self.queue.schedule(lock):
+            self.runner.wake(self.queue.name.split(".")[1])
+
+
+class JobRunner:
+    def __init__(self, host: JobHost, service: JobService) -> None:
+        self.host = host
+        self.service = service
+        self.worker_id = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.lanes: dict[str, dict[int, LaneWorker]] = {}  # queue -> priority -> worker
+        self.running = 0
+        self._loops: dict[str, list[asyncio.Task[None]]] = {}
+        self._wake: dict[str, asyncio.Event] = {}
+        self._held: dict[str, set[str]] = {}
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._stopping = False
+        self._redis_down = False
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.service.on_wake(self._on_wake)
+        self._tasks.append(asyncio.create_task(self._maintain(), name="jobs-maintain"))
+        log.info("job worker started", extra={"worker_id": self.worker_id,
+                                              "queues": sorted(self.host.config.queues)})
+
+    async def stop(self) -> None:
+        """Stop taking jobs; a job running now goes back to its queue at once (saq re-queues
+        a cancelled job), to run again on another worker."""
+        self._stopping = True
+        loops = [task for tasks in self._loops.values() for task in tasks]
+        await cancel_and_wait(loops, patience=5.0)
+        upkeep = []
+        for lanes in self.lanes.values():
+            for worker in lanes.values():
+                worker.event.set()
+                upkeep += worker.upkeep_tasks
+                worker.pool.shutdown(wait=False)
+        await cancel_and_wait([*upkeep, *self._tasks])
+
+    # -- lanes and wake-ups ---------------------------------------------------------------------
+
+    def wake(self, queue: str) -> None:
+        event = self._wake.pop(queue, None)
+        if event is not None:
+            event.set()
+
+    def _on_wake(self, name: str) -> None:
+        if name == "*":
+            for queue in list(self._wake):
+                self.wake(queue)
+            return
+        if name.startswith("sidecar."):  # a lane: sidecar.<queue>.p<priority>
+            _, queue, priority = name.split(".")
+            if queue in self.host.config.queues:
+                self._add_lane(queue, int(priority[1:]))
+            self.wake(queue)
+        else:
+            self.wake(name)
+
+    async def _sleep(self, queue: str, seconds: float) -> None:
+        event = self._wake.get(queue)
+        if event is None:
+            event = self._wake[queue] = asyncio.Event()
+        try:
+            async with asyncio.timeout(seconds):
+                await event.wait()
+        except TimeoutError:
+            pass
+
+    def _add_lane(self, queue: str, priority: int) -> None:
+        lanes = self.lanes.setdefault(queue, {})
+        if priority in lanes or self._stopping:
+            return
+        worker = lanes[priority] = LaneWorker(self, self.service.queue(lane(queue, priority)))
+        worker.upkeep_tasks = []
+
+        async def start_upkeep() -> None:
+            worker.upkeep_tasks.extend(await worker.upkeep())
+
+        worker.upkeep_tasks.append(asyncio.create_task(start_upkeep()))
+        self.lanes[queue] = dict(sorted(lanes.items()))
+
+    async def _maintain(self) -> None:
+        """Find lanes other processes created, keep `concurrency` loops per queue, and renew
+        the slots held here."""
+        while True:
+            config = self.host.config
+            lease = config.jobs.visibility_timeout
+            try:
+                for name, queue_config in config.queues.items():
+                    for priority in await self.service.lanes(name):
+                        self._add_lane(name, priority)
+                    loops = self._loops.setdefault(name, [])
+                    while len(loops) < queue_config.concurrency:
+                        loops.append(asyncio.create_task(self._loop(name, len(loops)),
+                                                         name=f"jobs-{name}-{len(loops)}"))
+                for name, held in self._held.items():
+                    await self.service.renew_slots(name, list(held), lease)
+                if self._redis_down:
+                    log.info("job queue reachable again")
+                self._redis_down = False
+            except REDIS_ERRORS as exc:
+                self._redis_failed(exc)
+            await asyncio.sleep(min(2.0, lease / 3))
+
+    def _redis_failed(self, exc: BaseException) -> None:
+        if not self._redis_down:
+            log.warning("job queue unreachable (redis); jobs wait until it is back",
+                        extra={"error": str(exc) or type(exc).__name__})
+        self._redis_down = True
+
+    # -- the loops ------------------------------------------------------------------------------
+
+    async def _loop(self, queue: str, index: int) -> None:
+        token = f"{self.worker_id}:{index}"
+        held = self._held.setdefault(queue, set())
+        idle = IDLE_POLL if index == 0 else IDLE_POLL_OTHERS
+        while not self._stopping:
+            queue_config = self.host.config.queues.get(queue)
+            if queue_config is None or index >= queue_config.concurrency:
+                await self._sleep(queue, IDLE_POLL_OTHERS)  # removed or shrunk by a reload
+                continue
+            lanes = self.lanes.get(queue)
+            if not lanes:
+                await self._sleep(queue, idle)
+                continue
+            took = [False]
+            try:
+                if not await self.service.acquire_slot(
+                        queue, token, queue_config.concurrency,
+                        self.host.config.jobs.visibility_timeout):
+                    await self._sleep(queue, idle)
+                    continue
+                held.add(token)
+                try:
+                    _took_job.set(took)
+                    for worker in list(lanes.values()):
+                        await worker.process()
+                        if took[0]:
+                            break
+                finally:
+                    held.discard(token)
+                    await self.service.release_slot(queue, token, wake=took[0])
+            except asyncio.CancelledError:
+                raise
+            except REDIS_ERRORS as exc:
+                self._redis_failed(exc)
+                await asyncio.sleep(1.0)
+                continue
+            except Exception:
+                log.exception("job loop failed; going on", extra={"queue": queue})
+                await asyncio.sleep(1.0)
+                continue
+            if not took[0]:
+                await self._sleep(queue, idle)
+
+    # -- one job --------------------------------------------------------------------------------
+
+    async def before_process(self, ctx: dict[str, Any]) -> None:
+        took = _took_job.get(None)
+        if took is not None:
+            took[0] = True
+        job: Job = ctx["job"]
+        self.wake(job.key.split(".", 1)[0])  # more may be waiting: let the other loops look
+        self.running += 1
+        ctx["counted"] = True
+
+    async def after_process(self, ctx: dict[str, Any]) -> None:
+        if ctx.pop("counted", False):
+            self.running -= 1
+        job: Job = ctx["job"]
+        status = job.status
+        fields = {"job_id": job.key, "attempt": job.attempts, "worker_id": self.worker_id}
+        try:
+            if status == Status.QUEUED:  # retried: a failed attempt, or a worker stopping
+                log.warning("job attempt failed; it will run again", extra={
+                    **fields, "error": client_error("failed", job.error)})
+                await self.service.count_retry(job)
+                return
+            if status == Status.COMPLETE:
+                outcome = "succeeded"
+            elif status == Status.ABORTED and job.error != SWEPT_ERROR:
+                outcome = "cancelled"
+            elif status in (Status.FAILED, Status.ABORTED):
+                outcome = "failed"
+            else:
+                return
+            duration = job.duration("process")
+            log.info("job finished", extra={**fields, "outcome": outcome,
+                                            "duration_ms": duration,
+                                            "error": client_error(outcome, job.error)})
+            await self.service.finished(job, outcome, duration)
+        except REDIS_ERRORS as exc:
+            self._redis_failed(exc)
+
+    async def replay(self, ctx: dict[str, Any], **spec: Any) -> dict[str, Any]:
+        """The job function: send the stored request, store the upstream's whole answer."""
+        job: Job = ctx["job"]
+        heartbeat = asyncio.create_task(self._heartbeat(job))
+        try:
+            return await self._replay(job, spec)
+        finally:
+            heartbeat.cancel()
+
+    async def _heartbeat(self, job: Job) -> None:
+        interval = max(0.3, job.heartbeat / 3) if job.heartbeat else 10.0
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await job.update()
+            except REDIS_ERRORS as exc:
+                self._redis_failed(exc)
+
+    async def _replay(self, job: Job, spec: dict[str, Any]) -> dict[str, Any]:
+        pool = self.host.pools.get(spec["upstream"])
+        if pool is None:
+            self._give_up(job, f"upstream {spec['upstream']!r} is no longer in the config")
+        body: bytes | None = None
+        if spec["has_body"]:
+            body = await self.service.body(job.key)
+            if body is None:
+                self._give_up(job, "the request body is gone (older than jobs.max_age)")
+        progress_url = (f"{self.host.progress_base()}/internal/jobs/{job.key}/progress"
+                        f"?token={spec['progress_token']}")
+        head = replay_head(spec["head"].encode("latin-1"), job.key, progress_url,
+                           len(body) if body is not None else None)
+        try:
+            upstream = await pool.request(head, body, timeout=float(job.timeout or 600),
+                                          is_head=spec["method"] == "HEAD")
+            response = ProxyResponse.from_upstream(upstream)
+            data = await response.read_whole(spec["max_body"])
+        except UpstreamError as exc:
+            raise JobFailure(f"{exc.code}: {exc.detail}") from None
+        if data is None:
+            if response.stream is not None:
+                response.stream.close()
+            self._give_up(job, "the upstream's response is larger than offload.max_body "
+                               f"({spec['max_body']} bytes)")
+        if upstream.status >= 500:
+            raise JobFailure(f"upstream answered {upstream.status} {upstream.reason}")
+        await self.service.put_result(
+            job.key, SharedResult(upstream.status, upstream.reason, tuple(upstream.headers),
+                                  data), job.ttl)
+        return {"status": upstream.status, "bytes": len(data)}
+
+    @staticmethod
+    def _give_up(job: Job, message: str) -> NoReturn:
+        """Fail this job now: another attempt would fail the same way."""
+        job.retries = job.attempts
+        raise JobFailure(message)
+
+
+__all__ = ["CANCELLED_BY_CLIENT", "JobFailure", "JobHost", "JobRunner"]

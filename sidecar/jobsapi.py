@@ -1,0 +1,231 @@
+"""The client's view of offloaded jobs, on the public listener under `jobs.path`
+(default `/_sidecar/jobs`):
+
+    GET    <path>/<id>          status, progress, attempts, times (ETag; 304 when unchanged)
+    GET    <path>/<id>/result   the upstream's stored response, once the job succeeded
+    GET    <path>/<id>/events   Server-Sent Events of the status, until the job is over
+    DELETE <path>/<id>          cancel a queued or running job
+
+A job is visible only to the client that created it (same Authorization and Cookie lines);
+anyone else gets the same 404 as for an id that never existed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from aiohttp import web
+from saq.job import Job, Status
+
+from .core.etag import none_match
+from .core.jobs import (
+    CANCELLED,
+    FAILED,
+    SUCCEEDED,
+    TERMINAL,
+    JobId,
+    owner_fingerprint,
+    public_status,
+    status_view,
+    view_etag,
+)
+from .errors import (
+    JobFinishedError,
+    JobNotFinishedError,
+    JobNotFoundError,
+    JobQueueUnavailableError,
+    MethodNotAllowedError,
+)
+from .policies.offload import RETRY_AFTER, job_urls
+from .stores.subscriber import REDIS_ERRORS
+
+if TYPE_CHECKING:
+    from .app import Runtime
+    from .stores.jobs import JobService
+
+KEEPALIVE = 15.0  # an SSE comment this often keeps proxies from closing an idle stream
+RECHECK = 2.0  # an SSE stream re-reads the job this often even without a notification
+
+
+def under(path: str, prefix: str) -> bool:
+    return path.startswith(prefix) and (len(path) == len(prefix) or path[len(prefix)] == "/")
+
+
+def view(service_job: Job, progress: dict[bytes, bytes], base: str) -> dict[str, Any]:
+    raw_progress = progress.get(b"progress")
+    message = progress.get(b"message")
+    return status_view(
+        service_job.key, service_job.status.value, service_job.error,
+        attempts=service_job.attempts, queued=service_job.queued, started=service_job.started,
+        completed=service_job.completed,
+        progress=float(raw_progress) if raw_progress else 0.0,
+        message=message.decode() if message else None,
+        urls=job_urls(base, service_job.key))
+
+
+class JobsEndpoint:
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    @property
+    def service(self) -> JobService:
+        return self.runtime.jobs
+
+    async def handle(self, request: web.BaseRequest, path: str,
+                     request_id: str) -> web.StreamResponse:
+        base = self.runtime.config.jobs.path
+        parts = path[len(base):].strip("/").split("/")
+        action = parts[1] if len(parts) == 2 else None
+        job_id = JobId.parse(parts[0]) if len(parts) in (1, 2) else None
+        if job_id is None or action not in (None, "result", "events"):
+            raise JobNotFoundError(f"no such job; job URLs look like {base}/<id>, "
+                                   f"{base}/<id>/result and {base}/<id>/events")
+        allowed = ("GET", "HEAD", "DELETE") if action is None else ("GET", "HEAD")
+        if request.method not in allowed:
+            raise MethodNotAllowedError(
+                f"{request.method} is not allowed here; use {', '.join(allowed)}",
+                headers={"Allow": ", ".join(allowed)})
+        job, progress = await self._lookup(job_id, request)
+        headers = {"X-Request-ID": request_id, "Cache-Control": "no-cache"}
+        if action == "result":
+            return await self._result(job, request_id)
+        if action == "events":
+            return await self._events(request, job_id, job, progress, base, headers)
+        if request.method == "DELETE":
+            return await self._cancel(job_id, job, base, headers)
+        body = orjson.dumps(view(job, progress, base))
+        etag = view_etag(body)
+        headers["ETag"] = etag
+        inm = request.headers.get("If-None-Match")
+        if inm is not None and none_match(inm, etag):
+            return web.Response(status=304, headers=headers)
+        return web.Response(body=body, content_type="application/json", headers=headers)
+
+    async def _lookup(self, job_id: JobId, request: web.BaseRequest
+                      ) -> tuple[Job, dict[bytes, bytes]]:
+        service = self.service
+        if service.redis is None:
+            raise self._unavailable()
+        try:
+            job, progress = await service.lookup(job_id)
+        except REDIS_ERRORS:
+            raise self._unavailable() from None
+        owner = (job.kwargs or {}).get("owner", "") if job is not None else ""
+        if job is None or not hmac.compare_digest(
+                owner.encode(), owner_fingerprint(request.raw_headers).encode()):
+            raise JobNotFoundError("no such job: it never existed, its record expired "
+                                   "(offload.result_ttl), or another client created it")
+        return job, progress
+
+    @staticmethod
+    def _unavailable() -> JobQueueUnavailableError:
+        return JobQueueUnavailableError("the job queue (redis) is unreachable; retry later",
+                                        headers={"Retry-After": "5"})
+
+    async def _result(self, job: Job, request_id: str) -> web.StreamResponse:
+        status = public_status(job.status.value, job.error)
+        if status in (FAILED, CANCELLED):
+            raise JobFinishedError(f"the job {status}, so it has no result: "
+                                   f"{view(job, {}, '')['error']}")
+        if status != SUCCEEDED:
+            raise JobNotFinishedError(f"the job is {status}; its result is not there yet",
+                                      headers={"Retry-After": str(RETRY_AFTER)})
+        try:
+            result = await self.service.result(job.key)
+        except REDIS_ERRORS:
+            raise self._unavailable() from None
+        if result is None:
+            raise JobNotFoundError("the job's result expired (offload.result_ttl)")
+        from .proxy import PassResponse, response_headers
+
+        state = self.runtime.state
+        headers = response_headers(list(result.headers), request_id, state.via_response)
+        headers["X-Sidecar-Job-Id"] = job.key
+        return PassResponse(status=result.status, reason=result.reason, headers=headers,
+                            body=result.body)
+
+    async def _cancel(self, job_id: JobId, job: Job, base: str,
+                      headers: dict[str, str]) -> web.StreamResponse:
+        if public_status(job.status.value, job.error) in TERMINAL:
+            raise JobFinishedError(f"the job is already "
+                                   f"{public_status(job.status.value, job.error)}; "
+                                   "nothing to cancel")
+        service = self.service
+        try:
+            await service.cancel(job)
+            if job.status != Status.ABORTED:
+                # A running job stops when its worker notices (within a second or two).
+                await service.wait_finished(job_id, 5.0)
+            found, progress = await service.lookup(job_id)
+        except REDIS_ERRORS:
+            raise self._unavailable() from None
+        if found is None:
+            raise JobNotFoundError("the job's record expired")
+        job = found
+        body = orjson.dumps(view(job, progress, base))
+        done = job.status == Status.ABORTED
+        return web.Response(status=200 if done else 202, body=body,
+                            content_type="application/json", headers=headers)
+
+    async def _events(self, request: web.BaseRequest, job_id: JobId, job: Job,
+                      progress: dict[bytes, bytes], base: str,
+                      headers: dict[str, str]) -> web.StreamResponse:
+        response = web.StreamResponse(headers={
+            **headers, "Content-Type": "text/event-stream", "Cache-Control": "no-store",
+            "X-Accel-Buffering": "no"})
+        await response.prepare(request)
+        if request.method == "HEAD":
+            return response
+        service = self.service
+        queue = service.queue_of(job_id)
+        changed = asyncio.Event()
+
+        def notified(_key: str, _status: Status) -> bool:
+            changed.set()
+            return False
+
+        listener = asyncio.create_task(queue.listen([job.key], notified, timeout=None))
+        sent: bytes | None = None
+        number = 0
+        idle = 0.0
+        try:
+            while True:
+                current = orjson.dumps(view(job, progress, base))
+                if current != sent:
+                    number += 1
+                    await response.write(b"event: status\nid: %d\ndata: %s\n\n"
+                                         % (number, current))
+                    sent = current
+                    idle = 0.0
+                if public_status(job.status.value, job.error) in TERMINAL:
+                    break
+                try:
+                    async with asyncio.timeout(RECHECK):
+                        await changed.wait()
+                except TimeoutError:
+                    idle += RECHECK
+                    if idle >= KEEPALIVE:
+                        await response.write(b": keep-alive\n\n")
+                        idle = 0.0
+                changed.clear()
+                try:
+                    found, progress = await service.lookup(job_id)
+                except REDIS_ERRORS:
+                    continue
+                if found is None:
+                    await response.write(b'event: gone\ndata: {"error": "job_not_found"}\n\n')
+                    break
+                job = found
+        except ConnectionError:
+            pass  # the client went away
+        finally:
+            listener.cancel()
+            with contextlib.suppress(BaseException):
+                await listener
+        with contextlib.suppress(ConnectionError):
+            await response.write_eof()
+        return response

@@ -1,0 +1,132 @@
+"""`offload`: answer a long-running request at once with `202 Accepted` and a job to poll; a
+worker replays it to the upstream in the background (jobrunner.py, docs/jobs.md).
+
+`mode: prefer` offloads only requests that ask for it (`Prefer: respond-async`). With
+`Prefer: wait=N` the client is willing to wait: the policy waits up to N seconds (at most
+jobs.max_wait) and answers with the upstream's real response if the job finished by then.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from typing import TYPE_CHECKING
+
+import orjson
+
+from ..core.jobs import JobId, Preferences, owner_fingerprint, parse_prefer
+from ..errors import JobQueueUnavailableError, OffloadBodyTooLargeError
+from ..pipeline import Handler, ProxyRequest, ProxyResponse
+from ..stores.subscriber import REDIS_ERRORS
+
+if TYPE_CHECKING:
+    from ..config import JobsConfig, OffloadConfig
+    from ..stores.jobs import JobService
+
+RETRY_AFTER = 2  # seconds: what a 202 suggests between polls
+
+
+def job_urls(base: str, job_id: str) -> dict[str, str]:
+    status = f"{base}/{job_id}"
+    return {"status_url": status, "result_url": status + "/result",
+            "events_url": status + "/events"}
+
+
+class OffloadPolicy:
+    def __init__(self, route: str, upstream: str, config: OffloadConfig,
+                 service: JobService) -> None:
+        self.route = route
+        self.upstream = upstream
+        self.config = config
+        self.service = service
+
+    async def handle(self, request: ProxyRequest, call_next: Handler) -> ProxyResponse:
+        prefer = request.web.headers.getall("Prefer", ())
+        preferences = parse_prefer(prefer) if prefer else Preferences()
+        if self.config.mode == "prefer" and not preferences.respond_async:
+            return await call_next(request)
+        jobs = request.state.config.jobs
+        body = await self._whole_body(request)
+        job_id = JobId.new(self.config.queue, self.config.priority)
+        spec = {
+            "route": self.route,
+            "upstream": self.upstream,
+            "method": request.method,
+            "target": request.web.raw_path[:2048],
+            "head": request.head.decode("latin-1"),
+            "has_body": body is not None,
+            "max_body": self.config.max_body,
+            "owner": owner_fingerprint(request.web.raw_headers),
+            "progress_token": secrets.token_urlsafe(16),
+            "request_id": request.request_id,
+        }
+        if self.service.redis is None or not self.service.redis_up:
+            raise self._unavailable()
+        try:
+            await self.service.enqueue(job_id, spec, body, self.config,
+                                       heartbeat=jobs.visibility_timeout, max_age=jobs.max_age)
+        except REDIS_ERRORS:
+            raise self._unavailable() from None
+        if preferences.wait:
+            response = await self._waited(job_id, min(preferences.wait, jobs.max_wait))
+            if response is not None:
+                return response
+        return self.accepted(job_id, jobs, preferences)
+
+    async def _whole_body(self, request: ProxyRequest) -> bytes | None:
+        body = request.body
+        limit = self.config.max_body
+        if body is None or isinstance(body, bytes):
+            if body is not None and len(body) > limit:
+                raise self._too_large()
+            return body
+        declared = request.web.content_length
+        if declared is not None and declared > limit:
+            raise self._too_large()
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in body:
+            size += len(chunk)
+            if size > limit:
+                raise self._too_large()
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _too_large(self) -> OffloadBodyTooLargeError:
+        return OffloadBodyTooLargeError(
+            f"this route runs requests as jobs, whose bodies are stored whole: at most "
+            f"{self.config.max_body} bytes (offload.max_body)")
+
+    @staticmethod
+    def _unavailable() -> JobQueueUnavailableError:
+        return JobQueueUnavailableError(
+            "the job queue (redis) is unreachable: the request was not queued and not sent "
+            "upstream; retry later", headers={"Retry-After": "5"})
+
+    async def _waited(self, job_id: JobId, wait: float) -> ProxyResponse | None:
+        """The upstream's stored response if the job succeeds within `wait` seconds."""
+        try:
+            await self.service.wait_finished(job_id, wait)
+            result = await self.service.result(str(job_id))
+        except REDIS_ERRORS:
+            return None
+        if result is None:
+            return None
+        headers = [*result.headers, (b"X-Sidecar-Job-Id", str(job_id).encode()),
+                   (b"Preference-Applied", b"wait=%d" % math.ceil(wait))]
+        return ProxyResponse(result.status, result.reason, headers, body=result.body)
+
+    def accepted(self, job_id: JobId, jobs: JobsConfig, preferences: Preferences) -> ProxyResponse:
+        key = str(job_id)
+        urls = job_urls(jobs.path, key)
+        body = orjson.dumps({"id": key, "status": "queued", **urls})
+        headers = [
+            (b"Content-Type", b"application/json"),
+            (b"Location", urls["status_url"].encode()),
+            (b"Retry-After", b"%d" % RETRY_AFTER),
+            (b"Cache-Control", b"no-store"),
+            (b"X-Sidecar-Job-Id", key.encode()),
+        ]
+        if preferences.respond_async:
+            headers.append((b"Preference-Applied", b"respond-async"))
+        return ProxyResponse(202, "Accepted", headers, body=body)

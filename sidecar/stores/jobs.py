@@ -1,0 +1,363 @@
+"""The job queue's Redis side: saq queues (one per priority of each configured queue), the
+request bodies, results and progress kept beside saq's records, the cluster-wide concurrency
+slots, and a wake-up channel.
+
+saq (docs/jobs.md says why it was chosen) owns each job's record, status, attempts, retries
+with backoff, timeouts, aborts and the sweep that re-queues a job whose worker died. What it
+does not do on Redis is written here, each for a reason:
+- priorities: a saq Redis queue is one FIFO list, so each priority is its own saq queue (a
+  "lane") and workers poll lanes lowest priority first;
+- a concurrency limit across processes: a sorted set of leased slots (`_ACQUIRE`);
+- progress: saq's `Job.update` rewrites the whole record from the worker's copy, so a progress
+  report written by another process (the admin listener that received it) would be undone by
+  the worker's next heartbeat; progress lives in its own hash instead;
+- bodies and results: bytes, kept out of the JSON record so a status poll never reads them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast
+
+import orjson
+import redis.asyncio as aioredis
+from saq.job import Job, Status
+from saq.queue.redis import RedisQueue
+
+from ..core.jobs import SWEPT_ERROR, JobId, lane
+from .dedup import SharedResult
+from .subscriber import Subscriber
+
+if TYPE_CHECKING:
+    from ..config import OffloadConfig
+
+log = logging.getLogger("sidecar.jobs")
+
+PREFIX = "sidecar:jobs:"
+WAKE_CHANNEL = PREFIX + "wake"
+REPLAY = "replay"  # the one job function: replay a request to its upstream
+CANCELLED_BY_CLIENT = "cancelled by the client"
+# Status lookups, enqueues and aborts all share saq's per-queue semaphore: the process serving
+# the status endpoints needs more than saq's default of 20.
+MAX_CONCURRENT_OPS = 500
+
+# KEYS[1] slots (member: token, score: lease end in ms on Redis's clock); ARGV token, limit,
+# lease ms. Expired leases (their holder died) are dropped first.
+_ACQUIRE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[2]) then
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+  redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]) * 2)
+  return 1
+end
+return 0
+"""
+# KEYS[1] slots; ARGV lease ms, tokens...: extend the leases this worker still holds.
+_RENEW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local lease = tonumber(ARGV[1])
+for i = 2, #ARGV do redis.call('ZADD', KEYS[1], 'XX', now + lease, ARGV[i]) end
+redis.call('PEXPIRE', KEYS[1], lease * 2)
+return 1
+"""
+
+
+class SidecarQueue(RedisQueue):
+    """saq's Redis queue with a dequeue that does not block: a worker polls its lanes in
+    priority order and must not sit on an empty one."""
+
+    async def dequeue(self, timeout: float = 0.0, poll_interval: float = 0.0) -> Job | None:
+        if timeout >= 0:
+            return await super().dequeue(timeout, poll_interval)
+        job_id = await self.redis.lmove(self._queued, self._active, "LEFT", "RIGHT")
+        if job_id is None:
+            return None
+        return await self._get_job_by_id(job_id)
+
+
+def body_key(job_id: str) -> str:
+    return PREFIX + "body:" + job_id
+
+
+def result_key(job_id: str) -> str:
+    return PREFIX + "result:" + job_id
+
+
+def progress_key(job_id: str) -> str:
+    return PREFIX + "progress:" + job_id
+
+
+def lanes_key(queue: str) -> str:
+    return PREFIX + "lanes:" + queue
+
+
+def stats_key(queue: str) -> str:
+    return PREFIX + "stats:" + queue
+
+
+def slots_key(queue: str) -> str:
+    return PREFIX + "slots:" + queue
+
+
+class JobService(Subscriber):
+    """Every Redis operation on jobs, for the offload policy, the job endpoints and workers."""
+
+    channel = WAKE_CHANNEL
+    task_name = "jobs-listener"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.redis_up = False
+        self._queues: dict[str, SidecarQueue] = {}
+        self._known_lanes: set[str] = set()
+        self._wake_callbacks: list[Callable[[str], None]] = []
+        self._acquire: Any = None
+        self._renew: Any = None
+
+    def attach(self, client: aioredis.Redis, listener: aioredis.Redis) -> None:
+        """`client` has no read timeout: saq's pub/sub for job changes shares it."""
+        super().attach(client, listener)
+        self._acquire = client.register_script(_ACQUIRE)
+        self._renew = client.register_script(_RENEW)
+
+    async def close(self) -> None:
+        for queue in self._queues.values():
+            # Not saq's disconnect(): it would close the client every lane shares.
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(1.0):
+                    await queue._pubsub.close()
+            with contextlib.suppress(Exception):
+                await queue._pubsub.pubsub.aclose()  # type: ignore[no-untyped-call]
+        await super().close()
+        if self.redis is not None:
+            await self.redis.aclose()
+
+    @property
+    def client(self) -> aioredis.Redis:
+        if self.redis is None:
+            raise RuntimeError("the job service is not attached to Redis yet")
+        return self.redis
+
+    def queue(self, name: str) -> SidecarQueue:
+        """The saq queue of one lane (`core.jobs.lane`), made once per process."""
+        queue = self._queues.get(name)
+        if queue is None:
+            queue = self._queues[name] = SidecarQueue(
+                self.client, name=name, dump=orjson.dumps, load=orjson.loads,
+                max_concurrent_ops=MAX_CONCURRENT_OPS, swept_error_message=SWEPT_ERROR)
+        return queue
+
+    def queue_of(self, job_id: JobId) -> SidecarQueue:
+        return self.queue(lane(job_id.queue, job_id.priority))
+
+    # -- enqueue --------------------------------------------------------------------------------
+
+    async def enqueue(self, job_id: JobId, spec: dict[str, Any], body: bytes | None,
+                      config: OffloadConfig, *, heartbeat: float, max_age: float) -> None:
+        key = str(job_id)
+        client = self.client
+        lane_name = lane(job_id.queue, job_id.priority)
+        pipe = client.pipeline(transaction=False)
+        if body is not None:
+            pipe.set(body_key(key), body, ex=math.ceil(max_age + config.result_ttl))
+        if lane_name not in self._known_lanes:
+            pipe.sadd(lanes_key(job_id.queue), job_id.priority)
+        if len(pipe):
+            await pipe.execute()
+        self._known_lanes.add(lane_name)
+        job = Job(
+            REPLAY, kwargs=spec, key=key,
+            timeout=math.ceil(config.timeout), heartbeat=math.ceil(heartbeat),
+            retries=config.attempts, ttl=math.ceil(config.result_ttl),
+            retry_delay=config.backoff, retry_backoff=True,
+        )
+        if await self.queue(lane_name).enqueue(job) is None:
+            raise RuntimeError(f"job id {key} is already taken")  # 144 random bits: never
+        await client.publish(WAKE_CHANNEL, lane_name)
+
+    # -- reading --------------------------------------------------------------------------------
+
+    async def lookup(self, job_id: JobId) -> tuple[Job | None, dict[bytes, bytes]]:
+        """The saq record and the progress hash, in one round trip."""
+        queue = self.queue_of(job_id)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.get(queue.job_id(str(job_id)))
+        pipe.hgetall(progress_key(str(job_id)))
+        record, progress = await pipe.execute()
+        return queue.deserialize(record), progress
+
+    async def body(self, job_id: str) -> bytes | None:
+        return cast("bytes | None", await self.client.get(body_key(job_id)))
+
+    async def result(self, job_id: str) -> SharedResult | None:
+        data = cast("bytes | None", await self.client.get(result_key(job_id)))
+        return SharedResult.unpack(data) if data is not None else None
+
+    async def put_result(self, job_id: str, result: SharedResult, ttl: float) -> None:
+        await self.client.set(result_key(job_id), result.pack(), ex=math.ceil(ttl))
+
+    async def wait_finished(self, job_id: JobId, timeout: float) -> None:
+        """Return when the job reaches a final state, or after `timeout` seconds."""
+        if timeout <= 0:
+            return
+        queue = self.queue_of(job_id)
+
+        def finished(_key: str, status: Status) -> bool:
+            return status in (Status.COMPLETE, Status.FAILED, Status.ABORTED)
+
+        try:
+            async with asyncio.timeout(timeout):
+                job = await queue.job(str(job_id))
+                if job is not None and finished("", job.status):
+                    return
+                await queue.listen([str(job_id)], finished, timeout=None)
+        except TimeoutError:
+            pass
+
+    # -- progress -------------------------------------------------------------------------------
+
+    async def set_progress(self, job: Job, progress: float, message: str | None,
+                           ttl: float) -> None:
+        """Store a progress report and tell the job's listeners (saq's channel for the job,
+        with its current state, which is what saq's listeners expect there)."""
+        key = progress_key(job.key)
+        mapping = {"progress": repr(progress), "message": message or ""}
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hset(key, mapping=mapping)
+        pipe.expire(key, math.ceil(ttl))
+        pipe.publish(job.id, job.status.value)
+        await pipe.execute()
+
+    # -- changes --------------------------------------------------------------------------------
+
+    async def cancel(self, job: Job) -> None:
+        """Cancel a job: a queued one at once; a running one when its worker sees the abort
+        (saq's upkeep checks every second) and stops the upstream call."""
+        waiting = job.status in (Status.NEW, Status.QUEUED)
+        queue = job.get_queue()
+        await queue.abort(job, CANCELLED_BY_CLIENT)
+        if not waiting:
+            return  # the worker running it finishes it, and counts it
+        if job.status != Status.ABORTED:
+            # Waiting out a retry's backoff: in no list saq's abort looks at, so it would stay
+            # "aborting" forever.
+            await queue.finish(job, Status.ABORTED, error=CANCELLED_BY_CLIENT)
+            await self.client.delete(job.abort_id)
+        await self.finished(job, "cancelled", None)
+
+    async def retry(self, job: Job) -> None:
+        """Queue a finished job again from its first attempt (admin)."""
+        queue = job.get_queue()
+        job.attempts = 0
+        job.error = None
+        job.result = None
+        job.started = job.completed = job.touched = 0
+        job.progress = 0.0
+        job.queue = None
+        pipe = self.client.pipeline(transaction=False)
+        pipe.delete(progress_key(job.key), result_key(job.key), job.abort_id)
+        pipe.persist(body_key(job.key))
+        await pipe.execute()
+        if await queue.enqueue(job) is None:
+            raise RuntimeError(f"job {job.key} is already queued")
+        await self.client.publish(WAKE_CHANNEL, queue.name)
+
+    async def finished(self, job: Job, outcome: str, duration_ms: int | None) -> None:
+        """A job reached a final state: its side keys now live as long as its record, and the
+        queue's counters move."""
+        client = self.client
+        queue = job.key.split(".", 1)[0]
+        ttl = max(job.ttl, 1)
+        pipe = client.pipeline(transaction=False)
+        pipe.expire(body_key(job.key), ttl)
+        pipe.expire(progress_key(job.key), ttl)
+        pipe.hincrby(stats_key(queue), outcome, 1)
+        if duration_ms is not None:
+            pipe.hincrby(stats_key(queue), "duration_ms_sum", duration_ms)
+            pipe.hincrby(stats_key(queue), "duration_count", 1)
+        await pipe.execute()
+
+    async def count_retry(self, job: Job) -> None:
+        await cast(Any, self.client.hincrby(stats_key(job.key.split(".", 1)[0]), "retried", 1))
+
+    # -- lanes and slots (workers) --------------------------------------------------------------
+
+    async def lanes(self, queue: str) -> list[int]:
+        members = await cast(Any, self.client.smembers(lanes_key(queue)))
+        return sorted(int(m) for m in members)
+
+    async def acquire_slot(self, queue: str, token: str, limit: int, lease: float) -> bool:
+        return bool(await self._acquire(keys=[slots_key(queue)],
+                                        args=[token, limit, int(lease * 1000)]))
+
+    async def renew_slots(self, queue: str, tokens: list[str], lease: float) -> None:
+        if tokens:
+            await self._renew(keys=[slots_key(queue)], args=[int(lease * 1000), *tokens])
+
+    async def release_slot(self, queue: str, token: str, *, wake: bool) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        pipe.zrem(slots_key(queue), token)
+        if wake:
+            pipe.publish(WAKE_CHANNEL, queue)
+        await pipe.execute()
+
+    def on_wake(self, callback: Callable[[str], None]) -> None:
+        """`callback(name)`: a lane got a job, or a queue freed a slot (name is a queue)."""
+        self._wake_callbacks.append(callback)
+
+    async def on_message(self, data: bytes) -> None:
+        name = data.decode("latin-1") if isinstance(data, bytes) else str(data)
+        for callback in self._wake_callbacks:
+            callback(name)
+
+    async def on_subscribed(self) -> None:
+        for callback in self._wake_callbacks:
+            callback("*")  # publications may have been missed: everyone looks again
+
+    # -- inspection -----------------------------------------------------------------------------
+
+    async def queue_stats(self, queue: str) -> dict[str, Any]:
+        """Depth, running and outcomes of one configured queue, across the cluster."""
+        priorities = await self.lanes(queue)
+        client = self.client
+        pipe = client.pipeline(transaction=False)
+        for priority in priorities:
+            saq_queue = self.queue(lane(queue, priority))
+            pipe.llen(saq_queue._queued)
+            pipe.llen(saq_queue._active)
+            pipe.zcard(saq_queue._incomplete)
+        pipe.hgetall(stats_key(queue))
+        pipe.zcard(slots_key(queue))
+        replies = await pipe.execute()
+        counters = {k.decode(): int(v) for k, v in replies[-2].items()}
+        queued = sum(replies[0:-2:3])
+        active = sum(replies[1:-2:3])
+        incomplete = sum(replies[2:-2:3])
+        count = counters.pop("duration_count", 0)
+        total = counters.pop("duration_ms_sum", 0)
+        return {
+            "queued": queued,
+            "running": active,
+            "waiting_retry": max(0, incomplete - queued - active),
+            "slots_in_use": replies[-1],
+            "priorities": priorities,
+            "outcomes": {k: counters.get(k, 0)
+                         for k in ("succeeded", "failed", "cancelled", "retried")},
+            "duration_ms": {"count": count, "mean": round(total / count, 1) if count else None},
+        }
+
+    async def jobs(self, queue: str, statuses: list[Status], limit: int) -> list[Job]:
+        found: list[Job] = []
+        for priority in await self.lanes(queue):
+            async for job in self.queue(lane(queue, priority)).iter_jobs(statuses):
+                found.append(job)
+                if len(found) >= limit:
+                    return found
+        return found
