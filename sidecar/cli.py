@@ -92,8 +92,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
             return 1
         redis_url = found
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    async def work() -> None:
+        await StandaloneWorker(loaded, redis_url).run()  # built in the loop its pools use
+
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(StandaloneWorker(loaded, redis_url).run())
+        runner.run(work())
     return 0
 
 

@@ -45,6 +45,8 @@ class _HidesJobs(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         args = record.args if isinstance(record.args, tuple) else ()
+        if record.exc_info and isinstance(record.exc_info[1], REDIS_ERRORS):
+            return False  # an outage: the runner says so once, not every second per lane
         return record.levelno >= logging.WARNING and not any(
             isinstance(a, Job) or (isinstance(a, str) and a.startswith("Job<")) for a in args)
 
@@ -266,8 +268,11 @@ class JobRunner:
         fields = {"job_id": job.key, "attempt": job.attempts, "worker_id": self.worker_id}
         try:
             if status == Status.QUEUED:  # retried: a failed attempt, or a worker stopping
-                log.warning("job attempt failed; it will run again", extra={
-                    **fields, "error": client_error("failed", job.error)})
+                if self._stopping:
+                    log.info("job put back in its queue: this worker is stopping", extra=fields)
+                else:
+                    log.warning("job attempt failed; it will run again", extra={
+                        **fields, "error": client_error("failed", job.error)})
                 await self.service.count_retry(job)
                 return
             if status == Status.COMPLETE:

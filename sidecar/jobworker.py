@@ -7,10 +7,10 @@ import asyncio
 import logging
 import os
 import signal
-from pathlib import Path
 
 from .app import attach_jobs, progress_base
 from .config import Config, ConfigError, LoadedConfig, load_config
+from .embedded_redis import EmbeddedRedis
 from .jobrunner import JobRunner
 from .logs import configure_logging
 from .stores.jobs import JobService
@@ -75,5 +75,5 @@ class StandaloneWorker:
 
 def embedded_url(config: Config) -> str | None:
     """The socket of the embedded Redis a `sidecar run` with the same state_dir started."""
-    socket = Path(config.server.state_dir) / "redis.sock"
+    socket = EmbeddedRedis(config.server.state_dir, config.redis.binary).socket
     return f"unix://{socket.resolve()}" if socket.exists() else None

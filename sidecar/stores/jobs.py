@@ -30,7 +30,7 @@ from saq.queue.redis import RedisQueue
 
 from ..core.jobs import SWEPT_ERROR, JobId, lane
 from .dedup import SharedResult
-from .subscriber import Subscriber
+from .subscriber import REDIS_ERRORS, Subscriber
 
 if TYPE_CHECKING:
     from ..config import OffloadConfig
@@ -180,7 +180,9 @@ class JobService(Subscriber):
         )
         if await self.queue(lane_name).enqueue(job) is None:
             raise RuntimeError(f"job id {key} is already taken")  # 144 random bits: never
-        await client.publish(WAKE_CHANNEL, lane_name)
+        # The job is queued: a lost wake-up only delays it to the workers' next look.
+        with contextlib.suppress(*REDIS_ERRORS):
+            await client.publish(WAKE_CHANNEL, lane_name)
 
     # -- reading --------------------------------------------------------------------------------
 
@@ -212,14 +214,18 @@ class JobService(Subscriber):
         def finished(_key: str, status: Status) -> bool:
             return status in (Status.COMPLETE, Status.FAILED, Status.ABORTED)
 
-        try:
-            async with asyncio.timeout(timeout):
-                job = await queue.job(str(job_id))
-                if job is not None and finished("", job.status):
-                    return
-                await queue.listen([str(job_id)], finished, timeout=None)
-        except TimeoutError:
-            pass
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            job = await queue.job(str(job_id))
+            if job is None or finished("", job.status):
+                return
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                return
+            # Bounded, then looked at again: a change published before the subscription took
+            # effect is not waited for until the deadline.
+            with contextlib.suppress(TimeoutError):
+                await queue.listen([str(job_id)], finished, timeout=min(left, 1.0))
 
     # -- progress -------------------------------------------------------------------------------
 
