@@ -351,7 +351,9 @@ class _Connection(asyncio.Protocol):
             finally:
                 timer.cancel()
         except BaseException:
-            if not waiter.done() or waiter.exception() is not None:
+            # A cancelled wait cancels the waiter too (and exception() would raise): the
+            # request is abandoned mid-exchange, so the connection cannot be used again.
+            if not waiter.done() or waiter.cancelled() or waiter.exception() is not None:
                 self.abort()
             raise
         finally:

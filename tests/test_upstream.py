@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from aiohttp import web
 from conftest import Origin
@@ -34,3 +36,39 @@ async def test_a_whole_body_under_a_chunked_head_is_framed_as_chunks(origin: Ori
 async def _chunks(response):  # type: ignore[no-untyped-def]
     while chunk := await response.read():
         yield chunk
+
+
+async def test_a_request_cancelled_before_the_response_drops_its_connection(
+        origin: Origin) -> None:
+    """The upstream sees the connection close (its work is abandoned), and the pool never
+    hands that connection to the next request."""
+    started = asyncio.Event()
+    closed = asyncio.Event()
+
+    async def slow(request: web.Request, n: int) -> web.Response:
+        started.set()
+        for _ in range(200):
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                closed.set()
+                break
+            await asyncio.sleep(0.02)
+        return web.Response(text="late")
+
+    origin.script("/slow", slow)
+    origin.reply("/next", body="next")
+    pool = UpstreamPool("app", UpstreamConfig(url=origin.url))
+    try:
+        task = asyncio.create_task(
+            pool.request(b"GET /slow HTTP/1.1\r\nHost: app\r\n\r\n", timeout=5.0))
+        async with asyncio.timeout(5):
+            await started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        async with asyncio.timeout(3):
+            await closed.wait()
+        response = await pool.request(b"GET /next HTTP/1.1\r\nHost: app\r\n\r\n", timeout=5.0)
+        assert (response.status, response.body) == (200, b"next")
+    finally:
+        await pool.close()

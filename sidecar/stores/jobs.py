@@ -69,17 +69,41 @@ return 1
 """
 
 
+# KEYS[1] queued list, KEYS[2] active list. Move the next job and mark it active in one step.
+# saq moves it, reads it, then marks it active: a sweep in between finds a job in the active
+# list that is not active, takes it for a dead worker's, and aborts it.
+_DEQUEUE = """
+local id = redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT')
+if not id then return false end
+local raw = redis.call('GET', id)
+if not raw then return false end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local job = cjson.decode(raw)
+job['status'] = 'active'
+job['started'] = now
+job['touched'] = now
+raw = cjson.encode(job)
+redis.call('SET', id, raw)
+return raw
+"""
+
+
 class SidecarQueue(RedisQueue):
-    """saq's Redis queue with a dequeue that does not block: a worker polls its lanes in
-    priority order and must not sit on an empty one."""
+    """saq's Redis queue with a dequeue that does not block (a worker polls its lanes in
+    priority order and must not sit on an empty one) and marks the job active as it moves it
+    (`_DEQUEUE`)."""
 
     async def dequeue(self, timeout: float = 0.0, poll_interval: float = 0.0) -> Job | None:
         if timeout >= 0:
             return await super().dequeue(timeout, poll_interval)
-        job_id = await self.redis.lmove(self._queued, self._active, "LEFT", "RIGHT")
-        if job_id is None:
-            return None
-        return await self._get_job_by_id(job_id)
+        script = self._dequeue_script
+        if script is None:
+            script = self._dequeue_script = self.redis.register_script(_DEQUEUE)
+        raw = await script(keys=[self._queued, self._active])
+        return self.deserialize(raw) if raw else None
+
+    _dequeue_script: Any = None
 
 
 def body_key(job_id: str) -> str:
@@ -224,8 +248,10 @@ class JobService(Subscriber):
                 return
             # Bounded, then looked at again: a change published before the subscription took
             # effect is not waited for until the deadline.
+            # (saq's own timeout restarts at every message, and heartbeats are messages.)
             with contextlib.suppress(TimeoutError):
-                await queue.listen([str(job_id)], finished, timeout=min(left, 1.0))
+                async with asyncio.timeout(min(left, 1.0)):
+                    await queue.listen([str(job_id)], finished, timeout=None)
 
     # -- progress -------------------------------------------------------------------------------
 
