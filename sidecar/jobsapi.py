@@ -166,6 +166,13 @@ class JobsEndpoint:
         if found is None:
             raise JobNotFoundError("the job's record expired")
         job = found
+        if job.status == Status.ABORTING:
+            # No worker stopped it: the one running it died (saq's abort took the job out of
+            # every list, so nothing else would ever finish it).
+            try:
+                await service.abandon(job)
+            except REDIS_ERRORS:
+                raise self._unavailable() from None
         body = orjson.dumps(view(job, progress, base))
         done = job.status == Status.ABORTED
         return web.Response(status=200 if done else 202, body=body,

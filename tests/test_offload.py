@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -179,7 +180,7 @@ async def test_events_stream_the_same_changes(sidecar_factory: Factory, backend:
     progress = [f["progress"] for f in frames]
     assert progress == sorted(progress)
     assert len({p for p in progress if 0 < p < 100}) >= 2, progress
-    assert all(a != b for a, b in zip(frames, frames[1:], strict=False))  # changes only
+    assert all(a != b for a, b in itertools.pairwise(frames))  # changes only
 
 
 async def test_prefer_wait_returns_the_real_response_when_the_job_is_quick(
@@ -379,7 +380,7 @@ async def test_client_errors(sidecar_factory: Factory, origin: Origin, redis_url
 async def test_result_before_the_end_is_425(sidecar_factory: Factory, backend: Backend,
                                             redis_url: str, client) -> None:
     sidecar = await sidecar_factory(offload_config(backend.url, redis_url))
-    url, accepted = await submit(client, sidecar, "/api/reports?seconds=2")
+    _url, accepted = await submit(client, sidecar, "/api/reports?seconds=2")
     async with client.get(sidecar.url + accepted["result_url"]) as response:
         assert response.status == 425
         assert response.headers["Retry-After"].isdigit()

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
@@ -89,6 +90,20 @@ return raw
 """
 
 
+# KEYS[1] sweep lock, KEYS[2] active list; ARGV lock seconds. The active jobs and their
+# records, once per lock period across the cluster.
+_SNAPSHOT = """
+local found = {}
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('SETEX', KEYS[1], ARGV[1], 1)
+  for i, id in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
+    found[i] = {id, redis.call('GET', id)}
+  end
+end
+return found
+"""
+
+
 class SidecarQueue(RedisQueue):
     """saq's Redis queue with a dequeue that does not block (a worker polls its lanes in
     priority order and must not sit on an empty one) and marks the job active as it moves it
@@ -104,6 +119,45 @@ class SidecarQueue(RedisQueue):
         return self.deserialize(raw) if raw else None
 
     _dequeue_script: Any = None
+    _snapshot_script: Any = None
+
+    async def sweep(self, lock: int = 60, abort: float = 5.0) -> list[str]:
+        """Give the jobs of workers that stopped heart-beating to another worker.
+
+        saq's sweep marks such a job aborting, takes it out of the active list, waits up to
+        `abort` seconds, then queues it again: a sweeping process that dies during that wait
+        leaves the job in no list, "aborting" for ever, and it is lost. Here the job is queued
+        again (or failed, out of attempts) in one transaction. A worker that was only late
+        may still finish its run: at least once, as documented."""
+        script = self._snapshot_script
+        if script is None:
+            script = self._snapshot_script = self.redis.register_script(_SNAPSHOT)
+        swept = []
+        for job_id, raw in await script(keys=[self._sweep, self._active], args=[lock]):
+            job = self.deserialize(raw)
+            if job is None:  # its record expired: nothing to run
+                async with self.redis.pipeline(transaction=True) as pipe:
+                    pipe.lrem(self._active, 0, job_id)
+                    pipe.zrem(self._incomplete, job_id)
+                    await pipe.execute()
+                swept.append(job_id.decode())
+                continue
+            if job.status == Status.ACTIVE and not job.stuck:
+                continue
+            if job.status not in (Status.ACTIVE, Status.NEW, Status.QUEUED):
+                continue  # being aborted or finished by its worker right now
+            if job.status != Status.ACTIVE and time.time() * 1000 - job.touched < (
+                    max(job.heartbeat, 1) * 1000):
+                continue  # moved here an instant ago by an older dequeue; give it time
+            log.warning("job requeued: its worker stopped answering", extra={
+                "job_id": job.key, "attempt": job.attempts, "retry": job.retryable})
+            if job.retryable:
+                await self.retry(job, error=SWEPT_ERROR)
+            else:
+                await self.finish(job, Status.ABORTED, error=SWEPT_ERROR)
+            await self.redis.hincrby(stats_key(job.key.split(".", 1)[0]), "requeued", 1)
+            swept.append(job_id.decode())
+        return swept
 
 
 def body_key(job_id: str) -> str:
@@ -284,6 +338,12 @@ class JobService(Subscriber):
             await self.client.delete(job.abort_id)
         await self.finished(job, "cancelled", None)
 
+    async def abandon(self, job: Job) -> None:
+        """Finish a cancelled job that no worker finished."""
+        await job.get_queue().finish(job, Status.ABORTED, error=CANCELLED_BY_CLIENT)
+        await self.client.delete(job.abort_id)
+        await self.finished(job, "cancelled", None)
+
     async def retry(self, job: Job) -> None:
         """Queue a finished job again from its first attempt (admin)."""
         queue = job.get_queue()
@@ -381,7 +441,7 @@ class JobService(Subscriber):
             "slots_in_use": replies[-1],
             "priorities": priorities,
             "outcomes": {k: counters.get(k, 0)
-                         for k in ("succeeded", "failed", "cancelled", "retried")},
+                         for k in ("succeeded", "failed", "cancelled", "retried", "requeued")},
             "duration_ms": {"count": count, "mean": round(total / count, 1) if count else None},
         }
 
