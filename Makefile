@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: help setup run test lint bench bench-passthrough bench-cache bench-dedup check clean
+.PHONY: help setup run test lint bench bench-passthrough bench-cache bench-dedup bench-jobs check clean
 
 help:
 	@echo "make run     start the example backend and the sidecar in front of it (:8080, admin :9901)"
@@ -35,7 +35,7 @@ lint: setup
 	$(BIN)/ruff check sidecar tests loadtests
 	$(BIN)/mypy sidecar
 
-bench: bench-passthrough bench-cache bench-dedup
+bench: bench-passthrough bench-cache bench-dedup bench-jobs
 
 bench-passthrough: setup
 	@scripts/ensure-debian-packages nginx wrk
@@ -48,6 +48,9 @@ bench-cache: setup
 bench-dedup: setup
 	@scripts/ensure-debian-packages nginx
 	$(BIN)/python loadtests/bench/dedup.py
+
+bench-jobs: setup
+	$(BIN)/python loadtests/bench/jobs.py
 
 clean:
 	rm -rf $(VENV) .sidecar .pytest_cache .ruff_cache
