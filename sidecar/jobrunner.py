@@ -11,10 +11,12 @@ upkeep re-queues jobs whose worker stopped heart-beating (crash recovery).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import os
 import uuid
+from collections import deque
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
@@ -37,6 +39,7 @@ log = logging.getLogger("sidecar.jobs")
 
 IDLE_POLL = 1.0  # the first loop of a queue looks for due retries this often when idle
 IDLE_POLL_OTHERS = 15.0  # the other loops rely on wake-ups
+HEARTBEAT_PATIENCE = 2.0  # the longest a finished attempt waits for a heartbeat under way
 
 
 class _HidesJobs(logging.Filter):
@@ -51,7 +54,11 @@ class _HidesJobs(logging.Filter):
             isinstance(a, Job) or (isinstance(a, str) and a.startswith("Job<")) for a in args)
 
 
-logging.getLogger("saq").addFilter(_HidesJobs())
+_saq_log = logging.getLogger("saq")
+_saq_log.addFilter(_HidesJobs())
+# saq's info lines ("Processing ...", one per job) repeat what "job finished" says: their
+# records cost about 2% of a worker's CPU for nothing.
+_saq_log.setLevel(logging.WARNING)
 
 
 class JobHost(Protocol):
@@ -104,7 +111,7 @@ class JobRunner:
         self.lanes: dict[str, dict[int, LaneWorker]] = {}  # queue -> priority -> worker
         self.running = 0
         self._loops: dict[str, list[asyncio.Task[None]]] = {}
-        self._wake: dict[str, asyncio.Event] = {}
+        self._idle: dict[str, deque[asyncio.Future[None]]] = {}  # queue -> loops asleep
         self._held: dict[str, set[str]] = {}
         self._tasks: list[asyncio.Task[Any]] = []
         self._stopping = False
@@ -135,13 +142,19 @@ class JobRunner:
     # -- lanes and wake-ups ---------------------------------------------------------------------
 
     def wake(self, queue: str) -> None:
-        event = self._wake.pop(queue, None)
-        if event is not None:
-            event.set()
+        """Wake one idle loop of `queue`. One is enough: a loop that takes a job wakes the
+        next (before_process), so a burst of n jobs wakes about n loops, while waking every
+        loop for each job made each one race for the same job (dozens of dequeues per job)."""
+        idle = self._idle.get(queue)
+        while idle:
+            waiter = idle.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
 
     def _on_wake(self, name: str) -> None:
         if name == "*":
-            for queue in list(self._wake):
+            for queue in list(self._idle):
                 self.wake(queue)
             return
         if name.startswith("sidecar."):  # a lane: sidecar.<queue>.p<priority>
@@ -153,14 +166,18 @@ class JobRunner:
             self.wake(name)
 
     async def _sleep(self, queue: str, seconds: float) -> None:
-        event = self._wake.get(queue)
-        if event is None:
-            event = self._wake[queue] = asyncio.Event()
+        waiter = asyncio.get_running_loop().create_future()
+        idle = self._idle.setdefault(queue, deque())
+        idle.append(waiter)
         try:
             async with asyncio.timeout(seconds):
-                await event.wait()
+                await waiter
         except TimeoutError:
             pass
+        finally:
+            if not waiter.done():
+                waiter.cancel()
+                idle.remove(waiter)
 
     def _add_lane(self, queue: str, priority: int) -> None:
         lanes = self.lanes.setdefault(queue, {})
@@ -294,16 +311,25 @@ class JobRunner:
     async def replay(self, ctx: dict[str, Any], **spec: Any) -> dict[str, Any]:
         """The job function: send the stored request, store the upstream's whole answer."""
         job: Job = ctx["job"]
-        heartbeat = asyncio.create_task(self._heartbeat(job))
+        done = asyncio.Event()
+        heartbeat = asyncio.create_task(self._heartbeat(job, done))
         try:
             return await self._replay(job, spec)
         finally:
-            heartbeat.cancel()
+            # A heartbeat under way is let finish, not cut: cancelled once its write (the whole
+            # record, "active") was sent, that write could still land after the job's final
+            # record and undo it, leaving the job "running" for ever.
+            done.set()
+            with contextlib.suppress(Exception):  # its errors are not the attempt's
+                await asyncio.wait_for(heartbeat, HEARTBEAT_PATIENCE)  # cancels it on timeout
 
-    async def _heartbeat(self, job: Job) -> None:
+    async def _heartbeat(self, job: Job, done: asyncio.Event) -> None:
         interval = max(0.3, job.heartbeat / 3) if job.heartbeat else 10.0
         while True:
-            await asyncio.sleep(interval)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(interval):
+                    await done.wait()
+                return
             try:
                 await job.update()
             except REDIS_ERRORS as exc:

@@ -149,13 +149,23 @@ class SidecarQueue(RedisQueue):
             if job.status != Status.ACTIVE and time.time() * 1000 - job.touched < (
                     max(job.heartbeat, 1) * 1000):
                 continue  # moved here an instant ago by an older dequeue; give it time
-            log.warning("job requeued: its worker stopped answering", extra={
-                "job_id": job.key, "attempt": job.attempts, "retry": job.retryable})
+            log.warning("job requeued: its worker stopped answering" if job.retryable else
+                        "job failed: its worker stopped answering, no attempt left", extra={
+                            "job_id": job.key, "attempt": job.attempts})
+            queue = job.key.split(".", 1)[0]
+            pipe = self.redis.pipeline(transaction=False)
             if job.retryable:
                 await self.retry(job, error=SWEPT_ERROR)
+                pipe.hincrby(stats_key(queue), "requeued", 1)
             else:
+                # Out of attempts: the job failed (JobService.finished, which no worker will
+                # call for it: the one running it is gone).
                 await self.finish(job, Status.ABORTED, error=SWEPT_ERROR)
-            await self.redis.hincrby(stats_key(job.key.split(".", 1)[0]), "requeued", 1)
+                ttl = max(job.ttl, 1)
+                pipe.expire(body_key(job.key), ttl)
+                pipe.expire(progress_key(job.key), ttl)
+                pipe.hincrby(stats_key(queue), "failed", 1)
+            await pipe.execute()
             swept.append(job_id.decode())
         return swept
 
@@ -377,7 +387,12 @@ class JobService(Subscriber):
         await pipe.execute()
 
     async def count_retry(self, job: Job) -> None:
-        await cast(Any, self.client.hincrby(stats_key(job.key.split(".", 1)[0]), "retried", 1))
+        """A failed attempt went back to its queue: count it, and forget its progress (the next
+        attempt starts from the beginning; a poller must not see the lost one's 60%)."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hincrby(stats_key(job.key.split(".", 1)[0]), "retried", 1)
+        pipe.delete(progress_key(job.key))
+        await pipe.execute()
 
     # -- lanes and slots (workers) --------------------------------------------------------------
 
