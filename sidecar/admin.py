@@ -13,13 +13,14 @@ from saq.job import Job, Status
 
 from . import __version__
 from .core.jobs import CANCELLED, FAILED, TERMINAL, JobId, parse_progress, public_status
-from .jobsapi import view
+from .jobsapi import find_job, view
 from .stores.subscriber import REDIS_ERRORS
 
 if TYPE_CHECKING:
     from .app import Runtime
 
 RUNTIME = web.AppKey("runtime", object)
+KNOWN_LANES = web.AppKey("known_lanes", set[str])
 _OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 
 
@@ -155,11 +156,12 @@ def _json_error(status: int, error: str, detail: str) -> web.Response:
     return web.json_response({"error": error, "detail": detail}, status=status)
 
 
-async def _find_job(runtime: Runtime, text: str) -> tuple[Job | None, dict[bytes, bytes]]:
-    job_id = JobId.parse(text)
+async def _find_job(request: web.Request) -> tuple[Job | None, dict[bytes, bytes]]:
+    runtime: Runtime = request.app[RUNTIME]  # type: ignore[assignment]
+    job_id = JobId.parse(request.match_info["id"])
     if job_id is None:
         return None, {}
-    return await runtime.jobs.lookup(job_id)
+    return await find_job(runtime.jobs, job_id, request.app[KNOWN_LANES])
 
 
 async def jobs_list(request: web.Request) -> web.Response:
@@ -192,7 +194,7 @@ async def jobs_list(request: web.Request) -> web.Response:
 async def job_detail(request: web.Request) -> web.Response:
     runtime: Runtime = request.app[RUNTIME]  # type: ignore[assignment]
     try:
-        job, progress = await _find_job(runtime, request.match_info["id"])
+        job, progress = await _find_job(request)
     except REDIS_ERRORS as exc:
         return _json_error(503, "redis_unavailable", str(exc))
     if job is None:
@@ -206,7 +208,7 @@ async def job_retry(request: web.Request) -> web.Response:
     """Run a failed or cancelled job again, from its first attempt."""
     runtime: Runtime = request.app[RUNTIME]  # type: ignore[assignment]
     try:
-        job, _ = await _find_job(runtime, request.match_info["id"])
+        job, _ = await _find_job(request)
         if job is None:
             return _json_error(404, "job_not_found", "no such job (or its record expired)")
         status = public_status(job.status.value, job.error)
@@ -214,7 +216,7 @@ async def job_retry(request: web.Request) -> web.Response:
             return _json_error(409, "job_not_retryable",
                                f"the job is {status}; only failed or cancelled jobs are retried")
         await runtime.jobs.retry(job)
-        job, _ = await _find_job(runtime, request.match_info["id"])
+        job, _ = await _find_job(request)
     except REDIS_ERRORS as exc:
         return _json_error(503, "redis_unavailable", str(exc))
     assert job is not None
@@ -231,7 +233,7 @@ async def job_progress(request: web.Request) -> web.Response:
     except ValueError as exc:
         return _json_error(400, "bad_request", str(exc))
     try:
-        job, _ = await _find_job(runtime, request.match_info["id"])
+        job, _ = await _find_job(request)
         token = (job.kwargs or {}).get("progress_token", "") if job is not None else ""
         if job is None or not hmac.compare_digest(token.encode(),
                                                   request.query.get("token", "").encode()):
@@ -249,6 +251,7 @@ async def job_progress(request: web.Request) -> web.Response:
 def build_admin_app(runtime: Runtime) -> web.Application:
     app = web.Application(middlewares=[require_token])
     app[RUNTIME] = runtime
+    app[KNOWN_LANES] = set()
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_post("/admin/cache/purge", purge)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import orjson
 from aiohttp import web
@@ -28,6 +28,7 @@ from .core.jobs import (
     SUCCEEDED,
     TERMINAL,
     JobId,
+    lane,
     owner_fingerprint,
     public_status,
     status_view,
@@ -41,6 +42,7 @@ from .errors import (
     MethodNotAllowedError,
 )
 from .policies.offload import RETRY_AFTER, job_urls
+from .stores.jobs import lanes_key
 from .stores.subscriber import REDIS_ERRORS
 
 if TYPE_CHECKING:
@@ -67,9 +69,27 @@ def view(service_job: Job, progress: dict[bytes, bytes], base: str) -> dict[str,
         urls=job_urls(base, service_job.key))
 
 
+async def find_job(service: JobService, job_id: JobId, known_lanes: set[str]
+                   ) -> tuple[Job | None, dict[bytes, bytes]]:
+    """`service.lookup` for an id that came from outside. The service makes (and keeps, for the
+    life of the process) a saq queue object per lane it is asked about: an id naming a lane no
+    job was ever queued in (made up by a client, any queue name and priority) is answered from
+    the lanes set instead, so guessing ids does not grow memory. `known_lanes` remembers the
+    lanes found (bounded by those that exist)."""
+    name = lane(job_id.queue, job_id.priority)
+    if name not in known_lanes:
+        member = await cast(Any, service.client.sismember(lanes_key(job_id.queue),
+                                                          str(job_id.priority)))
+        if not member:
+            return None, {}
+        known_lanes.add(name)
+    return await service.lookup(job_id)
+
+
 class JobsEndpoint:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
+        self.known_lanes: set[str] = set()
 
     @property
     def service(self) -> JobService:
@@ -111,7 +131,7 @@ class JobsEndpoint:
         if service.redis is None:
             raise self._unavailable()
         try:
-            job, progress = await service.lookup(job_id)
+            job, progress = await find_job(service, job_id, self.known_lanes)
         except REDIS_ERRORS:
             raise self._unavailable() from None
         owner = (job.kwargs or {}).get("owner", "") if job is not None else ""
@@ -167,15 +187,24 @@ class JobsEndpoint:
             raise JobNotFoundError("the job's record expired")
         job = found
         if job.status == Status.ABORTING:
-            # No worker stopped it: the one running it died (saq's abort took the job out of
-            # every list, so nothing else would ever finish it).
             try:
-                await service.abandon(job)
+                if await service.result(job.key) is not None:
+                    # The job succeeded between the read above and saq's abort, which wrote
+                    # its stale copy back as "aborting" over the finished record: put it
+                    # right (the worker counted it already).
+                    await job.get_queue().finish(job, Status.COMPLETE)
+                    await service.client.delete(job.abort_id)
+                else:
+                    # No worker stopped it: the one running it died (saq's abort took the
+                    # job out of every list, so nothing else would ever finish it).
+                    await service.abandon(job)
             except REDIS_ERRORS:
                 raise self._unavailable() from None
+        status = public_status(job.status.value, job.error)
+        if status in (SUCCEEDED, FAILED):
+            raise JobFinishedError(f"the job {status} before it could be cancelled")
         body = orjson.dumps(view(job, progress, base))
-        done = job.status == Status.ABORTED
-        return web.Response(status=200 if done else 202, body=body,
+        return web.Response(status=200 if status == CANCELLED else 202, body=body,
                             content_type="application/json", headers=headers)
 
     async def _events(self, request: web.BaseRequest, job_id: JobId, job: Job,

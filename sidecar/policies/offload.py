@@ -14,7 +14,15 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from ..core.jobs import JobId, Preferences, owner_fingerprint, parse_prefer
+from ..core.jobs import (
+    QUEUED,
+    SUCCEEDED,
+    JobId,
+    Preferences,
+    owner_fingerprint,
+    parse_prefer,
+    public_status,
+)
 from ..errors import JobQueueUnavailableError, OffloadBodyTooLargeError
 from ..pipeline import Handler, ProxyRequest, ProxyResponse
 from ..stores.subscriber import REDIS_ERRORS
@@ -67,11 +75,13 @@ class OffloadPolicy:
                                        heartbeat=jobs.visibility_timeout, max_age=jobs.max_age)
         except REDIS_ERRORS:
             raise self._unavailable() from None
+        status = QUEUED
         if preferences.wait:
-            response = await self._waited(job_id, min(preferences.wait, jobs.max_wait))
-            if response is not None:
-                return response
-        return self.accepted(job_id, jobs, preferences)
+            waited = await self._waited(job_id, min(preferences.wait, jobs.max_wait))
+            if isinstance(waited, ProxyResponse):
+                return waited
+            status = waited
+        return self.accepted(job_id, jobs, preferences, status)
 
     async def _whole_body(self, request: ProxyRequest) -> bytes | None:
         body = request.body
@@ -103,23 +113,31 @@ class OffloadPolicy:
             "the job queue (redis) is unreachable: the request was not queued and not sent "
             "upstream; retry later", headers={"Retry-After": "5"})
 
-    async def _waited(self, job_id: JobId, wait: float) -> ProxyResponse | None:
-        """The upstream's stored response if the job succeeds within `wait` seconds."""
+    async def _waited(self, job_id: JobId, wait: float) -> ProxyResponse | str:
+        """The upstream's stored response if the job succeeds within `wait` seconds, else the
+        job's status by then (for the 202: a job that failed meanwhile is not "queued")."""
         try:
             await self.service.wait_finished(job_id, wait)
+            job, _ = await self.service.lookup(job_id)
+            if job is None:
+                return QUEUED
+            status = public_status(job.status.value, job.error)
+            if status != SUCCEEDED:
+                return status
             result = await self.service.result(str(job_id))
         except REDIS_ERRORS:
-            return None
+            return QUEUED
         if result is None:
-            return None
+            return SUCCEEDED
         headers = [*result.headers, (b"X-Sidecar-Job-Id", str(job_id).encode()),
                    (b"Preference-Applied", b"wait=%d" % math.ceil(wait))]
         return ProxyResponse(result.status, result.reason, headers, body=result.body)
 
-    def accepted(self, job_id: JobId, jobs: JobsConfig, preferences: Preferences) -> ProxyResponse:
+    def accepted(self, job_id: JobId, jobs: JobsConfig, preferences: Preferences,
+                 status: str = QUEUED) -> ProxyResponse:
         key = str(job_id)
         urls = job_urls(jobs.path, key)
-        body = orjson.dumps({"id": key, "status": "queued", **urls})
+        body = orjson.dumps({"id": key, "status": status, **urls})
         headers = [
             (b"Content-Type", b"application/json"),
             (b"Location", urls["status_url"].encode()),
