@@ -50,6 +50,7 @@ bench-dedup: setup
 	$(BIN)/python loadtests/bench/dedup.py
 
 bench-jobs: setup
+	@scripts/ensure-debian-packages nginx wrk
 	$(BIN)/python loadtests/bench/jobs.py
 
 clean:
