@@ -1,19 +1,22 @@
-"""The admin listener: health, readiness, stats, cache purge, circuit breakers and jobs; and the
-progress reports upstreams post for the jobs they run."""
+"""The admin listener: health, readiness, Prometheus metrics, stats, the effective config, cache
+purge, circuit breakers and jobs; and the progress reports upstreams post for the jobs they run."""
 
 from __future__ import annotations
 
 import hmac
 import os
+import re
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from saq.job import Job, Status
 
 from . import __version__
 from .core.jobs import CANCELLED, FAILED, TERMINAL, JobId, parse_progress, public_status
 from .jobsapi import find_job, view
+from .metrics import render
 from .stores.subscriber import REDIS_ERRORS
 
 if TYPE_CHECKING:
@@ -95,8 +98,22 @@ async def stats(request: web.Request) -> web.Response:
     return web.json_response({"pid": os.getpid(), "worker": runtime.worker_id,
                               "cache": await runtime.cache.stats(),
                               "dedup": runtime.dedup.stats(),
+                              "requests": _request_stats(runtime),
                               "breakers": runtime.breakers.stats(),
                               "jobs": await _job_stats(runtime)})
+
+
+def _request_stats(runtime: Runtime) -> dict[str, object]:
+    recorder = runtime.metrics
+    return {
+        "in_flight": recorder.inflight,
+        "by_route": [{"route": r, "method": m, "status": s, "count": n}
+                     for (r, m, s), n in sorted(recorder.requests.items())],
+        "upstreams": [{"upstream": u, "status": s, "count": n}
+                      for (u, s), n in sorted(recorder.upstream.items())],
+        "config_reloads": dict(runtime.reloads),
+        "redis_up": runtime.redis_up,
+    }
 
 
 async def _job_stats(runtime: Runtime) -> dict[str, object]:
@@ -248,6 +265,50 @@ async def job_progress(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text format: every worker's figures added up (sidecar/metrics.py)."""
+    runtime: Runtime = request.app[RUNTIME]  # type: ignore[assignment]
+    if not runtime.config.metrics.enabled:
+        return _json_error(404, "metrics_disabled", "metrics.enabled is false in the config")
+    body = await render(runtime)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_PLAIN_0_0_4})
+
+
+_SECRET_KEYS = re.compile(r"token|password|passwd|secret|api[_-]?key|credential|authorization",
+                          re.I)
+
+
+def redacted(value: Any, key: str = "") -> Any:
+    """The config as JSON with secrets hidden: values of secret-looking keys, and the password
+    of any URL."""
+    if isinstance(value, dict):
+        return {k: redacted(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redacted(v, key) for v in value]
+    if isinstance(value, str):
+        if _SECRET_KEYS.search(key) and value:
+            return "<redacted>"
+        if "://" in value and "@" in value:
+            return _URL_PASSWORD.sub(r"\1<redacted>@", value)
+    return value
+
+
+_URL_PASSWORD = re.compile(r"(://[^/@:]*:)[^/@]*@")
+
+
+async def config_view(request: web.Request) -> web.Response:
+    """The config in effect (defaults filled in), secrets redacted."""
+    runtime: Runtime = request.app[RUNTIME]  # type: ignore[assignment]
+    loaded = runtime.state.loaded
+    return web.json_response({
+        "file": str(loaded.path),
+        "files": [str(f) for f in loaded.files],
+        "reloads": runtime.reloads,
+        "last_reload_error": runtime.last_reload_error,
+        "config": redacted(runtime.config.model_dump(mode="json")),
+    })
+
+
 def build_admin_app(runtime: Runtime) -> web.Application:
     app = web.Application(middlewares=[require_token])
     app[RUNTIME] = runtime
@@ -256,6 +317,8 @@ def build_admin_app(runtime: Runtime) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_post("/admin/cache/purge", purge)
     app.router.add_get("/admin/stats", stats)
+    app.router.add_get("/admin/config", config_view)
+    app.router.add_get("/metrics", metrics)
     app.router.add_get("/admin/breakers", breakers)
     app.router.add_post("/admin/breakers/{name}/reset", reset_breaker)
     app.router.add_get("/admin/jobs", jobs_list)

@@ -13,6 +13,7 @@ import glob
 import logging
 import os
 import signal
+import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,9 @@ from . import __version__
 from .admin import build_admin_app
 from .aio import cancel_and_wait
 from .config import Config, ConfigError, LoadedConfig, RouteConfig, UpstreamConfig, load_config
+from .errors import UpstreamError
 from .logs import AccessLog, configure_logging
+from .metrics import Recorder, Share, share_from_env
 from .pipeline import Handler, Policy, ProxyRequest, ProxyResponse, build_chain
 from .policies.breaker import BreakerPolicy
 from .policies.cache import CachePolicy
@@ -68,11 +71,23 @@ class State:
     jobs_path: str
 
 
-def _upstream_handler(pool: UpstreamPool) -> Handler:
+def _upstream_handler(pool: UpstreamPool, recorder: Recorder) -> Handler:
+    name = pool.name
+
     async def call_upstream(request: ProxyRequest) -> ProxyResponse:
-        response = await pool.request(request.head, request.body, chunked=request.chunked,
-                                      timeout=request.timeout, is_head=request.method == "HEAD")
-        return ProxyResponse.from_upstream(response)
+        started = time.perf_counter()
+        try:
+            response = await pool.request(request.head, request.body, chunked=request.chunked,
+                                          timeout=request.timeout,
+                                          is_head=request.method == "HEAD")
+        except UpstreamError:
+            recorder.upstream_call(name, None, time.perf_counter() - started)
+            raise
+        seconds = time.perf_counter() - started
+        recorder.upstream_call(name, response.status, seconds)
+        result = ProxyResponse.from_upstream(response)
+        result.upstream_seconds = seconds
+        return result
 
     return call_upstream
 
@@ -106,7 +121,8 @@ def build_policies(route: RouteConfig, upstream: UpstreamConfig, cache: CacheSer
 
 
 def build_state(loaded: LoadedConfig, previous: State | None, cache: CacheService,
-                dedup: DedupService, breakers: BreakerService, jobs: JobService) -> State:
+                dedup: DedupService, breakers: BreakerService, jobs: JobService,
+                recorder: Recorder) -> State:
     """Compile a config; upstream pools whose settings did not change are carried over."""
     config = loaded.config
     pools: dict[str, UpstreamPool] = {}
@@ -119,7 +135,7 @@ def build_state(loaded: LoadedConfig, previous: State | None, cache: CacheServic
         route.name: build_chain(
             build_policies(route.config, config.upstreams[route.upstream], cache, dedup,
                            breakers, jobs),
-            _upstream_handler(pools[route.upstream]))
+            _upstream_handler(pools[route.upstream], recorder))
         for route in routes.routes
     }
     return State(
@@ -162,7 +178,10 @@ class Runtime:
         self.breakers = BreakerService()
         self.jobs = JobService()
         self.runner: JobRunner | None = None
-        self.state = build_state(loaded, None, self.cache, self.dedup, self.breakers, self.jobs)
+        self.metrics = Recorder(loaded.config)
+        self.metrics_share: Share | None = share_from_env()
+        self.state = build_state(loaded, None, self.cache, self.dedup, self.breakers, self.jobs,
+                                 self.metrics)
         self.redis_url = redis_url
         self.reuse_port = reuse_port
         self.worker_id = worker_id
@@ -235,6 +254,8 @@ class Runtime:
             asyncio.create_task(self.access_log.run(), name="access-log"),
             asyncio.create_task(self._watch_redis(), name="redis-health"),
         ]
+        if self.metrics_share is not None:
+            self._tasks.append(asyncio.create_task(self.metrics_share.run(self), name="metrics"))
         if config.server.watch_config:
             self._tasks.append(asyncio.create_task(self._watch_config(), name="config-watch"))
         if config.jobs.workers:
@@ -271,6 +292,8 @@ class Runtime:
         if self.runner is not None:
             await self.runner.stop()
         await cancel_and_wait(self._tasks)
+        if self.metrics_share is not None:
+            self.metrics_share.close(self)
         for pool in self.state.pools.values():
             await pool.close()
         await self.ws_session.close()
@@ -290,7 +313,8 @@ class Runtime:
             old = self.state
             try:
                 loaded = await asyncio.to_thread(load_config, old.loaded.path)
-                new = build_state(loaded, old, self.cache, self.dedup, self.breakers, self.jobs)
+                new = build_state(loaded, old, self.cache, self.dedup, self.breakers, self.jobs,
+                                  self.metrics)
             except ConfigError as exc:
                 self.reloads["error"] += 1
                 self.last_reload_error = str(exc)
@@ -310,6 +334,7 @@ class Runtime:
             self.last_reload_error = None
             configure_logging(new.config.log)
             self.access_log.configure(new.config.log)
+            self.metrics.configure(new.config)
             for name, pool in old.pools.items():
                 if new.pools.get(name) is not pool:
                     await pool.close()

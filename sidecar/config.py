@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import glob
 import ipaddress
+import itertools
 import os
 import re
 import types
@@ -392,6 +393,45 @@ class AdminConfig(_Model):
     token: str | None = None
 
 
+class RouteSlaConfig(_Model):
+    latency_p95: OptionalDuration = None
+    error_ratio: float | None = Field(None, ge=0, le=1)
+
+
+class SlaConfig(_Model):
+    """Targets exported as metrics (sidecar_sla_*), so alert rules compare against them."""
+
+    latency_p95: Duration = 0.5
+    error_ratio: float = Field(0.01, ge=0, le=1)  # share of 5xx answers
+    routes: dict[str, RouteSlaConfig] = {}
+
+    def for_route(self, name: str) -> tuple[float, float]:
+        own = self.routes.get(name)
+        if own is None:
+            return self.latency_p95, self.error_ratio
+        return (self.latency_p95 if own.latency_p95 is None else own.latency_p95,
+                self.error_ratio if own.error_ratio is None else own.error_ratio)
+
+
+DEFAULT_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
+
+
+class MetricsConfig(_Model):
+    enabled: bool = True
+    status_label: Literal["class", "code"] = "class"  # 2xx..., or 200...
+    buckets: list[Duration] = Field(DEFAULT_BUCKETS, min_length=1, max_length=40)
+    server_timing: bool = True
+    sla: SlaConfig = SlaConfig()
+
+    @field_validator("buckets")
+    @classmethod
+    def _increasing(cls, buckets: list[float]) -> list[float]:
+        if any(b <= 0 for b in buckets) or any(a >= b for a, b in itertools.pairwise(buckets)):
+            raise ValueError("buckets must be positive durations in increasing order, "
+                             "e.g. [10ms, 50ms, 100ms, 500ms, 1s]")
+        return buckets
+
+
 class QueueConfig(_Model):
     concurrency: int = Field(10, ge=1, le=10000)  # upstream calls in flight, whole cluster
 
@@ -422,6 +462,7 @@ class Config(_Model):
     admin: AdminConfig = AdminConfig()
     queues: dict[str, QueueConfig] = {"default": QueueConfig()}
     jobs: JobsConfig = JobsConfig()
+    metrics: MetricsConfig = MetricsConfig()
 
     @field_validator("queues")
     @classmethod
@@ -809,6 +850,13 @@ def _cross_check(config: Config, doc: _Document) -> list[Problem]:
                                     f"unknown queue {route.offload.queue!r}; defined queues: "
                                     f"{known} (declare it under the top-level 'queues:')",
                                     doc.line_of(("routes", i, "offload", "queue"))))
+    names = {route.name for route in config.routes}
+    for name in config.metrics.sla.routes:
+        if name not in names:
+            problems.append(Problem(doc.file, f"metrics.sla.routes.{name}",
+                                    f"no route is named {name!r}; routes: "
+                                    f"{', '.join(sorted(names))}",
+                                    doc.line_of(("metrics", "sla", "routes", name))))
     if config.server.listen == config.server.admin_listen:
         problems.append(Problem(doc.file, "server.admin_listen",
                                 "the admin listener must not share the public address",

@@ -73,7 +73,8 @@ class ProxyRequest:
 class ProxyResponse:
     """A response on its way back: whole (`body`) or streaming from the upstream (`stream`)."""
 
-    __slots__ = ("body", "etag", "headers", "reason", "status", "stream", "wire")
+    __slots__ = ("body", "etag", "headers", "reason", "status", "stream", "upstream_seconds",
+                 "wire")
 
     def __init__(self, status: int, reason: str, headers: RawHeaders, body: bytes | None = None,
                  stream: UpstreamResponse | None = None, *, wire: bytes | None = None,
@@ -88,6 +89,7 @@ class ProxyResponse:
         # changes `headers` must set `wire` to None.
         self.wire = wire
         self.etag = etag  # known ETag, so later policies need not search the headers
+        self.upstream_seconds: float | None = None  # set when this request's upstream answered
 
     async def read_whole(self, limit: int) -> bytes | None:
         """The whole body when it is at most `limit` bytes (a streamed one is read into

@@ -21,6 +21,7 @@ from multidict import CIMultiDict
 from .errors import NoRouteError, SidecarError, UpstreamError
 from .forwarding import HOP_BY_HOP, connection_tokens
 from .jobsapi import JobsEndpoint, under
+from .metrics import JOBS_ROUTE, NO_ROUTE
 from .pipeline import ProxyRequest, ProxyResponse
 from .upstream import Body, RawHeaders
 
@@ -99,7 +100,7 @@ def http_date_now() -> bytes:
 
 
 def serialize_whole(status: int, reason: str, raw: RawHeaders, body: bytes, request_id: str,
-                    via: bytes) -> bytes:
+                    via: bytes, extra: bytes = b"") -> bytes:
     """A whole HTTP/1.1 response as bytes, straight from the upstream's raw headers: no header
     dict, no decoding and re-encoding, one write."""
     out = [status_line(status, reason)]
@@ -128,6 +129,8 @@ def serialize_whole(status: int, reason: str, raw: RawHeaders, body: bytes, requ
     if not has_date:
         append(b"Date: " + http_date_now() + b"\r\n")
     append(b"Content-Length: %d\r\n" % len(body))
+    if extra:
+        append(extra)
     append(b"Via: " + (via_seen + b", " + via if via_seen else via) + b"\r\n")
     append(b"X-Request-ID: " + request_id.encode("latin-1") + b"\r\n\r\n")
     append(body)
@@ -210,25 +213,32 @@ class ProxyHandler:
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.perf_counter()
         state = self.runtime.state
+        metrics = self.runtime.metrics
+        metrics.inflight += 1
         headers = request.headers
         request_id = headers.get("X-Request-ID")
         if request_id is None or not _REQUEST_ID.match(request_id):
             request_id = new_request_id()
         route: Route | None = None
+        label = NO_ROUTE  # the metrics' route label when no route matched
         response: web.StreamResponse | None = None
         sent = 0
         try:
             method = request.method
             path = _request_path(request)
             if path.startswith(state.jobs_path) and under(path, state.jobs_path):
-                return await self.jobs.handle(request, path, request_id)
+                label = JOBS_ROUTE
+                response = await self.jobs.handle(request, path, request_id)
+                return response
             route = state.routes.match(method, request.host, path, headers)
             if route is None:
                 raise NoRouteError(f"no route matches {method} {request.path}")
             if hdrs.UPGRADE in headers and headers[hdrs.UPGRADE].lower() == "websocket":
                 from .websocket import proxy_websocket
 
-                return await proxy_websocket(self.runtime, state, route, request, request_id)
+                response = await proxy_websocket(self.runtime, state, route, request,
+                                                 request_id)
+                return response
             if request.body_exists:
                 body, chunked = await _request_body(request)
             else:
@@ -236,7 +246,8 @@ class ProxyHandler:
             proxy_request = ProxyRequest(request, route, request_id, body, chunked,
                                          route.config.timeout, state)
             result = await state.chains[route.name](proxy_request)
-            response, sent = await self._respond(request, result, request_id, state)
+            timing = _server_timing(result, started) if metrics.server_timing else None
+            response, sent = await self._respond(request, result, request_id, state, timing)
             return response
         except SidecarError as exc:
             response = error_response(exc, request_id)
@@ -248,28 +259,37 @@ class ProxyHandler:
                 })
             return response
         finally:
+            metrics.inflight -= 1
+            if metrics.enabled:
+                metrics.request(
+                    route.name if route is not None else label, request.method,
+                    response.status if response is not None else 499,
+                    time.perf_counter() - started)
             access = self.runtime.access_log
             if access.enabled:
                 access.write(self._access_fields(request, route, response, request_id, started,
                                                  sent))
 
     async def _respond(self, request: web.BaseRequest, result: ProxyResponse, request_id: str,
-                       state: State) -> tuple[web.StreamResponse, int]:
+                       state: State, timing: bytes | None) -> tuple[web.StreamResponse, int]:
         body = result.body
         if (body is not None and request.version[1] == 1 and request.keep_alive
                 and result.status >= 200 and result.status not in (204, 304)
                 and request.method != "HEAD"):
             wire = result.wire
+            extra = b"" if timing is None else b"Server-Timing: " + timing + b"\r\n"
             if wire is not None:
                 data = b"".join((
                     status_line(result.status, result.reason),
-                    wire, b"Via: ", state.via_response_bytes, b"\r\nX-Request-ID: ",
+                    wire, extra, b"Via: ", state.via_response_bytes, b"\r\nX-Request-ID: ",
                     request_id.encode("latin-1"), b"\r\n\r\n", body))
             else:
                 data = serialize_whole(result.status, result.reason, result.headers, body,
-                                       request_id, state.via_response_bytes)
+                                       request_id, state.via_response_bytes, extra)
             return WholeResponse(data, result.status), len(body)  # type: ignore[return-value]
         headers = response_headers(result.headers, request_id, state.via_response)
+        if timing is not None:
+            headers.add("Server-Timing", timing.decode("latin-1"))
         if result.body is not None:
             return PassResponse(status=result.status, reason=result.reason, headers=headers,
                                 body=result.body), len(result.body)
@@ -315,6 +335,30 @@ class ProxyHandler:
             "duration_ms": round((time.perf_counter() - started) * 1000, 3),
             "bytes": sent,
         }
+
+
+def _server_timing(result: ProxyResponse, started: float) -> bytes:
+    """`Server-Timing` (W3C): what the cache did, the upstream's time, the sidecar's total."""
+    parts = []
+    for name, value in reversed(result.headers):  # the cache appends Cache-Status last
+        if name == b"Cache-Status":
+            parts.append(b"cache;desc=" + _cache_desc(value))
+            break
+    if result.upstream_seconds is not None:
+        parts.append(b"upstream;dur=%.3f" % (result.upstream_seconds * 1000))
+    parts.append(b"total;dur=%.3f" % ((time.perf_counter() - started) * 1000))
+    return b", ".join(parts)
+
+
+def _cache_desc(cache_status: bytes) -> bytes:
+    """The gist of our own `Cache-Status` (RFC 9211) entry."""
+    if b"; hit" in cache_status:
+        return b"stale" if b"stale-while-revalidate" in cache_status else b"hit"
+    if b"fwd=stale" in cache_status:
+        return b"revalidated" if b"fwd-status=304" in cache_status else b"stale"
+    if b"fwd=bypass" in cache_status:
+        return b"bypass"
+    return b"miss"
 
 
 class AccessLogClock:

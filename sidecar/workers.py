@@ -12,11 +12,15 @@ import dataclasses
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
+import tempfile
 import time
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 
 from .config import LoadedConfig, load_config
+from .metrics import METRICS_DIR_ENV
 
 log = logging.getLogger("sidecar.workers")
 
@@ -81,6 +85,18 @@ class Supervisor:
                     os.kill(process.pid, signum)
 
     def run(self) -> int:
+        # The workers share their metrics through files here (sidecar/metrics.py); a fresh
+        # directory per supervisor, so figures of an earlier run never add up with these.
+        state_dir = Path(self.loaded.config.server.state_dir)
+        state_dir.mkdir(parents=True, exist_ok=True)
+        metrics_dir = tempfile.mkdtemp(prefix="metrics-", dir=state_dir.resolve())
+        os.environ[METRICS_DIR_ENV] = metrics_dir
+        try:
+            return self._run()
+        finally:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+    def _run(self) -> int:
         signal.signal(signal.SIGTERM, lambda *_: setattr(self, "_stopping", True))
         signal.signal(signal.SIGINT, lambda *_: setattr(self, "_stopping", True))
         signal.signal(signal.SIGHUP, lambda *_: setattr(self, "_reload", True))

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import re
 import secrets
@@ -233,3 +234,13 @@ def status_view(job_id: str, state: str, error: str | None, *, attempts: int, qu
 
 def view_etag(body: bytes) -> str:
     return '"' + hashlib.blake2b(body, digest_size=12).hexdigest() + '"'
+
+
+# Upper bounds (seconds) of the job-duration histogram; the queue's stats hash keeps one counter
+# per slot (the last for longer ones), exported as sidecar_job_duration_seconds.
+DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+                    1800.0, 3600.0)
+
+
+def duration_bucket(seconds: float) -> int:
+    return bisect.bisect_left(DURATION_BUCKETS, seconds)

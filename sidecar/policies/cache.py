@@ -223,7 +223,7 @@ class CachePolicy:
         status = f"fwd={fwd}; fwd-status={response.status}; " + (
             "stored" if entry is not None else f"detail={detail}")
         if entry is not None:
-            return self._answer(request, entry, time.time(), status)
+            return _timed(self._answer(request, entry, time.time(), status), response)
         response.headers.append((b"Cache-Status", b"sidecar; " + status.encode()))
         return response
 
@@ -261,13 +261,14 @@ class CachePolicy:
         if response.status == 304:
             refreshed = self._refreshed(entry, response, request_time)
             self._put(refreshed)
-            return self._answer(request, refreshed, time.time(), "fwd=stale; fwd-status=304")
+            return _timed(self._answer(request, refreshed, time.time(),
+                                       "fwd=stale; fwd-status=304"), response)
         new, detail = await self._store(request, response, primary, target, request_cc,
                                         request_time)
         status = f"fwd=stale; fwd-status={response.status}; " + (
             "stored" if new is not None else f"detail={detail}")
         if new is not None:
-            return self._answer(request, new, time.time(), status)
+            return _timed(self._answer(request, new, time.time(), status), response)
         response.headers.append((b"Cache-Status", b"sidecar; " + status.encode()))
         return response
 
@@ -448,3 +449,9 @@ class CachePolicy:
             self.service.purge_local("key", uri)
             self.service.spawn(self.service.purge("key", uri, wait=0.0))
         self.counts[(self.route, "-", "invalidated")] += len(uris)
+
+
+def _timed(answer: ProxyResponse, upstream: ProxyResponse) -> ProxyResponse:
+    """An answer built from a stored entry keeps the upstream's time (Server-Timing)."""
+    answer.upstream_seconds = upstream.upstream_seconds
+    return answer

@@ -29,7 +29,7 @@ import redis.asyncio as aioredis
 from saq.job import Job, Status
 from saq.queue.redis import RedisQueue
 
-from ..core.jobs import SWEPT_ERROR, JobId, lane
+from ..core.jobs import DURATION_BUCKETS, SWEPT_ERROR, JobId, duration_bucket, lane
 from .dedup import SharedResult
 from .subscriber import REDIS_ERRORS, Subscriber
 
@@ -384,6 +384,8 @@ class JobService(Subscriber):
         if duration_ms is not None:
             pipe.hincrby(stats_key(queue), "duration_ms_sum", duration_ms)
             pipe.hincrby(stats_key(queue), "duration_count", 1)
+            slot = duration_bucket(duration_ms / 1000)
+            pipe.hincrby(stats_key(queue), f"duration_bucket_{slot}", 1)
         await pipe.execute()
 
     async def count_retry(self, job: Job) -> None:
@@ -449,6 +451,8 @@ class JobService(Subscriber):
         incomplete = sum(replies[2:-2:3])
         count = counters.pop("duration_count", 0)
         total = counters.pop("duration_ms_sum", 0)
+        buckets = [counters.pop(f"duration_bucket_{i}", 0)
+                   for i in range(len(DURATION_BUCKETS) + 1)]
         return {
             "queued": queued,
             "running": active,
@@ -457,7 +461,8 @@ class JobService(Subscriber):
             "priorities": priorities,
             "outcomes": {k: counters.get(k, 0)
                          for k in ("succeeded", "failed", "cancelled", "retried", "requeued")},
-            "duration_ms": {"count": count, "mean": round(total / count, 1) if count else None},
+            "duration_ms": {"count": count, "mean": round(total / count, 1) if count else None,
+                            "sum": total, "buckets": buckets},
         }
 
     async def jobs(self, queue: str, statuses: list[Status], limit: int) -> list[Job]:
