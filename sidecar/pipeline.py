@@ -73,8 +73,8 @@ class ProxyRequest:
 class ProxyResponse:
     """A response on its way back: whole (`body`) or streaming from the upstream (`stream`)."""
 
-    __slots__ = ("body", "etag", "headers", "reason", "status", "stream", "upstream_seconds",
-                 "wire")
+    __slots__ = ("body", "cache", "etag", "headers", "reason", "status", "stream",
+                 "upstream_seconds", "wire")
 
     def __init__(self, status: int, reason: str, headers: RawHeaders, body: bytes | None = None,
                  stream: UpstreamResponse | None = None, *, wire: bytes | None = None,
@@ -90,6 +90,7 @@ class ProxyResponse:
         self.wire = wire
         self.etag = etag  # known ETag, so later policies need not search the headers
         self.upstream_seconds: float | None = None  # set when this request's upstream answered
+        self.cache: bytes | None = None  # what the cache did, for Server-Timing
 
     async def read_whole(self, limit: int) -> bytes | None:
         """The whole body when it is at most `limit` bytes (a streamed one is read into

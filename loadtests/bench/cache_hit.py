@@ -7,6 +7,8 @@ cache of:
   sidecar cache (L1)  the sidecar (1 worker, access log off), route with
                       cache: {ttl: 60s, layers: [memory, redis]}; Redis is a redis-server this
                       script starts on a free port
+  sidecar, metrics off  the same with `metrics: {enabled: false, server_timing: false}`: the
+                      difference is what metrics and Server-Timing cost a hit (goal < 10%)
 
 Each cache is warmed until it answers a hit (`X-Cache-Status: HIT` for nginx, `Cache-Status:
 sidecar; hit` for the sidecar), then both are measured in turns (--rounds, 3 by default) and
@@ -49,6 +51,7 @@ from common import (
     log_on_failure,
     nginx,
     redis_server,
+    sidecar_cpu,
     sidecar_process,
     wait_for_port,
     which,
@@ -61,6 +64,7 @@ PATH = "/item"
 BODY_SIZE = 1024
 NGINX_CASE = "nginx proxy_cache"
 SIDECAR_CASE = "sidecar cache (L1)"
+BARE_CASE = "sidecar, metrics off"
 
 # The origin: GET /item -> 1 KiB, cacheable for an hour, with a strong ETag. GET /_served says
 # how many /item requests it has answered (to show the measured runs never reach it).
@@ -115,7 +119,7 @@ def run(duration: float, connections: int, rounds: int, nginx_bin: str | None,
         workdir = Path(tmp)
         workdir.chmod(0o755)  # nginx workers run as nobody
         (workdir / "tmp").mkdir()
-        origin, proxy, side, admin, redis = (free_port() for _ in range(5))
+        origin, proxy, side, admin, redis, bare, bare_admin = (free_port() for _ in range(7))
 
         stack.enter_context(child(["taskset", "-c", "1", sys.executable, "-c", ORIGIN_APP,
                                    str(origin), str(BODY_SIZE)], workdir / "origin.log"))
@@ -156,12 +160,30 @@ def run(duration: float, connections: int, rounds: int, nginx_bin: str | None,
         extra[SIDECAR_CASE] = {"warm": warm(side, "Cache-Status",
                                             lambda v: v.startswith("sidecar; hit"))}
         cases.append((SIDECAR_CASE, side))
+        # The same sidecar without metrics and Server-Timing: what they cost on a hit.
+        bare_config = {**config, "metrics": {"enabled": False, "server_timing": False},
+                       "server": {**config["server"], "listen": f"127.0.0.1:{bare}",
+                                  "admin_listen": f"127.0.0.1:{bare_admin}",
+                                  "state_dir": str(workdir / "sidecar-bare-state")}}
+        stack.enter_context(log_on_failure("sidecar-bare", workdir / "sidecar-bare.log"))
+        stack.enter_context(sidecar_process(workdir, "sidecar-bare", bare_config, bare))
+        extra[BARE_CASE] = {"warm": warm(bare, "Cache-Status",
+                                         lambda v: v.startswith("sidecar; hit"))}
+        cases.append((BARE_CASE, bare))
 
+        admins = {SIDECAR_CASE: admin, BARE_CASE: bare_admin}
         for _ in range(rounds):
             for name, port in cases:
                 row = extra[name]
                 before = origin_served(origin)
-                runs.setdefault(name, []).append(wrk(name, port, duration, connections, PATH))
+                cpu = sidecar_cpu(admins[name]) if name in admins else 0.0
+                result = wrk(name, port, duration, connections, PATH)
+                runs.setdefault(name, []).append(result)
+                if name in admins:
+                    # CPU per request: far steadier than req/s on a machine with neighbours.
+                    used = sidecar_cpu(admins[name]) - cpu
+                    row.setdefault("cpu_us", []).append(
+                        round(used / (result.rps * duration) * 1e6, 2))
                 row["origin_requests"] = row.get("origin_requests", 0) + (
                     origin_served(origin) - before)
 
@@ -202,6 +224,17 @@ def report(results: list[Result], extra: dict[str, dict[str, Any]], args: argpar
         counts = ", ".join(f"{k} {v}" for k, v in sorted(side.get("cache_counts", {}).items()))
         print(f"sidecar cache counts (warm-up included): {counts}; redis {side.get('redis')}")
     by_name = {r.name: r for r in results}
+    if BARE_CASE in by_name:
+        cost = 1 - by_name[SIDECAR_CASE].rps / by_name[BARE_CASE].rps
+        with_cpu, without_cpu = (sorted(extra[n]["cpu_us"])[len(extra[n]["cpu_us"]) // 2]
+                                 for n in (SIDECAR_CASE, BARE_CASE))
+        cpu_cost = 1 - without_cpu / with_cpu
+        print(f"sidecar CPU per request (median round): {with_cpu} us with metrics, "
+              f"{without_cpu} us without (rounds: {extra[SIDECAR_CASE]['cpu_us']} / "
+              f"{extra[BARE_CASE]['cpu_us']})")
+        print(f"metrics and Server-Timing cost {cpu_cost:.1%} of cache-hit throughput by CPU "
+              f"per request, {cost:.1%} by median req/s (goal < 10%): "
+              f"{'PASS' if cpu_cost < 0.10 else 'OVER'}")
     if NGINX_CASE not in by_name:
         print(f"\nratio sidecar / nginx proxy_cache: n/a (nginx not measured; goal >= "
               f"{GOAL_RATIO})")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import http.client
 import json
+import os
 import shutil
 import signal
 import socket
@@ -229,3 +230,11 @@ def redis_server(binary: str, workdir: Path, port: int, core: int = 0) -> Iterat
                 raise RuntimeError(f"redis-server did not answer on :{port}\n{tail(log)}")
             time.sleep(0.05)
         yield
+
+
+def sidecar_cpu(admin: int) -> float:
+    """The CPU seconds (user + system) the sidecar has used so far (its pid from /admin/stats;
+    with `server.workers: 1` the one process serves and runs the jobs)."""
+    pid = int(json.loads(http_get(admin, "/admin/stats")[2])["pid"])
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

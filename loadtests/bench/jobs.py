@@ -62,6 +62,7 @@ from common import (
     log_on_failure,
     nginx,
     redis_server,
+    sidecar_cpu,
     sidecar_process,
     tail,
     wait_for_port,
@@ -187,14 +188,6 @@ def job_worker(workdir: Path, name: str, config: dict[str, Any], core: int) -> I
                                    f"{tail(log)}")
             time.sleep(0.05)
         yield
-
-
-def sidecar_cpu(admin: int) -> float:
-    """The CPU seconds (user + system) the sidecar has used so far (its pid from /admin/stats;
-    with `server.workers: 1` the one process serves and runs the jobs)."""
-    pid = int(json.loads(http_get(admin, "/admin/stats")[2])["pid"])
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def queue_stats(admin: int) -> dict[str, Any]:

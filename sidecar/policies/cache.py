@@ -114,6 +114,7 @@ class CachePolicy:
         if "Range" in headers:
             response = await call_next(request)
             response.headers.append((b"Cache-Status", b"sidecar; fwd=bypass; detail=range"))
+            response.cache = _BYPASS
             self.counts[(self.route, "-", "bypass")] += 1
             return response
         cache_control = headers.get("Cache-Control")
@@ -139,14 +140,14 @@ class CachePolicy:
             if decision is Verdict.FRESH:
                 self.counts[self._hit_keys[layer]] += 1
                 ttl = int(entry.freshness.ttl(now))
-                return self._answer(request, entry, now, b"hit; ttl=%d" % ttl)
+                return self._answer(request, entry, now, b"hit; ttl=%d" % ttl, _HIT)
             if decision is Verdict.STALE_REVALIDATE:
                 self.counts[(self.route, layer, "stale")] += 1
                 if await self.service.try_refresh(primary, 10.0):
                     self.service.spawn(self._refresh(request, call_next, entry, primary, target))
                 ttl = int(entry.freshness.ttl(now))
                 return self._answer(request, entry, now,
-                                    b"hit; ttl=%d; detail=stale-while-revalidate" % ttl)
+                                    b"hit; ttl=%d; detail=stale-while-revalidate" % ttl, _STALE)
             return await self._revalidate(request, call_next, entry, primary, target, request_cc)
         self.counts[(self.route, "-", "miss")] += 1
         fwd = "vary-miss" if known else "uri-miss"
@@ -190,7 +191,7 @@ class CachePolicy:
     # -- answering from an entry -------------------------------------------------------------
 
     def _answer(self, request: ProxyRequest, entry: CachedResponse, now: float,
-                status: bytes | str) -> ProxyResponse:
+                status: bytes | str, desc: bytes) -> ProxyResponse:
         age = b"%d" % entry.freshness.age(now)
         cache_status = b"sidecar; " + (status if isinstance(status, bytes) else status.encode())
         headers = [*entry.headers, (b"Age", age), (b"Cache-Status", cache_status)]
@@ -200,14 +201,18 @@ class CachePolicy:
         if (inm is not None or ims is not None) and not_modified(
                 method=request.method, if_none_match=inm, if_modified_since=http_date(ims),
                 etag=entry.etag, last_modified=entry.last_modified) and entry.status == 200:
-            return ProxyResponse(304, "Not Modified",
-                                 [(n, v) for n, v in headers if n.lower() in _304_HEADERS],
-                                 body=b"")
+            response = ProxyResponse(304, "Not Modified",
+                                     [(n, v) for n, v in headers if n.lower() in _304_HEADERS],
+                                     body=b"")
+            response.cache = desc
+            return response
         body = b"" if request.method == "HEAD" else entry.body
         wire = b"".join((entry.wire, b"Age: ", age, b"\r\nCache-Status: ", cache_status,
                          b"\r\n"))
-        return ProxyResponse(entry.status, entry.reason, headers, body=body, wire=wire,
-                             etag=entry.etag)
+        response = ProxyResponse(entry.status, entry.reason, headers, body=body, wire=wire,
+                                 etag=entry.etag)
+        response.cache = desc
+        return response
 
     # -- going to the upstream ---------------------------------------------------------------
 
@@ -223,8 +228,9 @@ class CachePolicy:
         status = f"fwd={fwd}; fwd-status={response.status}; " + (
             "stored" if entry is not None else f"detail={detail}")
         if entry is not None:
-            return _timed(self._answer(request, entry, time.time(), status), response)
+            return _timed(self._answer(request, entry, time.time(), status, _MISS), response)
         response.headers.append((b"Cache-Status", b"sidecar; " + status.encode()))
+        response.cache = _MISS
         return response
 
     async def _revalidate(self, request: ProxyRequest, call_next: Handler,
@@ -238,17 +244,17 @@ class CachePolicy:
             if exc.serve_stale and not (f.must_revalidate or f.no_cache):
                 self.counts[(self.route, "-", "stale")] += 1
                 return self._answer(request, entry, time.time(),
-                                    "fwd=stale; detail=breaker-open")
+                                    "fwd=stale; detail=breaker-open", _STALE)
             if f.usable_for_error(time.time()):
                 self.counts[(self.route, "-", "stale")] += 1
                 return self._answer(request, entry, time.time(),
-                                    "fwd=stale; detail=stale-if-error")
+                                    "fwd=stale; detail=stale-if-error", _STALE)
             raise
         except UpstreamError:
             if entry.freshness.usable_for_error(time.time()):
                 self.counts[(self.route, "-", "stale")] += 1
                 return self._answer(request, entry, time.time(),
-                                    "fwd=stale; detail=stale-if-error")
+                                    "fwd=stale; detail=stale-if-error", _STALE)
             raise
         if response.status >= 500 and entry.freshness.usable_for_error(time.time()):
             if response.stream is not None:
@@ -256,20 +262,22 @@ class CachePolicy:
             self.counts[(self.route, "-", "stale")] += 1
             return self._answer(request, entry, time.time(),
                                 f"fwd=stale; fwd-status={response.status}; "
-                                "detail=stale-if-error")
+                                "detail=stale-if-error", _STALE)
         self.counts[(self.route, "-", "revalidate")] += 1
         if response.status == 304:
             refreshed = self._refreshed(entry, response, request_time)
             self._put(refreshed)
             return _timed(self._answer(request, refreshed, time.time(),
-                                       "fwd=stale; fwd-status=304"), response)
+                                       "fwd=stale; fwd-status=304", _REVALIDATED), response)
         new, detail = await self._store(request, response, primary, target, request_cc,
                                         request_time)
         status = f"fwd=stale; fwd-status={response.status}; " + (
             "stored" if new is not None else f"detail={detail}")
         if new is not None:
-            return _timed(self._answer(request, new, time.time(), status), response)
+            return _timed(self._answer(request, new, time.time(), status, _REVALIDATED),
+                          response)
         response.headers.append((b"Cache-Status", b"sidecar; " + status.encode()))
+        response.cache = _REVALIDATED
         return response
 
     async def _refresh(self, request: ProxyRequest, call_next: Handler, entry: CachedResponse,
@@ -455,3 +463,11 @@ def _timed(answer: ProxyResponse, upstream: ProxyResponse) -> ProxyResponse:
     """An answer built from a stored entry keeps the upstream's time (Server-Timing)."""
     answer.upstream_seconds = upstream.upstream_seconds
     return answer
+
+
+# What the cache did, as the start of a Server-Timing header (proxy.py adds the times).
+_HIT = b"cache;desc=hit, "
+_STALE = b"cache;desc=stale, "
+_REVALIDATED = b"cache;desc=revalidated, "
+_MISS = b"cache;desc=miss, "
+_BYPASS = b"cache;desc=bypass, "
