@@ -26,6 +26,7 @@ run: setup
 	@scripts/run-demo
 
 test: setup
+	@scripts/ensure-debian-packages prometheus || echo "prometheus could not be installed: tests/test_prometheus.py will be skipped" >&2
 	$(BIN)/python -m pytest
 
 check: setup
