@@ -51,8 +51,7 @@ _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"
 _CLASSES = ("0xx", "1xx", "2xx", "3xx", "4xx", "5xx")
 _BREAKER_STATE = {"closed": 0, "half_open": 1, "open": 2}
 _DEDUP_ROLE = {"leader": "leader", "idempotency_leader": "leader", "follower": "follower",
-               "cluster_follower": "follower", "replay": "replay", "conflict": "conflict",
-               "mismatch": "conflict"}
+               "replay": "replay", "conflict": "conflict", "mismatch": "conflict"}
 _CACHE_RESULTS = frozenset({"hit", "miss", "stale", "bypass", "revalidated"})
 _RATELIMIT_EVENT = "rate_limited"
 
@@ -219,15 +218,22 @@ def snapshot(runtime: Runtime) -> Snapshot:
             cache_events.append([route, result, n])
     counters["sidecar_cache_requests_total"] = cache
     counters["sidecar_cache_events_total"] = cache_events
-    dedup, dedup_events, limited = [], [], []
+    roles: Counter[tuple[str, str]] = Counter()
+    dedup_events, limited = [], []
     for (route, event), n in runtime.dedup.counts.items():
         role = _DEDUP_ROLE.get(event)
         if role is not None:
-            dedup.append([route, role, n])
+            roles[(route, role)] += n
         elif event == _RATELIMIT_EVENT:
             limited.append([route, n])
         else:
             dedup_events.append([route, event, n])
+            if event == "cluster_follower":
+                # This instance's leader took another instance's result: its request was a
+                # follower's, not a leader's (a role per request, as the contract says).
+                roles[(route, "leader")] -= n
+                roles[(route, "follower")] += n
+    dedup = [[route, role, n] for (route, role), n in roles.items()]
     counters["sidecar_dedup_total"] = dedup
     counters["sidecar_dedup_events_total"] = dedup_events
     # A route with a rate limit shows 0 before its first refusal (rate() needs the series).

@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.admin import redacted
 from sidecar.config import ConfigError, load_config
-from sidecar.metrics import FLUSH_INTERVAL, Histogram, merge
+from sidecar.metrics import FLUSH_INTERVAL, Histogram, Recorder, merge
 from sidecar.pipeline import ProxyResponse
 from sidecar.proxy import _server_timing
 
@@ -316,10 +316,12 @@ async def test_job_metrics_come_from_the_queue(sidecar_factory: Factory, origin:
 @pytest.mark.slow
 async def test_two_workers_add_up(sidecar_process, origin: Origin, redis_url: str,
                                   client) -> None:
-    script_origin(origin)
+    gate = asyncio.Event()
+    script_origin(origin, gate)
     config = routes_config(origin, redis_url, server={"workers": 2, "watch_config": False})
     # The limiter is per process (local scope): make it refuse nothing here.
     config["routes"][2]["rate_limit"] = {"rate": "1000/s", "burst": 1000}
+    config["routes"][1]["dedup"] = {"scope": "cluster"}  # one leader for both workers
     proc = sidecar_process(config)
     connector = aiohttp.TCPConnector(force_close=True)  # spread over both workers
     async with aiohttp.ClientSession(connector=connector) as fresh:
@@ -329,6 +331,17 @@ async def test_two_workers_add_up(sidecar_process, origin: Origin, redis_url: st
         for _ in range(10):
             async with fresh.get(proc.url + "/cached/a") as response:
                 assert response.status == 200
+
+        async def shared() -> int:
+            async with fresh.get(proc.url + "/shared/s") as response:
+                await response.read()
+                return response.status
+
+        # 8 identical requests spread over both workers, held at the upstream together.
+        calls = [asyncio.create_task(shared()) for _ in range(8)]
+        await asyncio.sleep(1.0)
+        gate.set()
+        assert await asyncio.gather(*calls) == [200] * 8
 
     async def added_up() -> bool:
         samples = await scrape(proc.admin_url)
@@ -349,6 +362,11 @@ async def test_two_workers_add_up(sidecar_process, origin: Origin, redis_url: st
         assert hits + misses == 10 and 1 <= misses <= 2  # each worker may miss once (L1)
         assert total(samples, "sidecar_inflight_requests") == 0  # scrapes are not requests
         assert total(samples, "process_resident_memory_bytes") > 2 * 10 * 1024**2
+        assert total(samples, "sidecar_requests_total", route="shared") == 8
+        leaders = total(samples, "sidecar_dedup_total", route="shared", role="leader")
+        followers = total(samples, "sidecar_dedup_total", route="shared", role="follower")
+        assert leaders + followers == 8
+        assert leaders == origin.calls["/shared/s"] == 1  # one call for both workers
     assert origin.calls["/default/ok"] == 20
 
 
@@ -361,6 +379,19 @@ def test_histogram_buckets_are_inclusive_upper_bounds() -> None:
         histogram.observe(value)
     assert histogram.counts == [2, 2, 1]  # le=0.1: 0.05 and 0.1; le=1: 0.5 and 1.0; +Inf: 3
     assert math.isclose(histogram.sum, 4.65)
+
+
+def test_methods_and_statuses_stay_bounded(tmp_path) -> None:
+    import yaml
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(make_config("http://127.0.0.1:1", "redis://127.0.0.1:1")))
+    recorder = Recorder(load_config(path).config)
+    for method, status in (("BREW", 418), ("BREW", 200), ("X" * 300, 200), ("GET", 999)):
+        recorder.request("default", method, status, 0.01)
+    assert recorder.requests == {("default", "other", "4xx"): 1,
+                                 ("default", "other", "2xx"): 2,
+                                 ("default", "GET", "other"): 1}
 
 
 def test_merge_adds_counters_of_all_workers_and_gauges_of_live_ones() -> None:
