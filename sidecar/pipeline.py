@@ -70,6 +70,31 @@ class ProxyRequest:
                             self.timeout, self.state, head)
 
 
+class BodyTooLarge(Exception):
+    """`whole_body`: the request body is over the caller's limit."""
+
+
+async def whole_body(request: ProxyRequest, limit: int) -> bytes | None:
+    """The request's whole body (None when it has none), read into memory when it streams;
+    BodyTooLarge past `limit` bytes, before reading when the declared length says so."""
+    body = request.body
+    if body is None or isinstance(body, bytes):
+        if body is not None and len(body) > limit:
+            raise BodyTooLarge
+        return body
+    declared = request.web.content_length
+    if declared is not None and declared > limit:
+        raise BodyTooLarge
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in body:
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 class ProxyResponse:
     """A response on its way back: whole (`body`) or streaming from the upstream (`stream`)."""
 

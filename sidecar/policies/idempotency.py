@@ -26,7 +26,7 @@ from ..errors import (
     IdempotencyMismatchError,
     UpstreamError,
 )
-from ..pipeline import Handler, ProxyRequest, ProxyResponse
+from ..pipeline import BodyTooLarge, Handler, ProxyRequest, ProxyResponse, whole_body
 from ..stores.dedup import DedupService
 from ..stores.idempotency import IdempotencyRecord, IdempotencyStore, RecordState, record_key
 from ..stores.subscriber import REDIS_ERRORS
@@ -98,25 +98,13 @@ class IdempotencyPolicy:
 
     async def _whole_body(self, request: ProxyRequest) -> tuple[ProxyRequest, bytes]:
         """The body, read whole to fingerprint it, and a request that forwards those bytes."""
-        body = request.body
-        limit = self.config.max_body
-        if body is None:
-            return request, b""
-        if isinstance(body, bytes):
-            if len(body) > limit:
-                raise self._too_large()
-            return request, body
-        declared = request.web.content_length
-        if declared is not None and declared > limit:
-            raise self._too_large()
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in body:
-            size += len(chunk)
-            if size > limit:
-                raise self._too_large()
-            chunks.append(chunk)
-        data = b"".join(chunks)
+        streamed = request.body is not None and not isinstance(request.body, bytes)
+        try:
+            data = await whole_body(request, self.config.max_body)
+        except BodyTooLarge:
+            raise self._too_large() from None
+        if data is None or not streamed:
+            return request, data or b""
         # The upstream gets these bytes in one write: framed by Content-Length, never chunked.
         head = rewrite_head(request.head, _REFRAMED, [b"Content-Length: %d" % len(data)])
         return ProxyRequest(request.web, request.route, request.request_id, data, False,

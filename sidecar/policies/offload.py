@@ -24,7 +24,7 @@ from ..core.jobs import (
     public_status,
 )
 from ..errors import JobQueueUnavailableError, OffloadBodyTooLargeError
-from ..pipeline import Handler, ProxyRequest, ProxyResponse
+from ..pipeline import BodyTooLarge, Handler, ProxyRequest, ProxyResponse, whole_body
 from ..stores.subscriber import REDIS_ERRORS
 
 if TYPE_CHECKING:
@@ -84,23 +84,10 @@ class OffloadPolicy:
         return self.accepted(job_id, jobs, preferences, status)
 
     async def _whole_body(self, request: ProxyRequest) -> bytes | None:
-        body = request.body
-        limit = self.config.max_body
-        if body is None or isinstance(body, bytes):
-            if body is not None and len(body) > limit:
-                raise self._too_large()
-            return body
-        declared = request.web.content_length
-        if declared is not None and declared > limit:
-            raise self._too_large()
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in body:
-            size += len(chunk)
-            if size > limit:
-                raise self._too_large()
-            chunks.append(chunk)
-        return b"".join(chunks)
+        try:
+            return await whole_body(request, self.config.max_body)
+        except BodyTooLarge:
+            raise self._too_large() from None
 
     def _too_large(self) -> OffloadBodyTooLargeError:
         return OffloadBodyTooLargeError(
