@@ -107,7 +107,7 @@ class CachePolicy:
         if method != "GET" and method != "HEAD":
             response = await call_next(request)
             if method in UNSAFE and 200 <= response.status < 400:
-                self._invalidate(request, response)
+                await self._invalidate(request, response)
             return response
         web = request.web
         headers = web.headers
@@ -436,9 +436,10 @@ class CachePolicy:
 
     # -- invalidation -------------------------------------------------------------------------
 
-    def _invalidate(self, request: ProxyRequest, response: ProxyResponse) -> None:
+    async def _invalidate(self, request: ProxyRequest, response: ProxyResponse) -> None:
         """RFC 9111 §4.4: a successful unsafe request invalidates the target URI and the
-        same-origin Location / Content-Location."""
+        same-origin Location / Content-Location, in Redis too before the response goes back
+        (else the client's next read could still find the old entry there)."""
         query = self.config.key.query
         uris = {normalize_target(request.web.raw_path, query)}
         host = request.web.host
@@ -454,8 +455,7 @@ class CachePolicy:
                 if value_host.lower() == host.lower():
                     uris.add(normalize_target("/" + path, query))
         for uri in uris:
-            self.service.purge_local("key", uri)
-            self.service.spawn(self.service.purge("key", uri, wait=0.0))
+            await self.service.purge("key", uri, wait=0.0)
         self.counts[(self.route, "-", "invalidated")] += len(uris)
 
 
