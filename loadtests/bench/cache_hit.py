@@ -50,6 +50,7 @@ from common import (
     loadavg,
     log_on_failure,
     nginx,
+    on_signal,
     redis_server,
     sidecar_cpu,
     sidecar_process,
@@ -197,14 +198,6 @@ def run(duration: float, connections: int, rounds: int, nginx_bin: str | None,
         extra[name]["rounds_rps"] = [round(r.rps) for r in measured]
         results.append(sorted(measured, key=lambda r: r.rps)[len(measured) // 2])
     return results, extra
-
-
-def on_signal(signum: int, _frame: object) -> None:
-    # First signal: unwind (every `finally` stops its process); later ones must not cut the
-    # clean-up short, so they are ignored from here on.
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_IGN)
-    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def report(results: list[Result], extra: dict[str, dict[str, Any]], args: argparse.Namespace,

@@ -238,3 +238,11 @@ def sidecar_cpu(admin: int) -> float:
     pid = int(json.loads(http_get(admin, "/admin/stats")[2])["pid"])
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def on_signal(signum: int, _frame: object) -> None:
+    # First signal: unwind (every `finally` stops its process); later ones must not cut the
+    # clean-up short, so they are ignored from here on.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    raise KeyboardInterrupt(signal.Signals(signum).name)

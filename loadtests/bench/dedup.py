@@ -57,6 +57,7 @@ from common import (
     loadavg,
     log_on_failure,
     nginx,
+    on_signal,
     redis_server,
     sidecar_process,
     tail,
@@ -458,14 +459,6 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, load_start: str
             statuses = "; ".join(", ".join(f"{k} {v}" for k, v in sorted(s.items()))
                                  for s in row["cache_status"])
             print(f"  X-Cache-Status per round: {statuses}")
-
-
-def on_signal(signum: int, _frame: object) -> None:
-    # First signal: unwind (every `finally` stops its process); later ones must not cut the
-    # clean-up short, so they are ignored from here on.
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_IGN)
-    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def main() -> int:

@@ -61,6 +61,7 @@ from common import (
     loadavg,
     log_on_failure,
     nginx,
+    on_signal,
     redis_server,
     sidecar_cpu,
     sidecar_process,
@@ -424,14 +425,6 @@ def report(direct: Load, single: list[OneClient], rows: list[JobCase],
     for o in single:
         print(f"{o.case:<31}{o.per_s:>9.0f}{o.p50_ms:>9.2f}{o.p99_ms:>9.2f}"
               f"{o.cpu_ms_per_request:>16.2f}")
-
-
-def on_signal(signum: int, _frame: object) -> None:
-    # First signal: unwind (every `finally` stops its process); later ones must not cut the
-    # clean-up short, so they are ignored from here on.
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_IGN)
-    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def main() -> int:
