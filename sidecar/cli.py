@@ -1,4 +1,4 @@
-"""`sidecar run|worker|check`: the command line."""
+"""`sidecar run|worker|check|loadtest|record`: the command line."""
 
 from __future__ import annotations
 
@@ -110,6 +110,61 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_loadtest(args: argparse.Namespace) -> int:
+    from .core.units import parse_duration
+    from .loadtest import runner
+
+    try:
+        duration = parse_duration(args.duration) if args.duration else None
+    except ValueError as exc:
+        print(f"sidecar loadtest: --duration: {exc}", file=sys.stderr)
+        return 2
+    try:
+        plan = runner.plan(config=args.config, replay=args.replay, users=args.users,
+                           duration=duration, spawn_rate=args.spawn_rate, target=args.target,
+                           results=args.results)
+        return runner.run(plan)
+    except runner.LoadtestError as exc:
+        print(f"sidecar loadtest: {exc}", file=sys.stderr)
+        return 2
+
+
+def cmd_record(args: argparse.Namespace) -> int:
+    from .loadtest import record
+
+    upstream = args.upstream
+    if upstream is None:
+        if not Path(args.config).exists():
+            print(f"sidecar record: give --upstream URL (no {args.config} to take the app's "
+                  "address from)", file=sys.stderr)
+            return 2
+        loaded = _load_or_report(args.config)
+        if loaded is None:
+            return 2
+        upstream = next(iter(loaded.config.upstreams.values())).url
+    try:
+        host, port = args.listen.rsplit(":", 1)
+        port_number = int(port)
+    except ValueError:
+        print(f"sidecar record: --listen: expected HOST:PORT, got {args.listen!r}",
+              file=sys.stderr)
+        return 2
+    try:
+        return record.record(upstream=upstream, host=host, port=port_number,
+                             output=Path(args.output), flows=args.flows and Path(args.flows),
+                             venv=Path(args.venv) if args.venv else record.default_venv())
+    except record.RecordError as exc:
+        print(f"sidecar record: {exc}", file=sys.stderr)
+        return 2
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of at least 1, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sidecar",
@@ -136,6 +191,41 @@ def build_parser() -> argparse.ArgumentParser:
             "else prints every problem with its file, key path and line, and exits 1."))
     check.add_argument("-c", "--config", default="config.yaml", help="config file (config.yaml)")
     check.set_defaults(func=cmd_check)
+    loadtest = sub.add_parser(
+        "loadtest", help="run a load test against SLAs", description=(
+            "Run locust headless against the target of an SLA file, one task per SLA (an "
+            "offloaded route: post, poll, fetch the result, timed as a whole), or replay "
+            "captured traffic; print each SLA check as PASS/FAIL, write locust's CSV and HTML "
+            "reports, exit 1 when an SLA is missed and 2 when the test could not run. "
+            "See docs/loadtesting.md."))
+    loadtest.add_argument("-c", "--config", default=None,
+                          help="SLA file (loadtests/slas.yaml)")
+    loadtest.add_argument("--users", type=_positive_int, help="concurrent users (the file's, 10)")
+    loadtest.add_argument("--duration", help="how long, e.g. 60s or 5m (the file's, 60s)")
+    loadtest.add_argument("--spawn-rate", type=float,
+                          help="users started per second (default: all at once)")
+    loadtest.add_argument("--target", help="base URL to load (the file's 'target')")
+    loadtest.add_argument("--replay", metavar="HAR",
+                          help="replay captured traffic (sidecar record) instead of the SLAs' "
+                          "requests; checked against the file's 'replay' limits")
+    loadtest.add_argument("--results", metavar="DIR",
+                          help="reports folder (loadtests/results/<date-time>)")
+    loadtest.set_defaults(func=cmd_loadtest)
+    rec = sub.add_parser(
+        "record", help="capture real traffic for --replay", description=(
+            "Run mitmproxy (mitmdump, reverse mode) in front of the app and write the traffic "
+            "sent through it to a HAR file, credentials removed, when stopped with Ctrl-C. "
+            "mitmproxy is installed on first use into a virtual environment of its own."))
+    rec.add_argument("--upstream", help="the app's URL (default: the first upstream of -c)")
+    rec.add_argument("-c", "--config", default="config.yaml",
+                     help="sidecar config to take the upstream from (config.yaml)")
+    rec.add_argument("--listen", default="127.0.0.1:8081",
+                     help="where clients send traffic to record (127.0.0.1:8081)")
+    rec.add_argument("-o", "--output", default="capture.har", help="HAR file (capture.har)")
+    rec.add_argument("--flows", help="also save mitmproxy's flow file here")
+    rec.add_argument("--venv", help="mitmproxy's virtual environment "
+                     "($SIDECAR_MITMPROXY_VENV or ~/.cache/sidecar/mitmproxy)")
+    rec.set_defaults(func=cmd_record)
     return parser
 
 
@@ -143,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until a runtime or supervisor handles it
     args = build_parser().parse_args(argv)
-    if not Path(args.config).exists():
+    if args.command in ("run", "worker", "check") and not Path(args.config).exists():
         print(f"sidecar: config file not found: {args.config}", file=sys.stderr)
         return 1
     return int(args.func(args))

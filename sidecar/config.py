@@ -29,7 +29,7 @@ from pydantic import (
     model_validator,
 )
 
-from .core.units import parse_duration, parse_size
+from .core.units import parse_duration, parse_percent, parse_size
 
 # --- value types -------------------------------------------------------------------------------
 
@@ -134,24 +134,12 @@ class BreakerConfig(_Model):
     half_open_trials: int = Field(1, ge=1)  # requests let through while half-open
 
 
-def _percent(value: object) -> float:
-    """`20%` -> 0.2; a bare number between 0 and 1 is taken as the fraction itself."""
-    if isinstance(value, str) and value.strip().endswith("%"):
-        number = float(value.strip()[:-1])
-        if not 0 <= number <= 100:
-            raise ValueError(f"expected a percentage between 0% and 100%, got {value!r}")
-        return number / 100
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1:
-        return float(value)
-    raise ValueError(f"expected a percentage like '20%', got {value!r}")
-
-
 class RetryConfig(_Model):
     attempts: int = Field(2, ge=0)  # extra attempts, idempotent methods only
     backoff: Duration = 0.1  # base of the exponential backoff, with full jitter
     max_backoff: Duration = 2.0
     on: list[str] = ["connect", "502", "503", "504"]
-    budget: Annotated[float, BeforeValidator(_percent)] = 0.2
+    budget: Annotated[float, BeforeValidator(parse_percent)] = 0.2
 
     @model_validator(mode="before")
     @classmethod
@@ -595,12 +583,13 @@ def _expand_env(value: Any, loc: Loc, doc: _Document, problems: list[Problem]) -
 # --- locating and wording pydantic errors ------------------------------------------------------
 
 
-def _format_loc(loc: Loc, routes: list[Any] | None) -> str:
+def _format_loc(loc: Loc, routes: list[Any] | None, key: str = "routes") -> str:
+    """`routes[2] (products).cache.ttl`: entries of the named list `key` show their name."""
     out = ""
     for i, part in enumerate(loc):
         if isinstance(part, int):
             out += f"[{part}]"
-            if routes is not None and i == 1 and loc[0] == "routes" and part < len(routes):
+            if routes is not None and i == 1 and loc[0] == key and part < len(routes):
                 name = routes[part].get("name") if isinstance(routes[part], dict) else None
                 if name:
                     out += f" ({name})"
@@ -668,13 +657,14 @@ def _word(error: Any, owner: Any) -> str:
 
 
 def _pydantic_problems(
-    exc: ValidationError, doc: _Document, model: Any, prefix: Loc, routes: list[Any] | None
+    exc: ValidationError, doc: _Document, model: Any, prefix: Loc, routes: list[Any] | None,
+    key: str = "routes",
 ) -> list[Problem]:
     problems = []
     for error in exc.errors():
         loc = (*prefix, *error["loc"])
         owner = _model_at(model, tuple(error["loc"][:-1]))
-        problems.append(Problem(doc.file, _format_loc(loc, routes), _word(error, owner),
+        problems.append(Problem(doc.file, _format_loc(loc, routes, key), _word(error, owner),
                                 doc.line_of(loc)))
     return problems
 
@@ -734,6 +724,29 @@ def load_config(path: str | os.PathLike[str]) -> LoadedConfig:
     if problems:
         raise ConfigError(problems)
     return LoadedConfig(config, path, tuple(files), bundles)
+
+
+ModelT = typing.TypeVar("ModelT", bound=BaseModel)
+
+
+def load_document(path: str | os.PathLike[str], model: type[ModelT], *,
+                  named_list: str | None = None) -> ModelT:
+    """Another YAML file the sidecar reads (the load-test SLA file) into `model`, with the
+    config's located problems; entries of `named_list` are shown with their `name`."""
+    problems: list[Problem] = []
+    doc = _read_yaml(Path(path), problems)
+    if doc is None:
+        raise ConfigError(problems)
+    raw = doc.data if doc.data is not None else {}
+    if not isinstance(raw, dict):
+        raise ConfigError([Problem(doc.file, "", "the file must be a mapping of keys", 1)])
+    items = raw.get(named_list) if named_list else None
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_pydantic_problems(
+            exc, doc, model, (), items if isinstance(items, list) else None,
+            named_list or "routes")) from None
 
 
 def _load_bundles(

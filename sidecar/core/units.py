@@ -40,6 +40,21 @@ def parse_size(value: object) -> int:
     raise ValueError(f"expected a size like '64MiB', '512KiB' or a number of bytes, got {value!r}")
 
 
+def parse_percent(value: object) -> float:
+    """`20%` -> 0.2; a bare number between 0 and 1 is taken as the fraction itself."""
+    if isinstance(value, str) and value.strip().endswith("%"):
+        try:
+            number = float(value.strip()[:-1])
+        except ValueError:
+            number = -1.0
+        if not 0 <= number <= 100:
+            raise ValueError(f"expected a percentage between 0% and 100%, got {value!r}")
+        return number / 100
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1:
+        return float(value)
+    raise ValueError(f"expected a percentage like '20%', got {value!r}")
+
+
 def format_duration(seconds: float) -> str:
     if seconds < 1:
         return f"{seconds * 1000:g}ms"
