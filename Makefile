@@ -36,7 +36,9 @@ lint: setup
 	$(BIN)/ruff check sidecar tests loadtests
 	$(BIN)/mypy sidecar
 
-bench: bench-passthrough bench-cache bench-dedup bench-jobs
+bench: setup
+	@scripts/ensure-debian-packages nginx wrk
+	$(BIN)/python loadtests/bench/run_all.py
 
 bench-passthrough: setup
 	@scripts/ensure-debian-packages nginx wrk
