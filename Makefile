@@ -4,13 +4,14 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: help setup run test lint bench bench-passthrough bench-cache bench-dedup bench-jobs check clean
+.PHONY: help setup run test lint loadtest bench bench-passthrough bench-cache bench-dedup bench-jobs check clean
 
 help:
 	@echo "make run     start the example backend and the sidecar in front of it (:8080, admin :9901)"
 	@echo "make test    run the whole test suite"
 	@echo "make check   validate config.yaml"
 	@echo "make lint    ruff and mypy"
+	@echo "make loadtest  the SLAs of loadtests/slas.yaml against a running sidecar (make run)"
 	@echo "make bench   benchmarks under loadtests/bench (nginx and wrk installed when missing)"
 
 $(STAMP): pyproject.toml
@@ -35,6 +36,9 @@ check: setup
 lint: setup
 	$(BIN)/ruff check sidecar tests loadtests
 	$(BIN)/mypy sidecar
+
+loadtest: setup
+	$(BIN)/sidecar loadtest -c loadtests/slas.yaml
 
 bench: setup
 	@scripts/ensure-debian-packages nginx wrk

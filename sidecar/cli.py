@@ -165,6 +165,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number above 0, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sidecar",
@@ -202,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="SLA file (loadtests/slas.yaml)")
     loadtest.add_argument("--users", type=_positive_int, help="concurrent users (the file's, 10)")
     loadtest.add_argument("--duration", help="how long, e.g. 60s or 5m (the file's, 60s)")
-    loadtest.add_argument("--spawn-rate", type=float,
+    loadtest.add_argument("--spawn-rate", type=_positive_float,
                           help="users started per second (default: all at once)")
     loadtest.add_argument("--target", help="base URL to load (the file's 'target')")
     loadtest.add_argument("--replay", metavar="HAR",

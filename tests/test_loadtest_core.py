@@ -194,7 +194,7 @@ def test_sanitize_takes_every_credential_out_of_the_file() -> None:
 
 
 def test_a_file_that_is_not_a_har_is_refused() -> None:
-    with pytest.raises(HarError, match="log.entries"):
+    with pytest.raises(HarError, match=r"log\.entries"):
         scenario_from_har({"entries": []})
     with pytest.raises(HarError, match="nothing to replay"):
         scenario_from_har(har(entry("CONNECT", "app:443")))

@@ -10,6 +10,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -66,6 +67,9 @@ def plan(*, config: str | None, replay: str | None, users: int | None, duration:
         raise LoadtestError(f"{sla_path}: no SLAs to run (the 'slas' list is empty or missing)")
     if scenario is not None:
         print(scenario.describe(), flush=True)
+    if target is not None and not re.match(r"^https?://[^/\s]+/?$", target):
+        raise LoadtestError(f"--target: expected a base URL like 'http://127.0.0.1:8080', "
+                            f"got {target!r}")
     base = (target or slas.target).rstrip("/")
     wanted = users or slas.users
     floor = _users_needed(slas) if scenario is None else 1

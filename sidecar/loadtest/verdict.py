@@ -60,8 +60,8 @@ def evaluate(name: str, limits: Limits, measured: Measured, *,
                       f"{ratio:.2%} ({measured.failures}/{measured.requests})",
                       f"{limits.error_rate:.2%}", ratio <= limits.error_rate))
     if limits.min_rps is not None:
-        rows.append(Check(name, f"{unit}/s", format_rate(measured.rps), f">= {format_rate(limits.min_rps)}",
-                          measured.rps >= limits.min_rps))
+        rows.append(Check(name, f"{unit}/s", format_rate(measured.rps),
+                          f">= {format_rate(limits.min_rps)}", measured.rps >= limits.min_rps))
     if job_completes_within is not None:
         slowest = measured.quantiles_ms["max"]
         text = f"slowest {format_ms(slowest)}"
