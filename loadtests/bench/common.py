@@ -34,7 +34,10 @@ class Result:
 
 def die_with_parent() -> None:
     """preexec_fn: Linux sends SIGTERM to the child if the benchmark script dies without its
-    clean-up (SIGKILL), so no server is left behind; a normal exit stops them explicitly."""
+    clean-up (SIGKILL), so no server is left behind; a normal exit stops them explicitly.
+    SIGINT goes back to its default: a script started in the background by a shell has it
+    ignored, and its children would inherit that and outlive a Ctrl-C sent by run_all.py."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     with suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 

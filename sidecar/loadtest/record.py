@@ -11,14 +11,13 @@ import fcntl
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
-from types import FrameType
 
+from .child import Forwarding, spawn
 from .har import HarError, read_har, sanitize_har
 
 MITMPROXY = "mitmproxy>=11,<13"
@@ -86,27 +85,12 @@ def record(*, upstream: str, host: str, port: int, output: Path, flows: Path | N
                "--listen-port", str(port), "--set", f"hardump={output}"]
     if flows is not None:
         command += ["--save-stream-file", str(flows.resolve())]
-    child = subprocess.Popen(command, stdin=subprocess.DEVNULL, start_new_session=True)
-    stopping = False
-
-    def stop(_signum: int, _frame: FrameType | None) -> None:
-        nonlocal stopping
-        if child.poll() is None:
-            child.send_signal(signal.SIGKILL if stopping else signal.SIGINT)
-        stopping = True
-
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    child = spawn(command)
+    with Forwarding(child):
         _wait_listening(child, host, port)
         print(f"recording: send traffic to http://{host}:{port} (passed on to {upstream}); "
               f"Ctrl-C stops and writes {output}", file=sys.stderr, flush=True)
         code = child.wait()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        if child.poll() is None:
-            child.kill()
-            child.wait()
     if not output.exists():
         raise RecordError(f"mitmdump stopped (exit code {code}) without writing {output}")
     return _clean(output)

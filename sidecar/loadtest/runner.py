@@ -11,18 +11,16 @@ import json
 import math
 import os
 import re
-import signal
 import socket
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from urllib.parse import urlsplit
 
 from ..config import ConfigError
 from . import verdict
+from .child import Forwarding, spawn
 from .har import HarError, Scenario, read_har, scenario_from_har
 from .sla import SlaFile, load_slas
 
@@ -161,20 +159,6 @@ def run(p: Plan) -> int:
 
 
 def _run_child(command: list[str], env: dict[str, str]) -> int:
-    """Locust gets its own process group, so that a Ctrl-C reaches it exactly once, from here:
-    the first SIGINT or SIGTERM asks it to stop and write its reports, a second one kills it."""
-    child = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
-    asked = False
-
-    def forward(_signum: int, _frame: FrameType | None) -> None:
-        nonlocal asked
-        if child.poll() is None:
-            child.send_signal(signal.SIGKILL if asked else signal.SIGINT)
-        asked = True
-
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    child = spawn(command, env)
+    with Forwarding(child):
         return child.wait()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
