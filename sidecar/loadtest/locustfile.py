@@ -271,5 +271,11 @@ def _print(**_: Any) -> None:
         print("\n" + verdict.table(_CHECKS), flush=True)
 
 
+def _grace(environment: Environment, **_: Any) -> None:
+    if not environment.stop_timeout and _SCENARIO is None:  # unless --stop-timeout was given
+        environment.stop_timeout = _SLAS.stop_timeout
+
+
+events.init.add_listener(_grace)  # type: ignore[no-untyped-call]
 events.quitting.add_listener(_decide)  # type: ignore[no-untyped-call]
 events.quit.add_listener(_print)  # type: ignore[no-untyped-call]

@@ -75,11 +75,7 @@ def plan(*, config: str | None, replay: str | None, users: int | None, duration:
         print(f"--users {wanted} leaves an SLA without a user: running {floor} users instead",
               file=sys.stderr)
         wanted = floor
-    stop = 5.0
-    if scenario is None:
-        jobs = [s.job_completes_within + 2 * s.poll for s in slas.slas
-                if s.job_completes_within is not None]
-        stop = max([stop, *(j + 5.0 for j in jobs)])
+    stop = slas.stop_timeout if scenario is None else 5.0
     folder = Path(results) if results else Path("loadtests/results") / time.strftime(
         "%Y%m%d-%H%M%S")
     return Plan(slas, found, base, wanted, spawn_rate or slas.spawn_rate or float(wanted),

@@ -113,6 +113,15 @@ class SlaFile(_Model):
         return value
 
 
+    @property
+    def stop_timeout(self) -> float:
+        """How long users get, when the time is up, to finish what they are doing: a job in
+        flight is measured to its end (or its limit) rather than dropped."""
+        jobs = [s.job_completes_within + 2 * s.poll for s in self.slas
+                if s.job_completes_within is not None]
+        return max([5.0, *(j + 5.0 for j in jobs)])
+
+
 def load_slas(path: str | Path) -> SlaFile:
     """Raise `ConfigError` listing every problem, located (`slas[1] (reports).p95: ...`)."""
     return load_document(path, SlaFile, named_list="slas")
