@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: help setup run test lint loadtest bench bench-passthrough bench-cache bench-dedup bench-jobs check clean
+.PHONY: help setup run test lint loadtest bench bench-passthrough bench-cache bench-dedup bench-jobs soak check clean
 
 help:
 	@echo "make run     start the example backend and the sidecar in front of it (:8080, admin :9901)"
@@ -13,6 +13,7 @@ help:
 	@echo "make lint    ruff and mypy"
 	@echo "make loadtest  the SLAs of loadtests/slas.yaml against a running sidecar (make run)"
 	@echo "make bench   benchmarks under loadtests/bench (nginx and wrk installed when missing)"
+	@echo "make soak    10 minutes of mixed traffic with faults injected, then invariants checked"
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); scripts/ensure-debian-packages python3-venv && $(PYTHON) -m venv $(VENV); }
@@ -59,6 +60,9 @@ bench-dedup: setup
 bench-jobs: setup
 	@scripts/ensure-debian-packages nginx wrk
 	$(BIN)/python loadtests/bench/jobs.py
+
+soak: setup
+	$(BIN)/python loadtests/soak.py
 
 clean:
 	rm -rf $(VENV) .sidecar .pytest_cache .ruff_cache

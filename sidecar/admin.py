@@ -9,14 +9,17 @@ import re
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+import orjson
 from aiohttp import web
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from saq.job import Job, Status
 
 from . import __version__
 from .core.jobs import CANCELLED, FAILED, TERMINAL, JobId, parse_progress, public_status
+from .errors import UnauthorizedError
 from .jobsapi import find_job, view
 from .metrics import render
+from .proxy import error_response, new_request_id
 from .stores.subscriber import REDIS_ERRORS
 
 if TYPE_CHECKING:
@@ -35,14 +38,23 @@ async def require_token(
     runtime: Runtime = request.app[RUNTIME]  # type: ignore[assignment]
     token = runtime.config.admin.token
     # Progress reports carry their job's own secret instead (the upstream has no admin token).
-    if token and request.path not in _OPEN_PATHS and not request.path.startswith("/internal/"):
-        header = request.headers.get("Authorization", "")
-        scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
-            return web.json_response(
-                {"error": "unauthorized", "detail": "send 'Authorization: Bearer <admin.token>'"},
-                status=401, headers={"WWW-Authenticate": 'Bearer realm="sidecar-admin"'})
+    if (token and request.path not in _OPEN_PATHS and not request.path.startswith("/internal/")
+            and not _bearer_matches(request.headers.getall("Authorization", []), token)):
+        return error_response(UnauthorizedError(
+            "send 'Authorization: Bearer <admin.token>' (one such header; not in the URL)",
+            headers={"WWW-Authenticate": 'Bearer realm="sidecar-admin"'}), new_request_id())
     return await handler(request)
+
+
+def _bearer_matches(lines: list[str], token: str) -> bool:
+    """Exactly one `Authorization: Bearer <token>` line, compared in constant time. The scheme
+    is case-insensitive (RFC 9110 §11.1) and followed by 1*SP (RFC 6750 §2.1)."""
+    if len(lines) != 1:
+        return False
+    scheme, _, given = lines[0].partition(" ")
+    # surrogateescape: header bytes that are not UTF-8 compare as sent, rather than raising
+    return scheme.lower() == "bearer" and hmac.compare_digest(
+        given.lstrip(" ").encode("utf-8", "surrogateescape"), token.encode())
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -72,7 +84,7 @@ async def purge(request: web.Request) -> web.Response:
     Returns once every instance listening on Redis has dropped its in-memory copies."""
     runtime: Runtime = request.app[RUNTIME]  # type: ignore[assignment]
     try:
-        body = await request.json()
+        body = await request.json(loads=orjson.loads)
     except ValueError:
         body = None
     kinds = [k for k in ("key", "prefix", "tag") if isinstance(body, dict) and k in body]
@@ -245,15 +257,16 @@ async def job_progress(request: web.Request) -> web.Response:
     upstream reports while it works on a job (the URL comes in X-Sidecar-Progress-URL)."""
     runtime: Runtime = request.app[RUNTIME]  # type: ignore[assignment]
     try:
-        payload = await request.json()
+        # orjson: nesting past 1024 levels is a JSONDecodeError, not a RecursionError (500)
+        payload = await request.json(loads=orjson.loads)
         progress, message = parse_progress(payload)
     except ValueError as exc:
         return _json_error(400, "bad_request", str(exc))
     try:
         job, _ = await _find_job(request)
         token = (job.kwargs or {}).get("progress_token", "") if job is not None else ""
-        if job is None or not hmac.compare_digest(token.encode(),
-                                                  request.query.get("token", "").encode()):
+        given = request.query.get("token", "").encode("utf-8", "surrogateescape")
+        if job is None or not hmac.compare_digest(token.encode(), given):
             return _json_error(404, "job_not_found",
                                "no such job, or not this job's progress URL")
         if public_status(job.status.value, job.error) in TERMINAL:

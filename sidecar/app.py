@@ -28,6 +28,7 @@ from . import __version__
 from .admin import build_admin_app
 from .aio import cancel_and_wait
 from .config import Config, ConfigError, LoadedConfig, RouteConfig, UpstreamConfig, load_config
+from .connection import EdgeServer
 from .errors import UpstreamError
 from .logs import AccessLog, configure_logging
 from .metrics import Recorder, Share, share_from_env
@@ -228,16 +229,14 @@ class Runtime:
                 self.redis_url, socket_connect_timeout=config.redis.connect_timeout),
             bulk=aioredis.Redis.from_url(
                 self.redis_url, socket_connect_timeout=config.redis.connect_timeout,
-                socket_timeout=max(config.redis.connect_timeout, 10.0), health_check_interval=0))
+                socket_timeout=max(config.redis.connect_timeout, 10.0), health_check_interval=0),
+            command_timeout=max(config.redis.connect_timeout, 1.0))
         self.breakers.attach(self.redis, aioredis.Redis.from_url(
             self.redis_url, socket_connect_timeout=config.redis.connect_timeout))
         attach_jobs(self.jobs, self.redis_url, config)
-        limits = config.server.limits
-        server = web.Server(
-            ProxyHandler(self), auto_decompress=False,
-            keepalive_timeout=config.server.keepalive_timeout,
-            max_line_size=limits.max_request_line, max_field_size=limits.max_header_size,
-            max_headers=limits.max_headers, access_log=None,
+        server = EdgeServer(
+            ProxyHandler(self), limits=config.server.limits, auto_decompress=False,
+            keepalive_timeout=config.server.keepalive_timeout, access_log=None,
         )
         public = web.ServerRunner(server, shutdown_timeout=config.server.shutdown_grace)
         admin = web.AppRunner(build_admin_app(self), access_log=None, shutdown_timeout=2.0)
@@ -388,10 +387,12 @@ class Runtime:
 
 def attach_jobs(service: JobService, redis_url: str, config: Config) -> None:
     """Two clients without a read timeout: saq's pub/sub of job changes shares the first, and
-    the wake-up subscription is idle by nature."""
+    the wake-up subscription is idle by nature. Client requests bound their calls with the
+    command timeout of the other clients."""
     service.attach(
         aioredis.Redis.from_url(redis_url, socket_connect_timeout=config.redis.connect_timeout),
-        aioredis.Redis.from_url(redis_url, socket_connect_timeout=config.redis.connect_timeout))
+        aioredis.Redis.from_url(redis_url, socket_connect_timeout=config.redis.connect_timeout),
+        command_timeout=max(config.redis.connect_timeout, 1.0))
 
 
 def progress_base(config: Config, admin_port: int | None) -> str:

@@ -86,9 +86,18 @@ class _Model(BaseModel):
 
 
 class LimitsConfig(_Model):
-    max_request_line: Size = 8190
-    max_header_size: Size = 8190
-    max_headers: int = Field(100, ge=1, le=10000)
+    """What one client request may be, and how slowly it may arrive (docs/configuration.md,
+    `server.limits`). Enforced by aiohttp's parser (sizes) and sidecar/connection.py (times)."""
+
+    max_request_line: Size = Field(8190, ge=256, le=1024**2)  # else 414
+    max_header_size: Size = Field(8190, ge=256, le=1024**2)  # one field, name and value; else 431
+    max_headers: int = Field(100, ge=1, le=10000)  # else 431
+    # Proxied request bodies; larger ones get 413 before anything reaches the upstream (by
+    # Content-Length), or are cut when a chunked one grows past it. Larger than nginx's 1m:
+    # sidecar apps take uploads, and the body streams, so the size costs no memory.
+    max_body: Size = Field(64 * 1024**2, gt=0)
+    header_timeout: Duration = Field(10.0, gt=0)  # the whole request head, from its first byte
+    body_timeout: Duration = Field(30.0, gt=0)  # the longest pause while a body is arriving
 
 
 class ServerConfig(_Model):
@@ -175,7 +184,7 @@ def _rate(value: object) -> float:
         if match:
             per = {"s": 1.0, "m": 60.0, "h": 3600.0}[match.group(2)]
             rate = float(match.group(1)) / per
-            if rate > 0:
+            if 0 < rate < float("inf"):
                 return rate
     raise ValueError(f"expected a rate like '100/s', '6000/m' or '10/h', got {value!r}")
 
@@ -510,13 +519,24 @@ class _Document:
         return None
 
 
+# Values a document may stand for once its aliases (`*name`) are expanded: a hand-written
+# config comes nowhere near it, an alias bomb ("billion laughs") goes far past it in a few lines.
+_MAX_EXPANDED = 100_000
+
+
 def _read_yaml(path: Path, problems: list[Problem]) -> _Document | None:
     """Parse YAML keeping each key's line, refusing duplicate keys, expanding ${VAR:-default}."""
     name = str(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except OSError as exc:
         problems.append(Problem(name, "", f"cannot read the file: {exc.strerror or exc}"))
+        return None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        problems.append(Problem(name, "", f"not UTF-8 text ({exc.reason} at byte {exc.start}): "
+                                "save the file as UTF-8", data.count(b"\n", 0, exc.start) + 1))
         return None
     try:
         loader = yaml.SafeLoader(text)
@@ -524,7 +544,12 @@ def _read_yaml(path: Path, problems: list[Problem]) -> _Document | None:
             node = loader.get_single_node()
             doc = _Document(name, None)
             if node is not None:
-                _walk(node, (), doc, problems)
+                if _walk(node, (), doc, problems, {}) > _MAX_EXPANDED:
+                    problems.append(Problem(
+                        name, "", f"the document stands for more than {_MAX_EXPANDED} values "
+                        "once its aliases (*name) are expanded: an alias used within itself, "
+                        "or an alias bomb", None))
+                    return None
                 doc.data = loader.construct_document(node)
         finally:
             loader.dispose()
@@ -534,15 +559,34 @@ def _read_yaml(path: Path, problems: list[Problem]) -> _Document | None:
         reason = getattr(exc, "problem", None) or str(exc)
         problems.append(Problem(name, "", f"invalid YAML: {reason}", line))
         return None
+    # PyYAML's own limits, which it does not translate: its composer recurses once per level of
+    # nesting, and Python refuses integers of more than 4300 digits.
+    except RecursionError:
+        problems.append(Problem(name, "", "invalid YAML: nested too deeply"))
+        return None
+    except ValueError as exc:
+        problems.append(Problem(name, "", f"invalid YAML: a value cannot be read: {exc}"))
+        return None
     doc.data = _expand_env(doc.data, (), doc, problems)
     return doc
 
 
-def _walk(node: yaml.Node, loc: Loc, doc: _Document, problems: list[Problem]) -> None:
+def _walk(node: yaml.Node, loc: Loc, doc: _Document, problems: list[Problem],
+          sizes: dict[int, int]) -> int:
+    """Record lines and duplicate keys; return how many values the node stands for with its
+    aliases expanded (capped just past _MAX_EXPANDED). An aliased node is walked once: `sizes`
+    remembers it, and counts one being walked as too many (an alias used within itself)."""
     doc.lines[loc] = node.start_mark.line + 1
+    known = sizes.get(id(node))
+    if known is not None:
+        return known
+    sizes[id(node)] = _MAX_EXPANDED + 1
+    size = 1
     if isinstance(node, yaml.MappingNode):
         seen: set[str] = set()
         for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                continue  # a list or mapping as a key: the constructor refuses it
             key = key_node.value
             if key in seen:
                 problems.append(Problem(
@@ -551,11 +595,13 @@ def _walk(node: yaml.Node, loc: Loc, doc: _Document, problems: list[Problem]) ->
                     key_node.start_mark.line + 1,
                 ))
             seen.add(key)
-            _walk(value_node, (*loc, key), doc, problems)
+            size += _walk(value_node, (*loc, key), doc, problems, sizes)
             doc.lines[(*loc, key)] = key_node.start_mark.line + 1
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
-            _walk(item, (*loc, index), doc, problems)
+            size += _walk(item, (*loc, index), doc, problems, sizes)
+    sizes[id(node)] = size = min(size, _MAX_EXPANDED + 1)
+    return size
 
 
 def _expand_env(value: Any, loc: Loc, doc: _Document, problems: list[Problem]) -> Any:
@@ -718,7 +764,8 @@ def load_config(path: str | os.PathLike[str]) -> LoadedConfig:
     try:
         config = Config.model_validate(raw)
     except ValidationError as exc:
-        problems += _pydantic_problems(exc, doc, Config, (), routes_raw)
+        problems += _pydantic_problems(exc, doc, Config, (), routes_raw
+                                       if isinstance(routes_raw, list) else None)
         raise ConfigError(problems) from None
     problems += _cross_check(config, doc)
     if problems:
@@ -802,6 +849,8 @@ def _apply_bundles(
         return route
     merged: dict[str, Any] = {}
     for j, name in enumerate(route["use"]):
+        if not isinstance(name, str):
+            continue  # reported by the model
         if name not in bundles_raw:
             known = sorted(bundles_raw)
             hint = difflib.get_close_matches(str(name), known, n=1)

@@ -16,6 +16,9 @@ class SidecarError(Exception):
     # Fields the error response carries besides the fixed ones (Retry-After, RateLimit-*):
     # the raiser knows them, proxy.error_response only copies them.
     headers: Mapping[str, str] = MappingProxyType({})
+    # The connection cannot carry another request after this error's response (the rest of the
+    # request is unread, or its framing is suspect): proxy.error_response closes it.
+    close_connection: bool = False
 
     def __init__(self, detail: str, *, headers: Mapping[str, str] | None = None) -> None:
         super().__init__(detail)
@@ -32,6 +35,66 @@ class NoRouteError(SidecarError):
 class BadRequestError(SidecarError):
     status = 400
     code = "bad_request"
+
+
+class UnauthorizedError(SidecarError):
+    """The admin listener's bearer token is missing or wrong."""
+
+    status = 401
+    code = "unauthorized"
+
+
+class RequestLineTooLongError(SidecarError):
+    """Over server.limits.max_request_line (found by the HTTP parser, see connection.py)."""
+
+    status = 414
+    code = "request_line_too_long"
+    close_connection = True
+
+
+class RequestHeadersTooLargeError(SidecarError):
+    """A header field over server.limits.max_header_size, or more than max_headers fields."""
+
+    status = 431
+    code = "request_headers_too_large"
+    close_connection = True
+
+
+class RequestTimeoutError(SidecarError):
+    """The client stopped sending its request head or body (server.limits.*_timeout)."""
+
+    status = 408
+    code = "request_timeout"
+    close_connection = True
+
+
+class RequestBodyTooLargeError(SidecarError):
+    """Over server.limits.max_body: by its Content-Length, or as a chunked body grows."""
+
+    status = 413
+    code = "request_body_too_large"
+    close_connection = True
+
+
+class MalformedRequestError(BadRequestError):
+    """Framing the sidecar will not forward: what two parsers could read differently."""
+
+    code = "malformed_request"
+    close_connection = True
+
+
+class TransferCodingNotImplementedError(SidecarError):
+    """A Transfer-Encoding other than `chunked` (as nginx: the sidecar decodes no other)."""
+
+    status = 501
+    code = "transfer_coding_not_implemented"
+    close_connection = True
+
+
+class HttpVersionNotSupportedError(SidecarError):
+    status = 505
+    code = "http_version_not_supported"
+    close_connection = True
 
 
 class UpstreamError(SidecarError):
@@ -106,6 +169,12 @@ class RateLimitedError(SidecarError):
 class MethodNotAllowedError(SidecarError):
     status = 405
     code = "method_not_allowed"
+
+
+class TunnelNotAllowedError(MethodNotAllowedError):
+    """CONNECT: a reverse proxy opens no tunnels, and what follows the request would be one."""
+
+    close_connection = True
 
 
 class OffloadBodyTooLargeError(SidecarError):

@@ -24,6 +24,13 @@ _REPLACED = frozenset({
     b"x-request-id",
 })
 _PLAIN_VALUES = frozenset({"keep-alive", "close"})
+# Never dropped because the client's Connection names them: a body forwarded without its
+# Content-Length would be read by the upstream as the next request (smuggled), and Host is what
+# the route was chosen by.
+_FRAMING = frozenset({b"content-length", b"host"})
+# Hop-by-hop fields, and lookalikes of the framing fields that CGI-style servers (`_` read as
+# `-`) could take for the real ones: the body would then be framed two ways.
+_DROPPED = HOP_BY_HOP | {b"transfer_encoding", b"content_length"}
 
 
 def connection_tokens(value: str) -> frozenset[bytes]:
@@ -37,11 +44,16 @@ def build_request_head(request: web.BaseRequest, state: State, route: Route,
     # Every Connection header names hop-by-hop fields, not only the first one.
     connections = request.headers.getall(hdrs.CONNECTION, ())
     if not connections or (len(connections) == 1 and connections[0].lower() in _PLAIN_VALUES):
-        drop = HOP_BY_HOP
+        drop = _DROPPED
     else:
-        drop = HOP_BY_HOP | connection_tokens(",".join(connections))
+        drop = _DROPPED | (connection_tokens(",".join(connections)) - _FRAMING)
     host = xff = xfproto = xfhost = via = None
-    target = request.raw_path.encode("utf-8", "surrogateescape")
+    raw_path = request.raw_path
+    if raw_path[:1] != "/" and raw_path != "*":
+        # Absolute-form (`GET http://other/x`): the route was chosen by the Host header, so the
+        # upstream gets that same view, origin-form, rather than an authority of its own.
+        raw_path = request.rel_url.raw_path_qs
+    target = raw_path.encode("utf-8", "surrogateescape")
     out = [request.method.encode("latin-1"), b" ", target, b" HTTP/1.1\r\n"]
     append = out.append
     for name, value in request.raw_headers:

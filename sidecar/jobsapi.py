@@ -131,7 +131,8 @@ class JobsEndpoint:
         if service.redis is None:
             raise self._unavailable()
         try:
-            job, progress = await find_job(service, job_id, self.known_lanes)
+            async with service.bounded():
+                job, progress = await find_job(service, job_id, self.known_lanes)
         except REDIS_ERRORS:
             raise self._unavailable() from None
         owner = (job.kwargs or {}).get("owner", "") if job is not None else ""
@@ -155,7 +156,8 @@ class JobsEndpoint:
             raise JobNotFinishedError(f"the job is {status}; its result is not there yet",
                                       headers={"Retry-After": str(RETRY_AFTER)})
         try:
-            result = await self.service.result(job.key)
+            async with self.service.bounded():
+                result = await self.service.result(job.key)
         except REDIS_ERRORS:
             raise self._unavailable() from None
         if result is None:

@@ -12,13 +12,15 @@ import logging
 import os
 import re
 import time
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import hdrs, web
+from aiohttp.streams import StreamReader
 from multidict import CIMultiDict
 
-from .errors import NoRouteError, SidecarError, UpstreamError
+from .errors import NoRouteError, RequestBodyTooLargeError, SidecarError, UpstreamError
 from .forwarding import HOP_BY_HOP, connection_tokens
 from .jobsapi import JobsEndpoint, under
 from .metrics import JOBS_ROUTE, NO_ROUTE
@@ -193,12 +195,18 @@ class PassStreamResponse(_Transparent, web.StreamResponse):
     pass
 
 
+def error_body(exc: SidecarError, request_id: str) -> bytes:
+    return orjson.dumps({"error": exc.code, "detail": exc.detail, "request_id": request_id})
+
+
 def error_response(exc: SidecarError, request_id: str) -> web.Response:
-    body = orjson.dumps({"error": exc.code, "detail": exc.detail, "request_id": request_id})
-    response = web.Response(status=exc.status, body=body, content_type="application/json")
+    response = web.Response(status=exc.status, body=error_body(exc, request_id),
+                            content_type="application/json")
     response.headers.update(exc.headers)
     response.headers["X-Request-ID"] = request_id
     response.headers["Cache-Control"] = "no-store"
+    if exc.close_connection:
+        response.force_close()
     return response
 
 
@@ -240,7 +248,7 @@ class ProxyHandler:
                                                  request_id)
                 return response
             if request.body_exists:
-                body, chunked = await _request_body(request)
+                body, chunked = await _request_body(request, state.config.server.limits.max_body)
             else:
                 body, chunked = None, False
             proxy_request = ProxyRequest(request, route, request_id, body, chunked,
@@ -256,6 +264,12 @@ class ProxyHandler:
                 log.warning("upstream request failed", extra={
                     "request_id": request_id, "route": route.name if route else None,
                     "upstream": exc.upstream, "error": exc.code, "detail": exc.detail,
+                })
+            elif exc.close_connection:
+                log.warning("request refused; connection closed", extra={
+                    "request_id": request_id, "client": request.remote,
+                    "route": route.name if route else None, "status": exc.status,
+                    "error": exc.code, "detail": exc.detail,
                 })
             return response
         finally:
@@ -373,12 +387,35 @@ def _request_path(request: web.BaseRequest) -> str:
     return request.path
 
 
-async def _request_body(request: web.BaseRequest) -> tuple[Body, bool]:
-    """The body to forward (there is one): whole bytes when small, else a stream of chunks."""
+async def _request_body(request: web.BaseRequest, max_body: int) -> tuple[Body, bool]:
+    """The body to forward (there is one): whole bytes when small, else a stream of chunks.
+
+    Its framing was settled, and checked, by connection.EdgeProtocol, which also cuts a body
+    that stalls (server.limits.body_timeout); its size is checked here (max_body).
+    """
+    length = request.content_length
+    if length is not None and length > max_body:
+        raise RequestBodyTooLargeError(_too_large(max_body))
     expect = request.headers.get(hdrs.EXPECT)
     if expect is not None and expect.lower() == "100-continue":
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-    length = request.content_length
     if length is not None and length <= _SMALL_BODY:
         return await request.read(), False
-    return request.content.iter_any(), length is None
+    if length is None:
+        return _capped(request.content, max_body), True
+    return request.content.iter_any(), False
+
+
+async def _capped(content: StreamReader, limit: int) -> AsyncIterator[bytes]:
+    """A chunked body, cut past `limit` bytes: raising here aborts the upstream request that
+    is streaming it (upstream.py), and the client gets a 413 unless its response has begun."""
+    size = 0
+    async for chunk in content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise RequestBodyTooLargeError(_too_large(limit))
+        yield chunk
+
+
+def _too_large(limit: int) -> str:
+    return f"request body over {limit} bytes (server.limits.max_body)"

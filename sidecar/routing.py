@@ -2,11 +2,33 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from .config import Config, RouteConfig
 from .core.globs import Matcher, compile_host_glob, compile_path_glob
+from .errors import BadRequestError
+
+# What an upstream may resolve differently from the path as sent: dot segments, empty ones,
+# `;parameters`, backslashes.
+_AMBIGUOUS = re.compile(r"/\.|//|;|\\")
+
+
+def resolved(path: str) -> str:
+    """The (percent-decoded) path as an upstream that normalises reads it: `\\` as `/`, each
+    segment's `;parameters` dropped (servlet containers), empty segments merged, `.` and `..`
+    resolved (RFC 3986 §5.2.4)."""
+    segments = [segment.partition(";")[0] for segment in path.replace("\\", "/").split("/")]
+    out: list[str] = []
+    for segment in segments:
+        if segment == "..":
+            if out:
+                out.pop()
+        elif segment and segment != ".":
+            out.append(segment)
+    trailing = "/" if out and segments[-1] in ("", ".", "..") else ""
+    return "/" + "/".join(out) + trailing
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +72,25 @@ class RouteTable:
         self.routes = tuple(compile_route(route) for route in config.routes)
 
     def match(
+        self, method: str, host: str, path: str, headers: Mapping[str, str]
+    ) -> Route | None:
+        """The first route matching the request; `path` is percent-decoded.
+
+        The upstream gets the target as sent, and it may read it as sent or normalised
+        (`resolved`). Either way the same route must apply, else `/api/./admin` would slip
+        past the policies of `/api/admin/**`: a path that routes one way as sent and another
+        once resolved is refused (BadRequestError)."""
+        route = self._first(method, host, path, headers)
+        if _AMBIGUOUS.search(path) is not None:
+            normal = resolved(path)
+            if normal != path and self._first(method, host, normal, headers) is not route:
+                raise BadRequestError(
+                    f"the path {path[:200]!r} reads as {normal[:200]!r} once '.', '..', '//', "
+                    "';' parameters or '\\' are resolved, and the two are routed differently: "
+                    "send the path resolved")
+        return route
+
+    def _first(
         self, method: str, host: str, path: str, headers: Mapping[str, str]
     ) -> Route | None:
         for route in self.routes:

@@ -32,6 +32,9 @@ from .errors import (
 # Pause reading from the upstream once this much response body waits for a slow client.
 _HIGH_WATER = 256 * 1024
 _LOW_WATER = 64 * 1024
+# The largest response head taken (status line and headers); more is an invalid response, not a
+# reason to hold it all in memory until the timeout. Envoy's default is 60 KiB, nginx's 4-8 KiB.
+_MAX_HEAD = 64 * 1024
 
 RawHeaders = list[tuple[bytes, bytes]]
 Body = bytes | AsyncIterator[bytes] | None
@@ -164,6 +167,8 @@ class _Connection(asyncio.Protocol):
         self._got_bytes = False
         self._until_close = False
         self._timeout = 30.0
+        self._in_head = False
+        self._head_size = 0
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 
@@ -178,6 +183,12 @@ class _Connection(asyncio.Protocol):
             self._error(UpstreamProtocolError(self.pool.name, "unexpected protocol upgrade"))
         except httptools.HttpParserError as exc:
             self._error(UpstreamProtocolError(self.pool.name, f"invalid HTTP response: {exc}"))
+        else:
+            if self._in_head:
+                self._head_size += len(data)
+                if self._head_size > _MAX_HEAD:
+                    self._error(UpstreamProtocolError(
+                        self.pool.name, f"response head larger than {_MAX_HEAD // 1024} KiB"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -229,7 +240,16 @@ class _Connection(asyncio.Protocol):
     # -- httptools callbacks -------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        waiter = self._head_waiter
+        if waiter is None or waiter.done():
+            # A response nobody is waiting for (a second answer to one request, bytes on an
+            # idle connection): it would be taken for the answer to the next request sent here,
+            # and the pool would hand the connection out twice. The parser stops here, and
+            # data_received drops the connection.
+            raise UpstreamProtocolError(self.pool.name, "a response no request asked for")
         self._headers = []
+        self._in_head = True
+        self._head_size = 0
 
     def on_status(self, reason: bytes) -> None:
         self._reason = reason
@@ -238,6 +258,7 @@ class _Connection(asyncio.Protocol):
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        self._in_head = False
         status = self.parser.get_status_code()
         if status < 200:
             # 100 Continue, 103 Early Hints: informational, the real response follows.
@@ -291,6 +312,9 @@ class _Connection(asyncio.Protocol):
         response._finish()
         self._response = None
         if self._request_sent and keep_alive and not self.closed:
+            # The read that ended the body may also have paused reading (a slow client): the
+            # response no longer needs the connection, and its next exchange must be read.
+            self.resume_reading()
             self.pool._release(self)
         else:
             self.abort()

@@ -29,10 +29,19 @@ from sidecar.examples.backend import CALLS, build_app
 ROOT = Path(__file__).resolve().parent.parent
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A port nothing listens on, never the same twice in a session: the kernel may hand a port
+    back as soon as it is released, and a config asking for two (public and admin) got one."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def wait_for_port(port: int, timeout: float = 10.0, host: str = "127.0.0.1") -> None:
@@ -53,6 +62,9 @@ class RedisServer:
         self.workdir = workdir
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
+        # More redis-server options, after the defaults (a later option wins), e.g.
+        # ["--appendonly", "yes", "--appendfsync", "always"] for data that survives restart().
+        self.options: list[str] = []
 
     @property
     def url(self) -> str:
@@ -65,7 +77,7 @@ class RedisServer:
                         "installs it")
         self.process = subprocess.Popen(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir)],
+             "--appendonly", "no", "--dir", str(self.workdir), *self.options],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for_port(self.port)
 
@@ -74,6 +86,24 @@ class RedisServer:
             self.process.kill()
             self.process.wait()
             self.process = None
+
+    def pause(self) -> None:
+        """SIGSTOP: the port still accepts connections (the kernel queues them) and takes
+        commands, but nothing answers until resume()."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
+
+    def restart(self) -> None:
+        """SIGKILL, then a new redis-server on the same port (empty unless `options` turned
+        persistence on)."""
+        if self.process is not None:
+            self.resume()  # a stopped process dies of SIGKILL too, but let it be plain
+        self.kill()
+        self.start()
 
     def flush(self) -> None:
         with socket.create_connection(("127.0.0.1", self.port)) as sock:

@@ -15,6 +15,8 @@ from conftest import Backend, SidecarProcess, free_port, make_config
 
 MiB = 1024 * 1024
 TOTAL = 256 * MiB
+# Uploads here are larger than the default server.limits.max_body (64 MiB).
+BIG_BODIES = {"limits": {"max_body": "1GiB"}}
 # Buffering the whole body (or even most of it) anywhere in the sidecar would blow through this.
 MAX_GROWTH = 100 * MiB
 # The example backend's /bytes/{n} pattern, in its 64 KiB chunks.
@@ -46,7 +48,7 @@ async def proc(
     client: aiohttp.ClientSession,
 ) -> SidecarProcess:
     """A sidecar process (workers: 1, so this pid serves) warmed up by one small request."""
-    started = sidecar_process(make_config(backend.url, redis_url))
+    started = sidecar_process(make_config(backend.url, redis_url, server=BIG_BODIES))
     async with client.get(started.url + "/bytes/100000") as response:
         assert response.status == 200
         assert len(await response.read()) == 100000
@@ -164,7 +166,7 @@ async def test_slow_upstream_does_not_make_the_sidecar_buffer_the_upload(
     sidecar_process: Callable[..., SidecarProcess], stalling_upstream: str, redis_url: str,
     client: aiohttp.ClientSession,
 ) -> None:
-    proc = sidecar_process(make_config(stalling_upstream, redis_url))
+    proc = sidecar_process(make_config(stalling_upstream, redis_url, server=BIG_BODIES))
     total = TOTAL
     before = peak_rss(proc.process.pid)
     digest = hashlib.sha256()

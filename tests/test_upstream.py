@@ -72,3 +72,36 @@ async def test_a_request_cancelled_before_the_response_drops_its_connection(
         assert (response.status, response.body) == (200, b"next")
     finally:
         await pool.close()
+
+
+async def test_a_connection_reused_after_a_body_that_paused_reading_reads_again(
+        origin: Origin) -> None:
+    """A streamed body whose last read both crosses the high-water mark (reading paused for a
+    slow client) and completes it goes back to the pool: the next request on that connection
+    must be read. It used to stay paused, so the next request waited for its timeout: a 504
+    for a healthy upstream (found by loadtests/soak.py)."""
+    first, last = 262_000, 1_000  # together just over the 256 KiB high-water mark
+
+    async def big(request: web.Request, n: int) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Length": str(first + last)})
+        await response.prepare(request)
+        await response.write(b"a" * first)
+        await asyncio.sleep(0.2)  # read by the pool on its own, below the mark
+        await response.write(b"b" * last)  # one segment: crosses the mark and ends the body
+        return response
+
+    origin.script("/big", big)
+    origin.reply("/next", body="next")
+    pool = UpstreamPool("app", UpstreamConfig(url=origin.url))
+    try:
+        response = await pool.request(b"GET /big HTTP/1.1\r\nHost: app\r\n\r\n", timeout=5.0)
+        async with asyncio.timeout(5):
+            while not response.complete:  # the client reads nothing until the body is in
+                await asyncio.sleep(0.01)
+        body = b"".join([chunk async for chunk in _chunks(response)])
+        assert body == b"a" * first + b"b" * last
+        again = await pool.request(b"GET /next HTTP/1.1\r\nHost: app\r\n\r\n", timeout=1.0)
+        assert (again.status, again.body) == (200, b"next")
+        assert pool.stats()["open"] == 1  # that same connection answered
+    finally:
+        await pool.close()

@@ -249,3 +249,28 @@ def on_signal(signum: int, _frame: object) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
     raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+# --- helpers for scripts that signal, kill and restart what they start (loadtests/soak.py) -----
+
+
+def spawn(args: list[str], log: Path, cwd: Path | None = None) -> subprocess.Popen[bytes]:
+    """A process the caller signals, kills, restarts and stops itself (`stop`), unlike `child`;
+    it still dies with the script (PR_SET_PDEATHSIG). Its stderr is appended to `log`.
+    Call it from the main thread: Linux sends the death signal when the *thread* that started
+    the child ends, so a child started from a worker thread would be killed with that thread."""
+    with open(log, "ab") as err:
+        return subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=err, cwd=cwd, preexec_fn=die_with_parent)
+
+
+def redis_args(binary: str, workdir: Path, port: int, *, appendonly: bool = False) -> list[str]:
+    """redis-server's command line, its data and log in `workdir`. `appendonly`: every write
+    is fsync'ed to the append-only file before it is acknowledged (`appendfsync always`), so a
+    server SIGKILLed and started again on the same `workdir` still has every acknowledged
+    write; without it nothing is persisted (as `redis_server`)."""
+    persistence = (["--appendonly", "yes", "--appendfsync", "always"] if appendonly
+                   else ["--appendonly", "no"])
+    return [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", *persistence,
+            "--daemonize", "no", "--dir", str(workdir), "--loglevel", "warning",
+            "--logfile", str(workdir / "redis.log")]

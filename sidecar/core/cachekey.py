@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
+from urllib.parse import unquote_plus
 
 
 def normalize_target(raw_target: str, query_mode: str) -> str:
@@ -10,11 +12,23 @@ def normalize_target(raw_target: str, query_mode: str) -> str:
     path, sep, query = raw_target.partition("?")
     if not sep or query_mode == "ignore":
         return path
-    if query_mode == "sorted":
+    # Some frameworks also split the query on `;`: moving `&` pairs could then reorder the
+    # parameters inside them, so such a query stays as sent.
+    if query_mode == "sorted" and ";" not in query:
         # stable on the name alone: `tag=b&tag=a` is an ordered list the app may read as such
-        query = "&".join(sorted((p for p in query.split("&") if p),
-                                key=lambda pair: pair.partition("=")[0]))
+        query = "&".join(sorted((p for p in query.split("&") if p), key=_name_order))
     return f"{path}?{query}" if query else path
+
+
+_PUNCTUATION = re.compile(r"[\W_]+")
+
+
+def _name_order(pair: str) -> str:
+    """What `sorted` orders a pair by: its name read as loosely as any application might
+    (percent-decoded, `+` as a space, case-folded, punctuation alike: PHP reads `a.b` as
+    `a_b`), so that names an application may take for one keep their order, as repeats do:
+    `?%61=1&a=2` and `?a=2&%61=1` are different lists of `a`."""
+    return _PUNCTUATION.sub("_", unquote_plus(pair.partition("=")[0]).casefold())
 
 
 def primary_key(host: str, target: str, headers: Mapping[str, str],

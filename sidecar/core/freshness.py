@@ -92,9 +92,14 @@ def http_date(value: str | None) -> float | None:
 def not_storable_reason(
     *, method: str, status: int, request_cc: Directives, response_cc: Directives,
     has_authorization: bool, has_set_cookie: bool, store_set_cookie: bool, vary: str | None,
-    explicit_freshness: bool, default_ttl: float,
+    explicit_freshness: bool, default_ttl: float, has_cookie: bool = False,
 ) -> str | None:
-    """None when a shared cache may store the response (RFC 9111 §3), else why not."""
+    """None when a shared cache may store the response (RFC 9111 §3), else why not.
+
+    `has_cookie`: the request carried cookies the key does not separate. Its response is then
+    stored only on the upstream's word (explicit freshness or `public`), never on the policy's
+    default ttl: an application that says nothing about caching is most often answering with a
+    page personalised by that cookie."""
     if method != "GET":
         return "method"
     if status not in UNDERSTOOD_STATUSES:
@@ -115,6 +120,8 @@ def not_storable_reason(
     if explicit_freshness:
         return None
     if status in HEURISTIC_STATUSES or "public" in response_cc:
+        if has_cookie and "public" not in response_cc:
+            return "cookie"
         # no-cache alone does not make a response storable (§3), but it needs no lifetime
         return None if default_ttl > 0 or "no-cache" in response_cc else "no-freshness"
     return "no-freshness"

@@ -36,7 +36,8 @@ def public_status(state: str, error: str | None) -> str:
 
 # -- ids ----------------------------------------------------------------------------------------
 
-_ID = re.compile(r"^([A-Za-z0-9_\-]{1,64})\.(\d{1,4})\.([A-Za-z0-9_\-]{24})$")
+# One spelling per job: no leading zeros in the priority (`work.05.x` is not `work.5.x`).
+_ID = re.compile(r"^([A-Za-z0-9_\-]{1,64})\.(0|[1-9]\d{0,3})\.([A-Za-z0-9_\-]{24})$")
 
 
 @dataclass(frozen=True, slots=True)

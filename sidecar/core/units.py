@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
@@ -24,8 +25,10 @@ def parse_duration(value: object) -> float:
     """
     if isinstance(value, str):
         match = _DURATION.match(value)
-        if match:
-            return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        # (four hundred nines read as a float are infinite)
+        if match and math.isfinite(
+                seconds := float(match.group(1)) * _DURATION_UNITS[match.group(2)]):
+            return seconds
     raise ValueError(f"expected a duration like '30s', '100ms' or '10m', got {value!r}")
 
 
@@ -35,8 +38,8 @@ def parse_size(value: object) -> int:
         return value
     if isinstance(value, str):
         match = _SIZE.match(value)
-        if match:
-            return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
+        if match and math.isfinite(size := float(match.group(1)) * _SIZE_UNITS[match.group(2)]):
+            return int(size)
     raise ValueError(f"expected a size like '64MiB', '512KiB' or a number of bytes, got {value!r}")
 
 

@@ -52,6 +52,15 @@ _304_HEADERS = frozenset({b"cache-control", b"content-location", b"date", b"etag
                           b"vary", b"last-modified", b"age", b"cache-status", b"via"})
 _CONDITIONALS = frozenset({b"if-none-match", b"if-modified-since", b"if-match",
                            b"if-unmodified-since", b"if-range"})
+# Forwarding fields. Unless server.trust_forwarded, a client may forge them, and they are not in
+# the key: the upstream of a cached route gets none of these but the sidecar's own
+# X-Forwarded-For (X-Forwarded-Host and -Proto are the sidecar's already: forwarding.py).
+_FORGEABLE = frozenset({b"forwarded", b"x-forwarded-port", b"x-forwarded-prefix",
+                        b"x-forwarded-for"})
+# Behind a trusted load balancer, they say which public URL the upstream answers for: keyed.
+_TRUSTED_KEY = ("X-Forwarded-Host", "X-Forwarded-Proto", "Forwarded", "X-Forwarded-Port",
+                "X-Forwarded-Prefix")
+_SET_COOKIE = frozenset({b"set-cookie"})
 
 
 def get_header(headers: Sequence[tuple[bytes, bytes]], lname: bytes) -> str | None:
@@ -59,6 +68,17 @@ def get_header(headers: Sequence[tuple[bytes, bytes]], lname: bytes) -> str | No
     if not values:
         return None
     return ", ".join(v.decode("latin-1") for v in values)
+
+
+def withheld_fields(response_cc: Directives) -> frozenset[bytes]:
+    """Response fields never stored: Set-Cookie (one client's session, which hits would hand
+    to everybody) and those a qualified `private="..."` names (RFC 9111 §5.2.2.7). The client
+    whose request fetched the response still gets them."""
+    named = response_cc.get("private")
+    if not named:
+        return _SET_COOKIE
+    return _SET_COOKIE | {n.strip().lower().encode("latin-1") for n in named.split(",")
+                          if n.strip()}
 
 
 def rewrite_head(head: bytes, drop: frozenset[bytes], add: list[bytes]) -> bytes:
@@ -91,6 +111,10 @@ class CachePolicy:
         self.strip = frozenset(
             h.lower().encode() for h in config.strip_unkeyed if h.lower() not in keyed
         ) | _CONDITIONALS
+        self.strip_untrusted = self.strip | {h for h in _FORGEABLE if h.decode() not in keyed}
+        self.own_forwarded_for = "x-forwarded-for" not in keyed
+        self.trusted_key_headers = (
+            *config.key.headers, *(h for h in _TRUSTED_KEY if h.lower() not in keyed))
         self.tag_header = config.tag_header.lower().encode("latin-1")
         self.counts = service.counts
         self._hit_keys = {layer: (route, layer, "hit") for layer in ("memory", "redis")}
@@ -121,11 +145,13 @@ class CachePolicy:
         request_cc = parse_cache_control(cache_control) if cache_control is not None else {}
         if not request_cc and headers.get("Pragma", "").lower() == "no-cache":
             request_cc = {"no-cache": None}
-        if self._plain_key is not None:
+        trusted = request.state.config.server.trust_forwarded
+        if self._plain_key is not None and not trusted:
             target, primary = self._plain_key(web.host, web.raw_path)
         else:
             target = normalize_target(web.raw_path, self.config.key.query)
-            primary = primary_key(web.host, target, headers, self.config.key.headers,
+            primary = primary_key(web.host, target, headers,
+                                  self.trusted_key_headers if trusted else self.config.key.headers,
                                   self.config.key.cookies)
         now = time.time()
         entry, known = self._l1_lookup(primary, headers) if self.l1 is not None else (None, False)
@@ -191,10 +217,13 @@ class CachePolicy:
     # -- answering from an entry -------------------------------------------------------------
 
     def _answer(self, request: ProxyRequest, entry: CachedResponse, now: float,
-                status: bytes | str, desc: bytes) -> ProxyResponse:
+                status: bytes | str, desc: bytes,
+                own: Sequence[tuple[bytes, bytes]] = ()) -> ProxyResponse:
+        """The response from an entry; `own`: fields of the upstream's response that are for
+        this client only (withheld_fields)."""
         age = b"%d" % entry.freshness.age(now)
         cache_status = b"sidecar; " + (status if isinstance(status, bytes) else status.encode())
-        headers = [*entry.headers, (b"Age", age), (b"Cache-Status", cache_status)]
+        headers = [*entry.headers, *own, (b"Age", age), (b"Cache-Status", cache_status)]
         web = request.web
         inm = web.headers.get("If-None-Match")
         ims = web.headers.get("If-Modified-Since")
@@ -207,8 +236,10 @@ class CachePolicy:
             response.cache = desc
             return response
         body = b"" if request.method == "HEAD" else entry.body
-        wire = b"".join((entry.wire, b"Age: ", age, b"\r\nCache-Status: ", cache_status,
-                         b"\r\n"))
+        stored = entry.wire
+        if own:
+            stored += b"".join(b"%s: %s\r\n" % (n, v) for n, v in own)
+        wire = b"".join((stored, b"Age: ", age, b"\r\nCache-Status: ", cache_status, b"\r\n"))
         response = ProxyResponse(entry.status, entry.reason, headers, body=body, wire=wire,
                                  etag=entry.etag)
         response.cache = desc
@@ -217,7 +248,18 @@ class CachePolicy:
     # -- going to the upstream ---------------------------------------------------------------
 
     def _forwarded(self, request: ProxyRequest, add: list[bytes] | None = None) -> ProxyRequest:
-        return request.with_head(rewrite_head(request.head, self.strip, add or []))
+        add = list(add or ())
+        if request.state.config.server.trust_forwarded:
+            return request.with_head(rewrite_head(request.head, self.strip, add))
+        if self.own_forwarded_for:
+            add.append(b"X-Forwarded-For: " + (request.web.remote or "").encode("latin-1"))
+        return request.with_head(rewrite_head(request.head, self.strip_untrusted, add))
+
+    @staticmethod
+    def _own_fields(response: ProxyResponse) -> RawHeaders:
+        raw = response.headers
+        withheld = withheld_fields(parse_cache_control(get_header(raw, b"cache-control")))
+        return [(n, v) for n, v in raw if n.lower() in withheld]
 
     async def _fetch(self, request: ProxyRequest, call_next: Handler, primary: str, target: str,
                      fwd: str, request_cc: Directives) -> ProxyResponse:
@@ -228,7 +270,8 @@ class CachePolicy:
         status = f"fwd={fwd}; fwd-status={response.status}; " + (
             "stored" if entry is not None else f"detail={detail}")
         if entry is not None:
-            return _timed(self._answer(request, entry, time.time(), status, _MISS), response)
+            return _timed(self._answer(request, entry, time.time(), status, _MISS,
+                                       self._own_fields(response)), response)
         response.headers.append((b"Cache-Status", b"sidecar; " + status.encode()))
         response.cache = _MISS
         return response
@@ -268,14 +311,15 @@ class CachePolicy:
             refreshed = self._refreshed(entry, response, request_time)
             self._put(refreshed)
             return _timed(self._answer(request, refreshed, time.time(),
-                                       "fwd=stale; fwd-status=304", _REVALIDATED), response)
+                                       "fwd=stale; fwd-status=304", _REVALIDATED,
+                                       self._own_fields(response)), response)
         new, detail = await self._store(request, response, primary, target, request_cc,
                                         request_time)
         status = f"fwd=stale; fwd-status={response.status}; " + (
             "stored" if new is not None else f"detail={detail}")
         if new is not None:
-            return _timed(self._answer(request, new, time.time(), status, _REVALIDATED),
-                          response)
+            return _timed(self._answer(request, new, time.time(), status, _REVALIDATED,
+                                       self._own_fields(response)), response)
         response.headers.append((b"Cache-Status", b"sidecar; " + status.encode()))
         response.cache = _REVALIDATED
         return response
@@ -324,6 +368,8 @@ class CachePolicy:
             method=request.method, status=response.status, request_cc=request_cc,
             response_cc=response_cc,
             has_authorization="Authorization" in request.web.headers,
+            has_cookie=("Cookie" in request.web.headers and not config.key.cookies
+                        and "cookie" not in vary_names(vary)),
             has_set_cookie=get_header(raw, b"set-cookie") is not None,
             store_set_cookie=config.store_set_cookie, vary=vary,
             explicit_freshness=config.override or has_explicit_freshness(response_cc,
@@ -346,7 +392,9 @@ class CachePolicy:
                expires_raw: str | None, vary: str | None, request_time: float,
                response_time: float) -> CachedResponse:
         config = self.config
-        headers = [(n, v) for n, v in raw if n.lower() not in _NOT_STORED]
+        withheld = withheld_fields(response_cc)
+        headers = [(n, v) for n, v in raw
+                   if n.lower() not in _NOT_STORED and n.lower() not in withheld]
         etag = get_header(raw, b"etag")
         if etag is None and self.generate_etag and status == 200:
             etag = generate_strong_etag(body)
@@ -368,7 +416,9 @@ class CachePolicy:
             initial_age=initial_age(age_header=get_header(raw, b"age"), date=date,
                                     request_time=request_time, response_time=response_time),
             stored_at=response_time,
-            no_cache="no-cache" in response_cc and response_cc["no-cache"] is None,
+            # A qualified no-cache="X" is taken as a plain one (RFC 9111 §5.2.2.4 notes that
+            # caches commonly do): the fields it names are never reused unrevalidated.
+            no_cache="no-cache" in response_cc,
             must_revalidate=any(d in response_cc for d in
                                 ("must-revalidate", "proxy-revalidate", "s-maxage")),
             swr=float(swr_directive) if swr_directive is not None
@@ -395,6 +445,8 @@ class CachePolicy:
                   if n.lower() != b"content-length"]
         merged += updates.values()
         response_cc = parse_cache_control(get_header(merged, b"cache-control"))
+        withheld = withheld_fields(response_cc)
+        merged = [(n, v) for n, v in merged if n.lower() not in withheld]
         expires_raw = get_header(merged, b"expires")
         return self._entry_from(entry, merged, response_cc, expires_raw, request_time)
 

@@ -242,8 +242,12 @@ class DedupPolicy:
                     and len(shared.body) <= self.config.max_body):
                 result = self._result(shared)
             # Before anyone is answered: a request that comes after the answer must find the
-            # flight over (the lock gone), not join it.
-            await self._publish(key, token, result)
+            # flight over (the lock gone), not join it. But a Redis that hangs must not hold
+            # the answer (the bulk client waits long for big bodies): past the small commands'
+            # timeout the publication goes on in the background, and a request coming
+            # meanwhile may still be given this answer.
+            publishing = service.spawn(self._publish(key, token, result))
+            await asyncio.wait((publishing,), timeout=service.command_timeout)
         else:
             broadcast = shared.broadcast
 

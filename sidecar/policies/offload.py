@@ -71,8 +71,10 @@ class OffloadPolicy:
         if self.service.redis is None or not self.service.redis_up:
             raise self._unavailable()
         try:
-            await self.service.enqueue(job_id, spec, body, self.config,
-                                       heartbeat=jobs.visibility_timeout, max_age=jobs.max_age)
+            async with self.service.bounded():
+                await self.service.enqueue(job_id, spec, body, self.config,
+                                           heartbeat=jobs.visibility_timeout,
+                                           max_age=jobs.max_age)
         except REDIS_ERRORS:
             raise self._unavailable() from None
         status = QUEUED
@@ -104,14 +106,15 @@ class OffloadPolicy:
         """The upstream's stored response if the job succeeds within `wait` seconds, else the
         job's status by then (for the 202: a job that failed meanwhile is not "queued")."""
         try:
-            await self.service.wait_finished(job_id, wait)
-            job, _ = await self.service.lookup(job_id)
-            if job is None:
-                return QUEUED
-            status = public_status(job.status.value, job.error)
-            if status != SUCCEEDED:
-                return status
-            result = await self.service.result(str(job_id))
+            async with self.service.bounded(wait):
+                await self.service.wait_finished(job_id, wait)
+                job, _ = await self.service.lookup(job_id)
+                if job is None:
+                    return QUEUED
+                status = public_status(job.status.value, job.error)
+                if status != SUCCEEDED:
+                    return status
+                result = await self.service.result(str(job_id))
         except REDIS_ERRORS:
             return QUEUED
         if result is None:

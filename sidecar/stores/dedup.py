@@ -95,14 +95,16 @@ class DedupService(Subscriber):
         self._finish: Any = None
         self._lead: Any = None
         self._renew: Any = None
+        self.command_timeout = 1.0  # the read timeout of `client`'s small commands
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     def attach(self, client: aioredis.Redis, listener: aioredis.Redis,
-               bulk: aioredis.Redis | None = None) -> None:
+               bulk: aioredis.Redis | None = None, *, command_timeout: float = 1.0) -> None:
         """`bulk` (this service's own, closed with it) carries whole responses: its read
         timeout is sized for them, not for the small commands of `client`."""
         super().attach(client, listener)
+        self.command_timeout = command_timeout
         self._bulk = bulk if bulk is not None else client
         self._own_bulk = bulk is not None
         self._finish = self._bulk.register_script(_FINISH)

@@ -208,12 +208,23 @@ class JobService(Subscriber):
         self._wake_callbacks: list[Callable[[str], None]] = []
         self._acquire: Any = None
         self._renew: Any = None
+        self.command_timeout = 1.0  # what a client's request waits for Redis (`bounded`)
 
-    def attach(self, client: aioredis.Redis, listener: aioredis.Redis) -> None:
-        """`client` has no read timeout: saq's pub/sub for job changes shares it."""
+    def attach(self, client: aioredis.Redis, listener: aioredis.Redis, *,
+               command_timeout: float = 1.0) -> None:
+        """`client` has no read timeout: saq's pub/sub for job changes shares it. A client's
+        request bounds its own calls instead (`bounded`)."""
         super().attach(client, listener)
         self._acquire = client.register_script(_ACQUIRE)
         self._renew = client.register_script(_RENEW)
+        self.command_timeout = command_timeout
+
+    def bounded(self, extra: float = 0.0) -> asyncio.Timeout:
+        """The longest a client's request waits for Redis here (plus `extra`): a Redis that
+        hangs (stopped, swapping) still accepts connections and commands, and without a read
+        timeout a request would wait for it as long as it hangs. TimeoutError on expiry: one of
+        REDIS_ERRORS. What was sent may still be carried out once Redis answers again."""
+        return asyncio.timeout(self.command_timeout + extra)
 
     async def close(self) -> None:
         for queue in self._queues.values():
@@ -268,9 +279,13 @@ class JobService(Subscriber):
         )
         if await self.queue(lane_name).enqueue(job) is None:
             raise RuntimeError(f"job id {key} is already taken")  # 144 random bits: never
-        # The job is queued: a lost wake-up only delays it to the workers' next look.
+        # The job is queued: a lost wake-up only delays it to the workers' next look, so the
+        # request does not wait for it (nor fail when Redis stops answering just now).
+        self.spawn(self._wake(lane_name))
+
+    async def _wake(self, name: str) -> None:
         with contextlib.suppress(*REDIS_ERRORS):
-            await client.publish(WAKE_CHANNEL, lane_name)
+            await self.client.publish(WAKE_CHANNEL, name)
 
     # -- reading --------------------------------------------------------------------------------
 

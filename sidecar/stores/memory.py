@@ -12,6 +12,10 @@ from collections.abc import Callable
 
 from .entry import CachedResponse
 
+# Variants kept per key (Vary): a header with values the client picks must not make one key
+# grow without bound, nor each lookup scan them all. The oldest go first; Redis keeps as many.
+MAX_VARIANTS = 32
+
 
 class MemoryStore:
     def __init__(self, max_bytes: int, max_entry: int) -> None:
@@ -46,6 +50,11 @@ class MemoryStore:
                 self._drop(entry.key)  # Vary changed: the old variants no longer apply
                 self._data[entry.key] = [entry]
             else:
+                while len(variants) >= MAX_VARIANTS:
+                    oldest = variants.pop(0)
+                    self.bytes -= oldest.size
+                    self.entries -= 1
+                    self.evictions += 1
                 variants.append(entry)
             self._data.move_to_end(entry.key)
         self.bytes += size

@@ -20,6 +20,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from .entry import CachedResponse
+from .memory import MAX_VARIANTS
 
 PREFIX = "sidecar:cache:"
 CHANNEL = PREFIX + "purge"
@@ -61,13 +62,23 @@ class RedisStore:
         h = key_hash(entry.key)
         ttl_ms = max(1000, int(retention * 1000))
         name = PREFIX + "e:" + h
+        field = _variant(entry.vary_values)
         async with self.client.pipeline(transaction=True) as pipe:
             existing = await cast(_Hash, self.client.hgetall(name))
-            stale_variants = [field for field, value in existing.items()
-                              if CachedResponse.unpack(value).vary_names != entry.vary_names]
+            stale_variants = []
+            kept = []
+            for old_field, value in existing.items():
+                old = CachedResponse.unpack(value)
+                if old.vary_names != entry.vary_names:
+                    stale_variants.append(old_field)
+                elif old_field != field:
+                    kept.append((old.freshness.stored_at, old_field))
+            # At most MAX_VARIANTS per key, as in memory: the oldest go.
+            kept.sort()
+            stale_variants += [f for _, f in kept[:max(0, len(kept) - MAX_VARIANTS + 1)]]
             if stale_variants:
                 pipe.hdel(name, *stale_variants)  # type: ignore[arg-type]  # bytes fields are fine
-            pipe.hset(name, mapping={_variant(entry.vary_values): entry.pack()})
+            pipe.hset(name, mapping={field: entry.pack()})
             pipe.pexpire(name, ttl_ms, gt=True)
             pipe.pexpire(name, ttl_ms, nx=True)
             member = f"{entry.uri}\0{h}"
