@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 from aiohttp import web
-from conftest import Origin
+from conftest import Origin, until
 
 from sidecar.config import UpstreamConfig
 from sidecar.upstream import UpstreamPool
@@ -95,9 +95,10 @@ async def test_a_connection_reused_after_a_body_that_paused_reading_reads_again(
     pool = UpstreamPool("app", UpstreamConfig(url=origin.url))
     try:
         response = await pool.request(b"GET /big HTTP/1.1\r\nHost: app\r\n\r\n", timeout=5.0)
-        async with asyncio.timeout(5):
-            while not response.complete:  # the client reads nothing until the body is in
-                await asyncio.sleep(0.01)
+        async def body_in() -> bool:  # the client reads nothing until the body is in
+            return response.complete
+
+        await until(body_in, timeout=5)
         body = b"".join([chunk async for chunk in _chunks(response)])
         assert body == b"a" * first + b"b" * last
         again = await pool.request(b"GET /next HTTP/1.1\r\nHost: app\r\n\r\n", timeout=1.0)
