@@ -451,3 +451,21 @@ async def test_two_sidecar_processes_sharing_redis_send_one_upstream_request(
     assert {(status, hashlib.sha256(got).hexdigest()) for status, got, _ in results} == {
         (200, digest)}
     assert [marker for _, _, marker in results].count("follower") == 199
+
+
+async def test_trusted_forwarded_hosts_are_different_calls(sidecar_factory, origin, redis_url):
+    """Behind a trusted balancer one Host serves several public sites: each is its own answer."""
+    gate = Gate()
+    origin.script("/page", gate.replying(b"page"))
+    config = dedup_config(origin, redis_url)
+    config["server"]["trust_forwarded"] = True
+    sidecar = await sidecar_factory(config)
+    a = asyncio.ensure_future(get_all([sidecar.url + "/page"] * 3,
+                                      headers={"X-Forwarded-Host": "a.example"}))
+    b = asyncio.ensure_future(get_all([sidecar.url + "/page"] * 3,
+                                      headers={"X-Forwarded-Host": "b.example"}))
+    await until(lambda: dedup_events_is(sidecar, "follower", 4))
+    gate.open.set()
+    await a
+    await b
+    assert origin.calls["/page"] == 2

@@ -6,6 +6,11 @@ import re
 from collections.abc import Mapping, Sequence
 from urllib.parse import unquote_plus
 
+# Behind a trusted load balancer (server.trust_forwarded) these say which public URL an answer
+# is for: keyed by the cache and by dedup, else two hosts would share one answer.
+TRUSTED_FORWARDING = ("X-Forwarded-Host", "X-Forwarded-Proto", "Forwarded", "X-Forwarded-Port",
+                      "X-Forwarded-Prefix")
+
 
 def normalize_target(raw_target: str, query_mode: str) -> str:
     """`/p?b=2&a=1` -> `/p?a=1&b=2` (sorted), as sent (exact), or `/p` (ignore)."""

@@ -14,7 +14,13 @@ import time
 from collections.abc import Mapping, Sequence
 
 from ..config import CacheConfig
-from ..core.cachekey import normalize_target, primary_key, vary_names, vary_values
+from ..core.cachekey import (
+    TRUSTED_FORWARDING,
+    normalize_target,
+    primary_key,
+    vary_names,
+    vary_values,
+)
 from ..core.etag import generate_strong_etag, not_modified
 from ..core.freshness import (
     Directives,
@@ -57,9 +63,6 @@ _CONDITIONALS = frozenset({b"if-none-match", b"if-modified-since", b"if-match",
 # X-Forwarded-For (X-Forwarded-Host and -Proto are the sidecar's already: forwarding.py).
 _FORGEABLE = frozenset({b"forwarded", b"x-forwarded-port", b"x-forwarded-prefix",
                         b"x-forwarded-for"})
-# Behind a trusted load balancer, they say which public URL the upstream answers for: keyed.
-_TRUSTED_KEY = ("X-Forwarded-Host", "X-Forwarded-Proto", "Forwarded", "X-Forwarded-Port",
-                "X-Forwarded-Prefix")
 _SET_COOKIE = frozenset({b"set-cookie"})
 
 
@@ -114,7 +117,7 @@ class CachePolicy:
         self.strip_untrusted = self.strip | {h for h in _FORGEABLE if h.decode() not in keyed}
         self.own_forwarded_for = "x-forwarded-for" not in keyed
         self.trusted_key_headers = (
-            *config.key.headers, *(h for h in _TRUSTED_KEY if h.lower() not in keyed))
+            *config.key.headers, *(h for h in TRUSTED_FORWARDING if h.lower() not in keyed))
         self.tag_header = config.tag_header.lower().encode("latin-1")
         self.counts = service.counts
         self._hit_keys = {layer: (route, layer, "hit") for layer in ("memory", "redis")}

@@ -23,7 +23,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..broadcast import Broadcast
-from ..core.cachekey import normalize_target, primary_key, vary_names, vary_values
+from ..core.cachekey import (
+    TRUSTED_FORWARDING,
+    normalize_target,
+    primary_key,
+    vary_names,
+    vary_values,
+)
 from ..core.freshness import parse_cache_control
 from ..pipeline import Handler, ProxyRequest, ProxyResponse
 from ..stores.dedup import DedupService, SharedResult
@@ -85,6 +91,9 @@ class DedupPolicy:
         self.methods = frozenset(config.methods)
         self.key_headers = tuple(config.key.headers)
         keyed = {h.lower() for h in config.key.headers}
+        # server.trust_forwarded: two public hosts behind the balancer are two answers.
+        self.trusted_key_headers = (
+            *self.key_headers, *(h for h in TRUSTED_FORWARDING if h.lower() not in keyed))
         self.credentials_keyed = keyed >= _CREDENTIALS
         # Credentials left out of the key: requests carrying them are not coalesced at all,
         # or one caller would get a response meant for another.
@@ -111,7 +120,9 @@ class DedupPolicy:
     def _key(self, request: ProxyRequest) -> str:
         web = request.web
         target = normalize_target(web.raw_path, self.config.key.query)
-        raw = primary_key(web.host, target, web.headers, self.key_headers, ())
+        trusted = request.state.config.server.trust_forwarded
+        raw = primary_key(web.host, target, web.headers,
+                          self.trusted_key_headers if trusted else self.key_headers, ())
         digest = hashlib.sha256(f"{self.route}\n{request.method}\n{raw}\n".encode(
             "utf-8", "surrogateescape"))
         # Conditionals as they go upstream (the client's, or the cache's validators when it
