@@ -178,11 +178,12 @@ class JobsEndpoint:
                                    "nothing to cancel")
         service = self.service
         try:
-            await service.cancel(job)
-            if job.status != Status.ABORTED:
-                # A running job stops when its worker notices (within a second or two).
-                await service.wait_finished(job_id, 5.0)
-            found, progress = await service.lookup(job_id)
+            async with service.bounded(extra=5.0):  # the wait below, and no more
+                await service.cancel(job)
+                if job.status != Status.ABORTED:
+                    # A running job stops when its worker notices (within a second or two).
+                    await service.wait_finished(job_id, 5.0)
+                found, progress = await service.lookup(job_id)
         except REDIS_ERRORS:
             raise self._unavailable() from None
         if found is None:
@@ -190,16 +191,17 @@ class JobsEndpoint:
         job = found
         if job.status == Status.ABORTING:
             try:
-                if await service.result(job.key) is not None:
-                    # The job succeeded between the read above and saq's abort, which wrote
-                    # its stale copy back as "aborting" over the finished record: put it
-                    # right (the worker counted it already).
-                    await job.get_queue().finish(job, Status.COMPLETE)
-                    await service.client.delete(job.abort_id)
-                else:
-                    # No worker stopped it: the one running it died (saq's abort took the
-                    # job out of every list, so nothing else would ever finish it).
-                    await service.abandon(job)
+                async with service.bounded():
+                    if await service.result(job.key) is not None:
+                        # The job succeeded between the read above and saq's abort, which
+                        # wrote its stale copy back as "aborting" over the finished record:
+                        # put it right (the worker counted it already).
+                        await job.get_queue().finish(job, Status.COMPLETE)
+                        await service.client.delete(job.abort_id)
+                    else:
+                        # No worker stopped it: the one running it died (saq's abort took the
+                        # job out of every list, so nothing else would ever finish it).
+                        await service.abandon(job)
             except REDIS_ERRORS:
                 raise self._unavailable() from None
         status = public_status(job.status.value, job.error)
@@ -251,7 +253,8 @@ class JobsEndpoint:
                         idle = 0.0
                 changed.clear()
                 try:
-                    found, progress = await service.lookup(job_id)
+                    async with service.bounded():  # keep-alives go on while Redis hangs
+                        found, progress = await service.lookup(job_id)
                 except REDIS_ERRORS:
                     continue
                 if found is None:
