@@ -87,9 +87,14 @@ class Supervisor:
     def run(self) -> int:
         # The workers share their metrics through files here (sidecar/metrics.py); a fresh
         # directory per supervisor, so figures of an earlier run never add up with these.
+        # In memory (/dev/shm) when the system has it: each worker rewrites its file every
+        # second from its event loop, and on a disk busy with other writes (an fsyncing Redis)
+        # a rename was seen to block the loop for up to 175 ms.
         state_dir = Path(self.loaded.config.server.state_dir)
         state_dir.mkdir(parents=True, exist_ok=True)
-        metrics_dir = tempfile.mkdtemp(prefix="metrics-", dir=state_dir.resolve())
+        shm = Path("/dev/shm")
+        parent = shm if shm.is_dir() and os.access(shm, os.W_OK) else state_dir.resolve()
+        metrics_dir = tempfile.mkdtemp(prefix="sidecar-metrics-", dir=parent)
         os.environ[METRICS_DIR_ENV] = metrics_dir
         try:
             return self._run()
