@@ -431,6 +431,8 @@ class MetricsConfig(_Model):
 
 class QueueConfig(_Model):
     concurrency: int = Field(10, ge=1, le=10000)  # upstream calls in flight, whole cluster
+    # Jobs waiting for a worker, whole cluster; past it a submission gets 503 job_queue_full.
+    max_queued: int | None = Field(None, ge=1)
 
 
 class JobsConfig(_Model):

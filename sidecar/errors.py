@@ -192,6 +192,13 @@ class JobQueueUnavailableError(SidecarError):
     code = "job_queue_unavailable"
 
 
+class JobQueueFullError(SidecarError):
+    """The queue holds queues.<name>.max_queued jobs waiting: this one was not queued."""
+
+    status = 503
+    code = "job_queue_full"
+
+
 class JobNotFoundError(SidecarError):
     """No such job, it expired, or it belongs to another client (never said which)."""
 

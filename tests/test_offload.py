@@ -448,3 +448,35 @@ async def test_redis_down_refuses_to_enqueue(sidecar_factory: Factory, origin: O
     # Other routes keep proxying.
     async with client.get(sidecar.url + "/elsewhere") as response:
         assert response.status == 404  # the origin's own "not scripted"
+
+
+async def test_a_full_queue_refuses_submissions_until_it_drains(
+        sidecar_factory: Factory, origin: Origin, redis_url: str,
+        client: aiohttp.ClientSession) -> None:
+    """queues.<name>.max_queued: past it a submission is refused, nothing queued or sent."""
+    release = asyncio.Event()
+
+    async def held(request: web.Request, n: int) -> web.Response:
+        await release.wait()
+        return web.Response(text=f"done {n}")
+
+    origin.script("/api/reports/held", held)
+    config = offload_config(origin.url, redis_url, concurrency=1)
+    config["queues"]["reports"]["max_queued"] = 2
+    sidecar = await sidecar_factory(config)
+    first, _ = await submit(client, sidecar, "/api/reports/held")
+    await until(lambda: asyncio.sleep(0, origin.calls["/api/reports/held"] == 1))
+    waiting = [(await submit(client, sidecar, "/api/reports/held"))[0] for _ in range(2)]
+    async with client.post(sidecar.url + "/api/reports/held", data=b"{}") as response:
+        assert response.status == 503
+        assert response.headers["Retry-After"] == "5"
+        body = await response.json()
+    assert body["error"] == "job_queue_full" and "max_queued" in body["detail"]
+    stats = (await admin_stats(sidecar))["jobs"]["queues"]["reports"]
+    assert (stats["queued"], stats["running"]) == (2, 1)
+    release.set()
+    for url in (first, *waiting):
+        assert (await finished(client, sidecar, url))["status"] == "succeeded"
+    url, _ = await submit(client, sidecar, "/api/reports/held")  # room again
+    assert (await finished(client, sidecar, url))["status"] == "succeeded"
+    assert origin.calls["/api/reports/held"] == 4

@@ -23,7 +23,7 @@ from ..core.jobs import (
     parse_prefer,
     public_status,
 )
-from ..errors import JobQueueUnavailableError, OffloadBodyTooLargeError
+from ..errors import JobQueueFullError, JobQueueUnavailableError, OffloadBodyTooLargeError
 from ..pipeline import BodyTooLarge, Handler, ProxyRequest, ProxyResponse, whole_body
 from ..stores.subscriber import REDIS_ERRORS
 
@@ -70,8 +70,12 @@ class OffloadPolicy:
         }
         if self.service.redis is None or not self.service.redis_up:
             raise self._unavailable()
+        limit = request.state.config.queues[self.config.queue].max_queued
         try:
             async with self.service.bounded():
+                # A soft bound: submissions at the same instant may each see room for one.
+                if limit is not None and await self.service.waiting(self.config.queue) >= limit:
+                    raise self._full(limit)
                 await self.service.enqueue(job_id, spec, body, self.config,
                                            heartbeat=jobs.visibility_timeout,
                                            max_age=jobs.max_age)
@@ -95,6 +99,12 @@ class OffloadPolicy:
         return OffloadBodyTooLargeError(
             f"this route runs requests as jobs, whose bodies are stored whole: at most "
             f"{self.config.max_body} bytes (offload.max_body)")
+
+    def _full(self, limit: int) -> JobQueueFullError:
+        return JobQueueFullError(
+            f"queue {self.config.queue!r} has {limit} jobs waiting (queues."
+            f"{self.config.queue}.max_queued): the request was not queued and not sent "
+            "upstream; retry later", headers={"Retry-After": "5"})
 
     @staticmethod
     def _unavailable() -> JobQueueUnavailableError:

@@ -417,6 +417,14 @@ class JobService(Subscriber):
         members = await cast(Any, self.client.smembers(lanes_key(queue)))
         return sorted(int(m) for m in members)
 
+    async def waiting(self, queue: str) -> int:
+        """Jobs queued for a worker in every priority of `queue` (not running, not in backoff)."""
+        priorities = await self.lanes(queue)
+        pipe = self.client.pipeline(transaction=False)
+        for priority in priorities:
+            pipe.llen(self.queue(lane(queue, priority))._queued)
+        return sum(await pipe.execute()) if priorities else 0
+
     async def acquire_slot(self, queue: str, token: str, limit: int, lease: float) -> bool:
         return bool(await self._acquire(keys=[slots_key(queue)],
                                         args=[token, limit, int(lease * 1000)]))
