@@ -16,7 +16,7 @@ from saq.job import Job, Status
 
 from . import __version__
 from .core.jobs import CANCELLED, FAILED, TERMINAL, JobId, parse_progress, public_status
-from .errors import UnauthorizedError
+from .errors import SidecarError, UnauthorizedError
 from .jobsapi import find_job, view
 from .metrics import render
 from .proxy import error_response, new_request_id
@@ -90,16 +90,13 @@ async def purge(request: web.Request) -> web.Response:
     kinds = [k for k in ("key", "prefix", "tag") if isinstance(body, dict) and k in body]
     if (not isinstance(body, dict) or len(kinds) != 1 or len(body) != 1
             or not isinstance(body[kinds[0]], str) or not body[kinds[0]]):
-        return web.json_response({
-            "error": "bad_request",
-            "detail": 'send exactly one of {"key": "/path?query"}, {"prefix": "/path/"} or '
-                      '{"tag": "name"} as a JSON object with a non-empty string',
-        }, status=400)
+        return _json_error(
+            400, "bad_request", 'send exactly one of {"key": "/path?query"}, {"prefix": '
+            '"/path/"} or {"tag": "name"} as a JSON object with a non-empty string')
     kind = kinds[0]
     value = body[kind]
     if kind in ("key", "prefix") and not value.startswith("/"):
-        return web.json_response({"error": "bad_request",
-                                  "detail": f"a {kind} is a path starting with '/'"}, status=400)
+        return _json_error(400, "bad_request", f"a {kind} is a path starting with '/'")
     result = await runtime.cache.purge(kind, value)
     return web.json_response(result)
 
@@ -153,10 +150,8 @@ async def reset_breaker(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     if not runtime.breakers.reset(name):
         known = sorted(runtime.breakers.breakers)
-        return web.json_response({
-            "error": "not_found",
-            "detail": f"no breaker named {name!r}; known: {', '.join(known) or 'none'}",
-        }, status=404)
+        return _json_error(404, "not_found",
+                           f"no breaker named {name!r}; known: {', '.join(known) or 'none'}")
     return web.json_response({"name": name, "state": "closed"})
 
 
@@ -182,7 +177,10 @@ def _admin_view(runtime: Runtime, job: Job) -> dict[str, object]:
 
 
 def _json_error(status: int, error: str, detail: str) -> web.Response:
-    return web.json_response({"error": error, "detail": detail}, status=status)
+    """The public listener's error shape (with request_id and X-Request-ID) for admin errors."""
+    exc = SidecarError(detail)
+    exc.status, exc.code = status, error
+    return error_response(exc, new_request_id())
 
 
 async def _find_job(request: web.Request) -> tuple[Job | None, dict[bytes, bytes]]:

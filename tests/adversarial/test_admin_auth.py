@@ -281,3 +281,21 @@ def test_admin_on_loopback_needs_no_token(tmp_path: Path, redis_url, capsys, lis
     path.write_text(json.dumps(config))
     assert sidecar_main(["check", "-c", str(path)]) == 0
     assert "OK" in capsys.readouterr().out
+
+
+async def test_admin_errors_have_the_sidecars_error_shape(guarded):
+    """Every admin error, not only the 401, carries request_id and X-Request-ID (as the public
+    listener's do), so an operator can match it with the logs."""
+    headers = [("Authorization", f"Bearer {TOKEN}")]
+    answers = [
+        await send(guarded.admin_url, "/admin/cache/purge", headers, method="POST",
+                   body=b'{"key": "no-slash"}'),
+        await send(guarded.admin_url, "/admin/cache/purge", headers, method="POST",
+                   body=b"[]"),
+        await send(guarded.admin_url, "/admin/breakers/nope/reset", headers, method="POST"),
+    ]
+    for answer in answers:
+        assert answer.status in (400, 404), answer.body
+        error = answer.json()
+        assert set(error) == {"error", "detail", "request_id"}, error
+        assert answer.headers["x-request-id"] == error["request_id"]
