@@ -797,8 +797,12 @@ async def test_an_attempt_over_its_timeout_is_retried_then_fails(
     never = asyncio.Event()
     closed = asyncio.Event()
     origin.script("/api/stuck", holding(never, closed=closed))
+    # A visibility timeout well over the attempt's: on a loaded machine, with 2 s, the sweep
+    # could take the job for abandoned while its timed-out attempt was still being recorded
+    # (failed either way, but with the sweep's error, not this one).
     sidecar = await sidecar_factory(jobs_config(origin.url, redis_url, attempts=2,
-                                                timeout="1s"))
+                                                timeout="1s",
+                                                jobs={"visibility_timeout": "6s"}))
     accepted = await submit(client, sidecar, "/api/stuck")
     state = await wait_for(client, sidecar, accepted)
     assert (state["status"], state["attempts"]) == ("failed", 2)
