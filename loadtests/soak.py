@@ -821,16 +821,20 @@ class Injector:
 
     # -- the kinds ---------------------------------------------------------------------------
 
+    async def paused(self, fault: Fault, pid: int, seconds: float) -> None:
+        """SIGSTOP `pid` for `seconds` (SIGCONT whatever happens), noted on `fault`."""
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        fault.end = self.clock()
+        fault.detail = f"SIGSTOP {seconds:g}s"
+
     async def redis_stop(self, fault: Fault) -> None:
         redis = self.procs.redis
         assert redis is not None
-        os.kill(redis.pid, signal.SIGSTOP)
-        try:
-            await asyncio.sleep(REDIS_STOP_S)
-        finally:
-            os.kill(redis.pid, signal.SIGCONT)
-        fault.end = self.clock()
-        fault.detail = f"SIGSTOP {REDIS_STOP_S:g}s"
+        await self.paused(fault, redis.pid, REDIS_STOP_S)
         await self.recovered(fault, self.redis_ready)
 
     async def redis_kill(self, fault: Fault) -> None:
@@ -894,13 +898,7 @@ class Injector:
     async def origin_pause(self, fault: Fault) -> None:
         origin = self.procs.origin
         assert origin is not None
-        os.kill(origin.pid, signal.SIGSTOP)
-        try:
-            await asyncio.sleep(ORIGIN_STOP_S)
-        finally:
-            os.kill(origin.pid, signal.SIGCONT)
-        fault.end = self.clock()
-        fault.detail = f"SIGSTOP {ORIGIN_STOP_S:g}s"
+        await self.paused(fault, origin.pid, ORIGIN_STOP_S)
 
         async def answering() -> bool:
             probe = f"/c/miss/origin-probe-{uuid.uuid4().hex}"
