@@ -16,10 +16,10 @@ from saq.job import Job, Status
 
 from . import __version__
 from .core.jobs import CANCELLED, FAILED, TERMINAL, JobId, parse_progress, public_status
+from .edge.responses import error_body, new_request_id
 from .errors import SidecarError, UnauthorizedError
 from .jobsapi import find_job, view
 from .metrics import render
-from .proxy import error_response, new_request_id
 from .stores.subscriber import REDIS_ERRORS
 
 if TYPE_CHECKING:
@@ -174,6 +174,16 @@ def _admin_view(runtime: Runtime, job: Job) -> dict[str, object]:
         "max_attempts": job.retries,
     })
     return found
+
+
+def error_response(exc: SidecarError, request_id: str) -> web.Response:
+    """A SidecarError on the admin listener, in the public listener's JSON shape."""
+    response = web.Response(status=exc.status, body=error_body(exc, request_id),
+                            content_type="application/json")
+    response.headers.update(exc.headers)
+    response.headers["X-Request-ID"] = request_id
+    response.headers["Cache-Control"] = "no-store"
+    return response
 
 
 def _json_error(status: int, error: str, detail: str) -> web.Response:

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import aiohttp
 import redis.asyncio as aioredis
 from aiohttp import web
 from redis.exceptions import RedisError
@@ -28,8 +27,10 @@ from . import __version__
 from .admin import build_admin_app
 from .aio import cancel_and_wait
 from .config import Config, ConfigError, LoadedConfig, RouteConfig, UpstreamConfig, load_config
-from .connection import EdgeServer
+from .edge.handler import EdgeHandler
+from .edge.protocol import EdgeServer
 from .errors import UpstreamError
+from .forwarding import build_request_head
 from .logs import AccessLog, configure_logging
 from .metrics import Recorder, Share, share_from_env
 from .pipeline import Handler, Policy, ProxyRequest, ProxyResponse, build_chain
@@ -41,7 +42,6 @@ from .policies.idempotency import IdempotencyPolicy
 from .policies.offload import OffloadPolicy
 from .policies.ratelimit import RateLimitPolicy
 from .policies.retry import RetryPolicy
-from .proxy import ProxyHandler
 from .routing import RouteTable
 from .stores.breakers import BreakerService
 from .stores.dedup import DedupService
@@ -64,11 +64,8 @@ class State:
     routes: RouteTable
     pools: dict[str, UpstreamPool]
     chains: dict[str, Handler]
-    upstream_configs: dict[str, UpstreamConfig]
-    upstream_netlocs: dict[str, bytes]
-    via: bytes
-    via_response: str
-    via_response_bytes: bytes
+    upgrade_chains: dict[str, Handler]  # for requests that ask to switch protocols
+    via_response_bytes: bytes  # `1.1 <server.via>`, this hop in a response's Via
     jobs_path: str
 
 
@@ -78,8 +75,8 @@ def _upstream_handler(pool: UpstreamPool, recorder: Recorder) -> Handler:
     async def call_upstream(request: ProxyRequest) -> ProxyResponse:
         started = time.perf_counter()
         try:
-            response = await pool.request(request.head, request.body, chunked=request.chunked,
-                                          timeout=request.timeout,
+            response = await pool.request(request.upstream_head, request.body,
+                                          chunked=request.chunked, timeout=request.timeout,
                                           is_head=request.method == "HEAD")
         except UpstreamError:
             recorder.upstream_call(name, None, time.perf_counter() - started)
@@ -93,11 +90,54 @@ def _upstream_handler(pool: UpstreamPool, recorder: Recorder) -> Handler:
     return call_upstream
 
 
-def build_policies(route: RouteConfig, upstream: UpstreamConfig, cache: CacheService,
+def _upgrade_handler(pool: UpstreamPool, recorder: Recorder) -> Handler:
+    """The upstream call of a request asking to switch protocols: its head keeps Upgrade, and
+    a 101 comes back with the connection itself (ProxyResponse.tunnel)."""
+    name = pool.name
+
+    async def call_upstream(request: ProxyRequest) -> ProxyResponse:
+        started = time.perf_counter()
+        head = build_request_head(request.head, request.route, request.request_id,
+                                  request.chunked, upgrade=True)
+        try:
+            response = await pool.request(head, request.body, chunked=request.chunked,
+                                          timeout=request.timeout, upgrade=True)
+        except UpstreamError:
+            recorder.upstream_call(name, None, time.perf_counter() - started)
+            raise
+        seconds = time.perf_counter() - started
+        recorder.upstream_call(name, response.status, seconds)
+        if response.tunnel is not None:
+            result = ProxyResponse(response.status, response.reason, response.headers, b"")
+            result.tunnel = response.tunnel
+        else:
+            result = ProxyResponse.from_upstream(response)
+        result.upstream_seconds = seconds
+        return result
+
+    return call_upstream
+
+
+def build_upgrade_policies(route: RouteConfig, upstream: UpstreamConfig,
+                           breakers: BreakerService, dedup: DedupService) -> list[Policy]:
+    """What applies to an upgrade (WebSocket...): rate limit and breaker. Nothing that stores,
+    shares, replays or retries a response applies to a connection that changes protocol."""
+    policies: list[Policy] = []
+    if route.rate_limit is not None:
+        policies.append(RateLimitPolicy(route.name, route.rate_limit, dedup))
+    breaker = route.breaker or upstream.breaker
+    if breaker is not None:
+        name = f"route:{route.name}" if route.breaker else f"upstream:{route.upstream}"
+        policies.append(BreakerPolicy(name, route.upstream, breaker, breakers))
+    return policies
+
+
+def build_policies(route: RouteConfig, config: Config, cache: CacheService,
                    dedup: DedupService, breakers: BreakerService,
                    jobs: JobService) -> list[Policy]:
     """The route's policies in the canonical order of pipeline.CANONICAL_ORDER. `breaker` and
     `retry` may be set on the upstream; a route's own setting wins."""
+    upstream = config.upstreams[route.upstream]
     policies: list[Policy] = []
     if route.rate_limit is not None:
         policies.append(RateLimitPolicy(route.name, route.rate_limit, dedup))
@@ -110,7 +150,8 @@ def build_policies(route: RouteConfig, upstream: UpstreamConfig, cache: CacheSer
     if route.dedup is not None:
         policies.append(DedupPolicy(route.name, route.dedup, dedup))
     if route.offload is not None:
-        policies.append(OffloadPolicy(route.name, route.upstream, route.offload, jobs))
+        policies.append(OffloadPolicy(route.name, route.upstream, route.offload, jobs,
+                                      config.jobs, config.queues[route.offload.queue]))
     breaker = route.breaker or upstream.breaker
     if breaker is not None:
         name = f"route:{route.name}" if route.breaker else f"upstream:{route.upstream}"
@@ -134,9 +175,15 @@ def build_state(loaded: LoadedConfig, previous: State | None, cache: CacheServic
     routes = RouteTable(config)
     chains = {
         route.name: build_chain(
-            build_policies(route.config, config.upstreams[route.upstream], cache, dedup,
-                           breakers, jobs),
+            build_policies(route.config, config, cache, dedup, breakers, jobs),
             _upstream_handler(pools[route.upstream], recorder))
+        for route in routes.routes
+    }
+    upgrade_chains = {
+        route.name: build_chain(
+            build_upgrade_policies(route.config, config.upstreams[route.upstream], breakers,
+                                   dedup),
+            _upgrade_handler(pools[route.upstream], recorder))
         for route in routes.routes
     }
     return State(
@@ -145,10 +192,7 @@ def build_state(loaded: LoadedConfig, previous: State | None, cache: CacheServic
         routes=routes,
         pools=pools,
         chains=chains,
-        upstream_configs=dict(config.upstreams),
-        upstream_netlocs={n: u.netloc.encode("idna") for n, u in config.upstreams.items()},
-        via=config.server.via.encode("latin-1"),
-        via_response=f"1.1 {config.server.via}",
+        upgrade_chains=upgrade_chains,
         via_response_bytes=f"1.1 {config.server.via}".encode("latin-1"),
         jobs_path=config.jobs.path,
     )
@@ -189,7 +233,7 @@ class Runtime:
         self.access_log = AccessLog(loaded.config.log)
         self.redis: aioredis.Redis | None = None
         self.redis_up = False
-        self.ws_session: aiohttp.ClientSession
+        self.edge: EdgeServer | None = None
         self.reloads = {"ok": 0, "error": 0}
         self.last_reload_error: str | None = None
         self._runners: list[web.BaseRunner] = []
@@ -213,7 +257,6 @@ class Runtime:
 
     async def start(self) -> None:
         config = self.config
-        self.ws_session = aiohttp.ClientSession(auto_decompress=False)
         self.redis = aioredis.Redis.from_url(
             self.redis_url, socket_connect_timeout=config.redis.connect_timeout,
             socket_timeout=max(config.redis.connect_timeout, 1.0), health_check_interval=0,
@@ -234,20 +277,19 @@ class Runtime:
         self.breakers.attach(self.redis, aioredis.Redis.from_url(
             self.redis_url, socket_connect_timeout=config.redis.connect_timeout))
         attach_jobs(self.jobs, self.redis_url, config)
-        server = EdgeServer(
-            ProxyHandler(self), limits=config.server.limits, auto_decompress=False,
-            keepalive_timeout=config.server.keepalive_timeout, access_log=None,
-        )
-        public = web.ServerRunner(server, shutdown_timeout=config.server.shutdown_grace)
+        edge = EdgeServer(EdgeHandler(self), config.server.limits,
+                          keepalive_timeout=config.server.keepalive_timeout)
+        listen = config.server.listen
+        self.public_port = await edge.start(listen.host, listen.port,
+                                            reuse_port=self.reuse_port)
+        self.edge = edge
         admin = web.AppRunner(build_admin_app(self), access_log=None, shutdown_timeout=2.0)
-        listeners = ((public, config.server.listen), (admin, config.server.admin_listen))
-        for runner, address in listeners:
-            await runner.setup()
-            site = web.TCPSite(runner, address.host, address.port, reuse_port=self.reuse_port,
-                               backlog=1024)
-            await site.start()
-            self._runners.append(runner)
-        self.public_port = _bound_port(public)
+        await admin.setup()
+        address = config.server.admin_listen
+        site = web.TCPSite(admin, address.host, address.port, reuse_port=self.reuse_port,
+                           backlog=1024)
+        await site.start()
+        self._runners.append(admin)
         self.admin_port = _bound_port(admin)
         self._tasks = [
             asyncio.create_task(self.access_log.run(), name="access-log"),
@@ -285,6 +327,9 @@ class Runtime:
         """Stop accepting, let requests in flight finish within server.shutdown_grace, close."""
         log.info("shutting down", extra={"grace_s": self.config.server.shutdown_grace,
                                          "worker": self.worker_id})
+        if self.edge is not None:
+            await self.edge.stop(self.config.server.shutdown_grace)
+            self.edge = None
         for runner in reversed(self._runners):
             await runner.cleanup()
         self._runners.clear()
@@ -295,7 +340,6 @@ class Runtime:
             self.metrics_share.close(self)
         for pool in self.state.pools.values():
             await pool.close()
-        await self.ws_session.close()
         await self.cache.close()
         await self.dedup.close()
         await self.breakers.close()

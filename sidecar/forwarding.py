@@ -5,20 +5,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from aiohttp import hdrs
+from .http.headers import HOP_BY_HOP, connection_tokens
 
 if TYPE_CHECKING:
-    from aiohttp import web
-
-    from .app import State
+    from .http.request import RequestHead
     from .routing import Route
 
-# RFC 9110 §7.6.1 hop-by-hop fields, plus the non-standard Proxy-Connection. Expect is answered
-# by the sidecar itself (100 Continue), not forwarded.
-HOP_BY_HOP = frozenset({
-    b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
-    b"trailer", b"transfer-encoding", b"upgrade", b"proxy-connection", b"expect",
-})
 _REPLACED = frozenset({
     b"host", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"via",
     b"x-request-id",
@@ -31,32 +23,30 @@ _FRAMING = frozenset({b"content-length", b"host"})
 # Hop-by-hop fields, and lookalikes of the framing fields that CGI-style servers (`_` read as
 # `-`) could take for the real ones: the body would then be framed two ways.
 _DROPPED = HOP_BY_HOP | {b"transfer_encoding", b"content_length"}
+# An upgrade keeps its Upgrade field: the upstream must see what the client asks to switch to.
+_DROPPED_UPGRADE = _DROPPED - {b"upgrade"}
 
 
-def connection_tokens(value: str) -> frozenset[bytes]:
-    return frozenset(t.strip().lower().encode("latin-1") for t in value.split(",") if t.strip())
-
-
-def build_request_head(request: web.BaseRequest, state: State, route: Route,
-                       request_id: str, chunked: bool) -> bytes:
-    """The request line and headers for the upstream, from the client's raw headers."""
-    upstream = state.upstream_configs[route.upstream]
+def build_request_head(request: RequestHead, route: Route, request_id: str, chunked: bool,
+                       *, upgrade: bool = False) -> bytes:
+    """The request line and headers for the upstream, from the client's raw headers.
+    `upgrade`: the request asks to switch protocols (WebSocket...) and the upstream is to see
+    that (Upgrade kept, `Connection: upgrade`)."""
+    headers = request.headers
     # Every Connection header names hop-by-hop fields, not only the first one.
-    connections = request.headers.getall(hdrs.CONNECTION, ())
+    connections = headers.getall("Connection") if "Connection" in headers else ()
+    base = _DROPPED_UPGRADE if upgrade else _DROPPED
     if not connections or (len(connections) == 1 and connections[0].lower() in _PLAIN_VALUES):
-        drop = _DROPPED
+        drop = base
     else:
-        drop = _DROPPED | (connection_tokens(",".join(connections)) - _FRAMING)
+        drop = base | (connection_tokens(",".join(connections)) - _FRAMING)
+        if upgrade:
+            drop = drop - {b"upgrade"}
     host = xff = xfproto = xfhost = via = None
-    raw_path = request.raw_path
-    if raw_path[:1] != "/" and raw_path != "*":
-        # Absolute-form (`GET http://other/x`): the route was chosen by the Host header, so the
-        # upstream gets that same view, origin-form, rather than an authority of its own.
-        raw_path = request.rel_url.raw_path_qs
-    target = raw_path.encode("utf-8", "surrogateescape")
+    target = request.target.encode("utf-8", "surrogateescape")
     out = [request.method.encode("latin-1"), b" ", target, b" HTTP/1.1\r\n"]
     append = out.append
-    for name, value in request.raw_headers:
+    for name, value in headers.raw:
         lname = name.lower()
         if lname in drop:
             continue
@@ -76,12 +66,9 @@ def build_request_head(request: web.BaseRequest, state: State, route: Route,
         append(b": ")
         append(value)
         append(b"\r\n")
-    client = (request.remote or "").encode("latin-1")
-    if not upstream.preserve_host or host is None:
-        out_host = state.upstream_netlocs[route.upstream]
-    else:
-        out_host = host
-    trust = state.config.server.trust_forwarded
+    client = request.client.encode("latin-1")
+    out_host = host if route.preserve_host and host is not None else route.netloc
+    trust = route.trust_forwarded
     append(b"Host: " + out_host + b"\r\n")
     append(b"X-Forwarded-For: " + (xff + b", " + client if xff else client) + b"\r\n")
     append(b"X-Forwarded-Proto: "
@@ -90,12 +77,12 @@ def build_request_head(request: web.BaseRequest, state: State, route: Route,
         append(b"X-Forwarded-Host: " + xfhost + b"\r\n")
     elif host is not None:
         append(b"X-Forwarded-Host: " + host + b"\r\n")
-    version = b"1.1 " if request.version[1] == 1 else b"1.0 "
-    append(b"Via: " + (via + b", " if via else b"") + version + state.via + b"\r\n")
+    version = b"1.1 " if request.http11 else b"1.0 "
+    append(b"Via: " + (via + b", " if via else b"") + version + route.via + b"\r\n")
     append(b"X-Request-ID: " + request_id.encode("latin-1") + b"\r\n")
+    if upgrade:
+        append(b"Connection: upgrade\r\n")
     if chunked:
         append(b"Transfer-Encoding: chunked\r\n")
     append(b"\r\n")
     return b"".join(out)
-
-

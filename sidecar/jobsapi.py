@@ -15,10 +15,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, cast
 
 import orjson
-from aiohttp import web
 from saq.job import Job, Status
 
 from .core.etag import none_match
@@ -41,12 +41,15 @@ from .errors import (
     JobQueueUnavailableError,
     MethodNotAllowedError,
 )
+from .pipeline import ProxyResponse
 from .policies.offload import RETRY_AFTER, job_urls
 from .stores.jobs import lanes_key
 from .stores.subscriber import REDIS_ERRORS
 
 if TYPE_CHECKING:
     from .app import Runtime
+    from .http.headers import RawHeaders
+    from .http.request import RequestHead
     from .stores.jobs import JobService
 
 KEEPALIVE = 15.0  # an SSE comment this often keeps proxies from closing an idle stream
@@ -95,8 +98,8 @@ class JobsEndpoint:
     def service(self) -> JobService:
         return self.runtime.jobs
 
-    async def handle(self, request: web.BaseRequest, path: str,
-                     request_id: str) -> web.StreamResponse:
+    async def handle(self, request: RequestHead, path: str,
+                     request_id: str) -> ProxyResponse:
         base = self.runtime.config.jobs.path
         parts = path[len(base):].strip("/").split("/")
         action = parts[1] if len(parts) == 2 else None
@@ -110,22 +113,21 @@ class JobsEndpoint:
                 f"{request.method} is not allowed here; use {', '.join(allowed)}",
                 headers={"Allow": ", ".join(allowed)})
         job, progress = await self._lookup(job_id, request)
-        headers = {"X-Request-ID": request_id, "Cache-Control": "no-cache"}
         if action == "result":
-            return await self._result(job, request_id)
+            return await self._result(job)
         if action == "events":
-            return await self._events(request, job_id, job, progress, base, headers)
+            return self._events(job_id, job, progress, base)
         if request.method == "DELETE":
-            return await self._cancel(job_id, job, base, headers)
+            return await self._cancel(job_id, job, base)
         body = orjson.dumps(view(job, progress, base))
         etag = view_etag(body)
-        headers["ETag"] = etag
+        headers = [*_NO_CACHE, (b"ETag", etag.encode("latin-1"))]
         inm = request.headers.get("If-None-Match")
         if inm is not None and none_match(inm, etag):
-            return web.Response(status=304, headers=headers)
-        return web.Response(body=body, content_type="application/json", headers=headers)
+            return ProxyResponse(304, "Not Modified", headers, b"")
+        return ProxyResponse(200, "OK", [*headers, _JSON], body)
 
-    async def _lookup(self, job_id: JobId, request: web.BaseRequest
+    async def _lookup(self, job_id: JobId, request: RequestHead
                       ) -> tuple[Job, dict[bytes, bytes]]:
         service = self.service
         if service.redis is None:
@@ -137,7 +139,7 @@ class JobsEndpoint:
             raise self._unavailable() from None
         owner = (job.kwargs or {}).get("owner", "") if job is not None else ""
         if job is None or not hmac.compare_digest(
-                owner.encode(), owner_fingerprint(request.raw_headers).encode()):
+                owner.encode(), owner_fingerprint(request.headers.raw).encode()):
             raise JobNotFoundError("no such job: it never existed, its record expired "
                                    "(offload.result_ttl), or another client created it")
         return job, progress
@@ -147,7 +149,7 @@ class JobsEndpoint:
         return JobQueueUnavailableError("the job queue (redis) is unreachable; retry later",
                                         headers={"Retry-After": "5"})
 
-    async def _result(self, job: Job, request_id: str) -> web.StreamResponse:
+    async def _result(self, job: Job) -> ProxyResponse:
         status = public_status(job.status.value, job.error)
         if status in (FAILED, CANCELLED):
             raise JobFinishedError(f"the job {status}, so it has no result: "
@@ -162,16 +164,10 @@ class JobsEndpoint:
             raise self._unavailable() from None
         if result is None:
             raise JobNotFoundError("the job's result expired (offload.result_ttl)")
-        from .proxy import PassResponse, response_headers
+        headers: RawHeaders = [*result.headers, (b"X-Sidecar-Job-Id", job.key.encode())]
+        return ProxyResponse(result.status, result.reason, headers, result.body)
 
-        state = self.runtime.state
-        headers = response_headers(list(result.headers), request_id, state.via_response)
-        headers["X-Sidecar-Job-Id"] = job.key
-        return PassResponse(status=result.status, reason=result.reason, headers=headers,
-                            body=result.body)
-
-    async def _cancel(self, job_id: JobId, job: Job, base: str,
-                      headers: dict[str, str]) -> web.StreamResponse:
+    async def _cancel(self, job_id: JobId, job: Job, base: str) -> ProxyResponse:
         if public_status(job.status.value, job.error) in TERMINAL:
             raise JobFinishedError(f"the job is already "
                                    f"{public_status(job.status.value, job.error)}; "
@@ -208,18 +204,17 @@ class JobsEndpoint:
         if status in (SUCCEEDED, FAILED):
             raise JobFinishedError(f"the job {status} before it could be cancelled")
         body = orjson.dumps(view(job, progress, base))
-        return web.Response(status=200 if status == CANCELLED else 202, body=body,
-                            content_type="application/json", headers=headers)
+        if status == CANCELLED:
+            return ProxyResponse(200, "OK", [*_NO_CACHE, _JSON], body)
+        return ProxyResponse(202, "Accepted", [*_NO_CACHE, _JSON], body)
 
-    async def _events(self, request: web.BaseRequest, job_id: JobId, job: Job,
-                      progress: dict[bytes, bytes], base: str,
-                      headers: dict[str, str]) -> web.StreamResponse:
-        response = web.StreamResponse(headers={
-            **headers, "Content-Type": "text/event-stream", "Cache-Control": "no-store",
-            "X-Accel-Buffering": "no"})
-        await response.prepare(request)
-        if request.method == "HEAD":
-            return response
+    def _events(self, job_id: JobId, job: Job, progress: dict[bytes, bytes],
+                base: str) -> ProxyResponse:
+        return ProxyResponse(200, "OK", list(_EVENTS),
+                             stream=_EventStream(self._event_chunks(job_id, job, progress, base)))
+
+    async def _event_chunks(self, job_id: JobId, job: Job, progress: dict[bytes, bytes],
+                            base: str) -> AsyncIterator[bytes]:
         service = self.service
         queue = service.queue_of(job_id)
         changed = asyncio.Event()
@@ -237,8 +232,7 @@ class JobsEndpoint:
                 current = orjson.dumps(view(job, progress, base))
                 if current != sent:
                     number += 1
-                    await response.write(b"event: status\nid: %d\ndata: %s\n\n"
-                                         % (number, current))
+                    yield b"event: status\nid: %d\ndata: %s\n\n" % (number, current)
                     sent = current
                     idle = 0.0
                 if public_status(job.status.value, job.error) in TERMINAL:
@@ -249,7 +243,7 @@ class JobsEndpoint:
                 except TimeoutError:
                     idle += RECHECK
                     if idle >= KEEPALIVE:
-                        await response.write(b": keep-alive\n\n")
+                        yield b": keep-alive\n\n"
                         idle = 0.0
                 changed.clear()
                 try:
@@ -258,15 +252,33 @@ class JobsEndpoint:
                 except REDIS_ERRORS:
                     continue
                 if found is None:
-                    await response.write(b'event: gone\ndata: {"error": "job_not_found"}\n\n')
+                    yield b'event: gone\ndata: {"error": "job_not_found"}\n\n'
                     break
                 job = found
-        except ConnectionError:
-            pass  # the client went away
         finally:
             listener.cancel()
             with contextlib.suppress(BaseException):
                 await listener
-        with contextlib.suppress(ConnectionError):
-            await response.write_eof()
-        return response
+
+
+_NO_CACHE = ((b"Cache-Control", b"no-cache"),)
+_JSON = (b"Content-Type", b"application/json")
+_EVENTS = ((b"Content-Type", b"text/event-stream"), (b"Cache-Control", b"no-store"),
+           (b"X-Accel-Buffering", b"no"))
+
+
+class _EventStream:
+    """A job's event stream as a response body (pipeline.BodyStream)."""
+
+    def __init__(self, chunks: AsyncIterator[bytes]) -> None:
+        self._chunks = chunks
+        self._closer: asyncio.Task[None] | None = None
+
+    async def read(self) -> bytes:
+        return await anext(self._chunks, b"")
+
+    def close(self) -> None:
+        """The client went away: end the generator (its listener is cancelled)."""
+        aclose = getattr(self._chunks, "aclose", None)
+        if aclose is not None and self._closer is None:
+            self._closer = asyncio.ensure_future(aclose())

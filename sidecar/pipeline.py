@@ -1,4 +1,5 @@
-"""The policy chain: what runs between the edge (proxy.py) and the upstream, in the sidecar's order.
+"""The policy chain: what runs between the edge (edge/handler.py) and the upstream, in the
+sidecar's order.
 
 A policy is a small object with one async method. It may answer by returning a response (a cache
 hit, a 429, a 202) or call `call_next`; it never calls another policy or the upstream itself.
@@ -21,13 +22,12 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from .forwarding import build_request_head
+from .http.headers import RawHeaders
 
 if TYPE_CHECKING:
-    from aiohttp import web
-
-    from .app import State
+    from .http.request import RequestHead
     from .routing import Route
-    from .upstream import Body, RawHeaders, UpstreamResponse
+    from .upstream import Body, UpstreamResponse, UpstreamTunnel
 
 CANONICAL_ORDER = (
     "metrics", "rate_limit", "etag", "idempotency", "cache", "dedup", "offload", "breaker",
@@ -35,39 +35,55 @@ CANONICAL_ORDER = (
 )
 
 
+class BodyStream(Protocol):
+    """A response body arriving in pieces: the upstream's, or one the sidecar produces (a job's
+    event stream). `read()` gives b"" at the end; `close()` gives up on the rest."""
+
+    async def read(self) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
 class ProxyRequest:
-    """What policies see of a request: built once by the edge, read-only by convention."""
+    """What policies see of a request: built once by the edge, read-only by convention.
 
-    __slots__ = ("_head", "body", "chunked", "method", "request_id", "route", "state", "timeout",
-                 "web")
+    `head` is the client's request (`RequestHead`); `upstream_head` the request line and
+    headers as the upstream is to get them, built on first use."""
 
-    def __init__(self, web_request: web.BaseRequest, route: Route, request_id: str,
-                 body: Body, chunked: bool, timeout: float | None, state: State,
-                 head: bytes | None = None) -> None:
-        self.web = web_request
-        self.method = web_request.method
+    __slots__ = ("_upstream_head", "body", "chunked", "head", "method", "request_id", "route",
+                 "timeout")
+
+    def __init__(self, head: RequestHead, route: Route, request_id: str, body: Body,
+                 chunked: bool, timeout: float | None,
+                 upstream_head: bytes | None = None) -> None:
+        self.head = head
+        self.method = head.method
         self.route = route
         self.request_id = request_id
         self.body = body
         self.chunked = chunked
         self.timeout = timeout
-        self.state = state
-        self._head = head
+        self._upstream_head = upstream_head
 
     @property
-    def head(self) -> bytes:
+    def upstream_head(self) -> bytes:
         """The request line and headers as sent to the upstream: built on first use, so a
         request answered by a policy (a cache hit) never pays for it."""
-        head = self._head
+        head = self._upstream_head
         if head is None:
-            head = self._head = build_request_head(self.web, self.state, self.route,
-                                                   self.request_id, self.chunked)
+            head = self._upstream_head = build_request_head(self.head, self.route,
+                                                            self.request_id, self.chunked)
         return head
 
-    def with_head(self, head: bytes) -> ProxyRequest:
+    def with_upstream_head(self, upstream_head: bytes) -> ProxyRequest:
         """The same request, forwarded with other headers."""
-        return ProxyRequest(self.web, self.route, self.request_id, self.body, self.chunked,
-                            self.timeout, self.state, head)
+        return ProxyRequest(self.head, self.route, self.request_id, self.body, self.chunked,
+                            self.timeout, upstream_head)
+
+    def with_body(self, body: bytes, upstream_head: bytes) -> ProxyRequest:
+        """The same request with its body read whole (and the head framing it so)."""
+        return ProxyRequest(self.head, self.route, self.request_id, body, False, self.timeout,
+                            upstream_head)
 
 
 class BodyTooLarge(Exception):
@@ -82,7 +98,7 @@ async def whole_body(request: ProxyRequest, limit: int) -> bytes | None:
         if body is not None and len(body) > limit:
             raise BodyTooLarge
         return body
-    declared = request.web.content_length
+    declared = request.head.content_length
     if declared is not None and declared > limit:
         raise BodyTooLarge
     chunks: list[bytes] = []
@@ -98,11 +114,11 @@ async def whole_body(request: ProxyRequest, limit: int) -> bytes | None:
 class ProxyResponse:
     """A response on its way back: whole (`body`) or streaming from the upstream (`stream`)."""
 
-    __slots__ = ("body", "cache", "etag", "headers", "reason", "status", "stream",
+    __slots__ = ("body", "cache", "etag", "headers", "reason", "status", "stream", "tunnel",
                  "upstream_seconds", "wire")
 
     def __init__(self, status: int, reason: str, headers: RawHeaders, body: bytes | None = None,
-                 stream: UpstreamResponse | None = None, *, wire: bytes | None = None,
+                 stream: BodyStream | None = None, *, wire: bytes | None = None,
                  etag: str | None = None) -> None:
         self.status = status
         self.reason = reason
@@ -116,6 +132,9 @@ class ProxyResponse:
         self.etag = etag  # known ETag, so later policies need not search the headers
         self.upstream_seconds: float | None = None  # set when this request's upstream answered
         self.cache: bytes | None = None  # what the cache did, for Server-Timing
+        # A 101 to an upgrade: the upstream connection, handed over for the edge to join to
+        # the client's (edge/upgrade.py).
+        self.tunnel: UpstreamTunnel | None = None
 
     async def read_whole(self, limit: int) -> bytes | None:
         """The whole body when it is at most `limit` bytes (a streamed one is read into
@@ -135,7 +154,7 @@ class ProxyResponse:
             chunks.append(chunk)
             size += len(chunk)
             if size > limit:
-                self.stream = _Prefixed(chunks, stream)  # type: ignore[assignment]
+                self.stream = _Prefixed(chunks, stream)
                 return None
         body = self.body = b"".join(chunks)
         self.stream = None
@@ -151,7 +170,7 @@ class ProxyResponse:
 class _Prefixed:
     """A response body already partly read into memory, then the rest from the upstream."""
 
-    def __init__(self, chunks: list[bytes], rest: UpstreamResponse) -> None:
+    def __init__(self, chunks: list[bytes], rest: BodyStream) -> None:
         self._chunks = deque(chunks)
         self._rest = rest
 

@@ -33,6 +33,9 @@ def resolved(path: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Route:
+    """A route compiled for the request path: its matchers, and what forwarding needs of its
+    upstream and of the server settings on every request, read here rather than looked up."""
+
     name: str
     upstream: str
     config: RouteConfig
@@ -40,6 +43,10 @@ class Route:
     path: Matcher
     host: Matcher | None
     headers: tuple[tuple[str, str], ...]
+    netloc: bytes = b""  # the upstream's host[:port], the Host it gets unless preserve_host
+    preserve_host: bool = True
+    trust_forwarded: bool = False  # server.trust_forwarded
+    via: bytes = b"sidecar"  # server.via, this hop's name in Via
 
     def matches(self, method: str, host: str, path: str, headers: Mapping[str, str]) -> bool:
         if self.methods is not None and method not in self.methods:
@@ -53,23 +60,28 @@ class Route:
         return all(headers.get(name) == value for name, value in self.headers)
 
 
-def compile_route(config: RouteConfig) -> Route:
-    match = config.match
+def compile_route(route: RouteConfig, config: Config) -> Route:
+    match = route.match
     methods = frozenset(match.methods) if match.methods is not None else None
+    upstream = config.upstreams[route.upstream]
     return Route(
-        name=config.name,
-        upstream=config.upstream,
-        config=config,
+        name=route.name,
+        upstream=route.upstream,
+        config=route,
         methods=methods,
         path=compile_path_glob(match.path),
         host=compile_host_glob(match.host) if match.host else None,
         headers=tuple(match.headers.items()),
+        netloc=upstream.netloc.encode("idna"),
+        preserve_host=upstream.preserve_host,
+        trust_forwarded=config.server.trust_forwarded,
+        via=config.server.via.encode("latin-1"),
     )
 
 
 class RouteTable:
     def __init__(self, config: Config) -> None:
-        self.routes = tuple(compile_route(route) for route in config.routes)
+        self.routes = tuple(compile_route(route, config) for route in config.routes)
 
     def match(
         self, method: str, host: str, path: str, headers: Mapping[str, str]

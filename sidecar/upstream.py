@@ -16,7 +16,7 @@ import asyncio
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Protocol
 
 import httptools
 
@@ -28,6 +28,7 @@ from .errors import (
     UpstreamTimeoutError,
     UpstreamUnavailableError,
 )
+from .http.headers import RawHeaders
 
 # Pause reading from the upstream once this much response body waits for a slow client.
 _HIGH_WATER = 256 * 1024
@@ -36,7 +37,6 @@ _LOW_WATER = 64 * 1024
 # reason to hold it all in memory until the timeout. Envoy's default is 60 KiB, nginx's 4-8 KiB.
 _MAX_HEAD = 64 * 1024
 
-RawHeaders = list[tuple[bytes, bytes]]
 Body = bytes | AsyncIterator[bytes] | None
 
 
@@ -56,7 +56,7 @@ class UpstreamResponse:
 
     __slots__ = (
         "_chunks", "_conn", "_error", "_size", "_timeout", "_waiter",
-        "complete", "headers", "keep_alive", "reason", "status",
+        "complete", "headers", "keep_alive", "reason", "status", "tunnel",
     )
 
     def __init__(self, conn: _Connection, status: int, reason: bytes, headers: RawHeaders,
@@ -72,6 +72,7 @@ class UpstreamResponse:
         self._waiter: asyncio.Future[None] | None = None
         self._error: UpstreamError | None = None
         self._timeout = timeout
+        self.tunnel: UpstreamTunnel | None = None  # a 101 to an upgrade: the connection
 
     @property
     def body(self) -> bytes:
@@ -169,6 +170,9 @@ class _Connection(asyncio.Protocol):
         self._timeout = 30.0
         self._in_head = False
         self._head_size = 0
+        self._upgrade = False  # this exchange asks the upstream to switch protocols
+        self._switching = False  # ... and it answered 101
+        self.tunnel: UpstreamTunnel | None = None
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 
@@ -176,11 +180,19 @@ class _Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        tunnel = self.tunnel
+        if tunnel is not None:
+            tunnel.received(data)
+            return
         self._got_bytes = True
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._error(UpstreamProtocolError(self.pool.name, "unexpected protocol upgrade"))
+        except httptools.HttpParserUpgrade as exc:
+            if self._switching:
+                self._switched(data[exc.args[0]:] if exc.args else b"")
+            else:
+                self._error(UpstreamProtocolError(self.pool.name,
+                                                  "unexpected protocol upgrade"))
         except httptools.HttpParserError as exc:
             self._error(UpstreamProtocolError(self.pool.name, f"invalid HTTP response: {exc}"))
         else:
@@ -190,9 +202,19 @@ class _Connection(asyncio.Protocol):
                     self._error(UpstreamProtocolError(
                         self.pool.name, f"response head larger than {_MAX_HEAD // 1024} KiB"))
 
+    def eof_received(self) -> bool | None:
+        tunnel = self.tunnel
+        if tunnel is not None:
+            return tunnel.eof()
+        return None
+
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.pool._forget(self)
+        tunnel = self.tunnel
+        if tunnel is not None:
+            tunnel.lost()
+            return
         waiter = self._head_waiter
         if waiter is not None and not waiter.done():
             if self._response is not None:
@@ -220,9 +242,13 @@ class _Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._writing_paused = True
+        if self.tunnel is not None:
+            self.tunnel.pause_writing()
 
     def resume_writing(self) -> None:
         self._writing_paused = False
+        if self.tunnel is not None:
+            self.tunnel.resume_writing()
         waiter = self._drain_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -260,6 +286,13 @@ class _Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         status = self.parser.get_status_code()
+        if status == 101 and self._upgrade:
+            # Switching protocols: the parser stops after this head (HttpParserUpgrade in
+            # data_received), and the connection becomes a tunnel.
+            self._switching = True
+            self._response = UpstreamResponse(self, status, self._reason, self._headers, False,
+                                              self._timeout)
+            return
         if status < 200:
             # 100 Continue, 103 Early Hints: informational, the real response follows.
             self._informational = True
@@ -293,6 +326,8 @@ class _Connection(asyncio.Protocol):
                 self.pause_reading()
 
     def on_message_complete(self) -> None:
+        if self._switching:
+            return
         if self._informational:
             self._informational = False
             return
@@ -300,6 +335,23 @@ class _Connection(asyncio.Protocol):
             self._message_done()
 
     # -- exchange ------------------------------------------------------------------------------
+
+    def _switched(self, early: bytes) -> None:
+        """The upstream answered 101: from here on its bytes belong to the tunnel, not to
+        HTTP. The connection leaves the pool's count (it is never reused)."""
+        response = self._response
+        assert response is not None
+        self._response = None
+        self.pool._forget(self)
+        tunnel = self.tunnel = UpstreamTunnel(self, early)
+        response.tunnel = tunnel
+        response.complete = True
+        response._conn = None
+        waiter = self._head_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(response)
+        else:
+            tunnel.abort()
 
     def _message_done(self) -> None:
         response = self._response
@@ -343,10 +395,11 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
 
     async def exchange(self, head: bytes, body: Body, chunked: bool, timeout: float,
-                       is_head: bool) -> UpstreamResponse:
+                       is_head: bool, upgrade: bool = False) -> UpstreamResponse:
         if self._head_request:
             self.parser = httptools.HttpResponseParser(self)
         self._head_request = is_head
+        self._upgrade = upgrade
         self._request_sent = False
         self._got_bytes = False
         self._until_close = False
@@ -418,6 +471,96 @@ class _Connection(asyncio.Protocol):
         return f"<UpstreamConnection {self.pool.name} {state} reused={self.reused}>"
 
 
+class TunnelPeer(Protocol):
+    """The other end of a tunnel (the client connection): what the upstream side calls."""
+
+    def tunnel_data(self, data: bytes) -> None: ...
+
+    def tunnel_eof(self) -> None: ...
+
+    def tunnel_closed(self) -> None: ...
+
+    def tunnel_pause(self) -> None: ...
+
+    def tunnel_resume(self) -> None: ...
+
+
+class UpstreamTunnel:
+    """An upstream connection after a 101: raw bytes both ways, no HTTP. Bytes that came with
+    the 101 (`early`) are handed over when a peer attaches."""
+
+    __slots__ = ("_conn", "_early", "_eof", "_lost", "peer")
+
+    def __init__(self, conn: _Connection, early: bytes) -> None:
+        self._conn = conn
+        self._early = early
+        self._eof = False
+        self._lost = False
+        self.peer: TunnelPeer | None = None
+
+    def attach(self, peer: TunnelPeer) -> None:
+        self.peer = peer
+        if self._early:
+            early, self._early = self._early, b""
+            peer.tunnel_data(early)
+        if self._eof:
+            peer.tunnel_eof()
+        if self._lost:
+            peer.tunnel_closed()
+
+    # from the upstream connection
+    def received(self, data: bytes) -> None:
+        if self.peer is None:
+            self._early += data
+        else:
+            self.peer.tunnel_data(data)
+
+    def eof(self) -> bool:
+        self._eof = True
+        if self.peer is not None:
+            self.peer.tunnel_eof()
+        return True  # keep our half open: the client may still send
+
+    def lost(self) -> None:
+        self._lost = True
+        if self.peer is not None:
+            self.peer.tunnel_closed()
+
+    def pause_writing(self) -> None:
+        if self.peer is not None:
+            self.peer.tunnel_pause()
+
+    def resume_writing(self) -> None:
+        if self.peer is not None:
+            self.peer.tunnel_resume()
+
+    # from the peer
+    def write(self, data: bytes) -> None:
+        transport = self._conn.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+
+    def write_eof(self) -> None:
+        transport = self._conn.transport
+        if transport is not None and not transport.is_closing() and transport.can_write_eof():
+            transport.write_eof()
+
+    def pause_reading(self) -> None:
+        self._conn.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._conn.resume_reading()
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def abort(self) -> None:
+        self._conn.abort()
+
+    def __repr__(self) -> str:
+        return f"<UpstreamTunnel {self._conn.pool.name} lost={self._lost}>"
+
+
 class UpstreamPool:
     """Keep-alive connections to one upstream, per worker process."""
 
@@ -436,14 +579,17 @@ class UpstreamPool:
         self._closing = False
 
     async def request(self, head: bytes, body: Body = None, *, chunked: bool = False,
-                      timeout: float | None = None, is_head: bool = False) -> UpstreamResponse:
-        """Send one request; return once the response's status and headers have arrived."""
+                      timeout: float | None = None, is_head: bool = False,
+                      upgrade: bool = False) -> UpstreamResponse:
+        """Send one request; return once the response's status and headers have arrived.
+        `upgrade`: the head asks to switch protocols; a 101 answer comes with `tunnel` set,
+        the connection then belonging to the caller."""
         timeout = self.config.timeout if timeout is None else timeout
         replayable = body is None or isinstance(body, bytes)
         while True:
             conn = await self._acquire(timeout)
             try:
-                return await conn.exchange(head, body, chunked, timeout, is_head)
+                return await conn.exchange(head, body, chunked, timeout, is_head, upgrade)
             except _StaleConnection:
                 if replayable:
                     continue  # the server closed an idle keep-alive connection: try a new one

@@ -19,9 +19,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.admin import redacted
 from sidecar.config import ConfigError, load_config
+from sidecar.edge.handler import _server_timing
 from sidecar.metrics import FLUSH_INTERVAL, Histogram, Recorder, merge
 from sidecar.pipeline import ProxyResponse
-from sidecar.proxy import _server_timing
 
 Factory = Callable[..., Awaitable[InProcessSidecar]]
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]

@@ -36,12 +36,12 @@ from ..core.freshness import (
     verdict,
 )
 from ..errors import UpstreamError
+from ..http.dates import http_date_now
+from ..http.headers import RawHeaders
 from ..pipeline import Handler, ProxyRequest, ProxyResponse
-from ..proxy import http_date_now
 from ..stores.entry import CachedResponse
 from ..stores.memory import MemoryStore
 from ..stores.tiered import CacheService
-from ..upstream import RawHeaders
 from .breaker import BreakerOpenError
 
 log = logging.getLogger("sidecar.cache")
@@ -136,8 +136,8 @@ class CachePolicy:
             if method in UNSAFE and 200 <= response.status < 400:
                 await self._invalidate(request, response)
             return response
-        web = request.web
-        headers = web.headers
+        head = request.head
+        headers = head.headers
         if "Range" in headers:
             response = await call_next(request)
             response.headers.append((b"Cache-Status", b"sidecar; fwd=bypass; detail=range"))
@@ -148,12 +148,12 @@ class CachePolicy:
         request_cc = parse_cache_control(cache_control) if cache_control is not None else {}
         if not request_cc and headers.get("Pragma", "").lower() == "no-cache":
             request_cc = {"no-cache": None}
-        trusted = request.state.config.server.trust_forwarded
+        trusted = request.route.trust_forwarded
         if self._plain_key is not None and not trusted:
-            target, primary = self._plain_key(web.host, web.raw_path)
+            target, primary = self._plain_key(head.host, head.target)
         else:
-            target = normalize_target(web.raw_path, self.config.key.query)
-            primary = primary_key(web.host, target, headers,
+            target = normalize_target(head.target, self.config.key.query)
+            primary = primary_key(head.host, target, headers,
                                   self.trusted_key_headers if trusted else self.config.key.headers,
                                   self.config.key.cookies)
         now = time.time()
@@ -227,9 +227,8 @@ class CachePolicy:
         age = b"%d" % entry.freshness.age(now)
         cache_status = b"sidecar; " + (status if isinstance(status, bytes) else status.encode())
         headers = [*entry.headers, *own, (b"Age", age), (b"Cache-Status", cache_status)]
-        web = request.web
-        inm = web.headers.get("If-None-Match")
-        ims = web.headers.get("If-Modified-Since")
+        inm = request.head.headers.get("If-None-Match")
+        ims = request.head.headers.get("If-Modified-Since")
         if (inm is not None or ims is not None) and not_modified(
                 method=request.method, if_none_match=inm, if_modified_since=http_date(ims),
                 etag=entry.etag, last_modified=entry.last_modified) and entry.status == 200:
@@ -252,11 +251,12 @@ class CachePolicy:
 
     def _forwarded(self, request: ProxyRequest, add: list[bytes] | None = None) -> ProxyRequest:
         add = list(add or ())
-        if request.state.config.server.trust_forwarded:
-            return request.with_head(rewrite_head(request.head, self.strip, add))
+        if request.route.trust_forwarded:
+            return request.with_upstream_head(rewrite_head(request.upstream_head, self.strip, add))
         if self.own_forwarded_for:
-            add.append(b"X-Forwarded-For: " + (request.web.remote or "").encode("latin-1"))
-        return request.with_head(rewrite_head(request.head, self.strip_untrusted, add))
+            add.append(b"X-Forwarded-For: " + (request.head.client or "").encode("latin-1"))
+        return request.with_upstream_head(rewrite_head(request.upstream_head, self.strip_untrusted,
+                                                           add))
 
     @staticmethod
     def _own_fields(response: ProxyResponse) -> RawHeaders:
@@ -370,8 +370,8 @@ class CachePolicy:
         reason = not_storable_reason(
             method=request.method, status=response.status, request_cc=request_cc,
             response_cc=response_cc,
-            has_authorization="Authorization" in request.web.headers,
-            has_cookie=("Cookie" in request.web.headers and not config.key.cookies
+            has_authorization="Authorization" in request.head.headers,
+            has_cookie=("Cookie" in request.head.headers and not config.key.cookies
                         and "cookie" not in vary_names(vary)),
             has_set_cookie=get_header(raw, b"set-cookie") is not None,
             store_set_cookie=config.store_set_cookie, vary=vary,
@@ -434,7 +434,7 @@ class CachePolicy:
         return CachedResponse(
             key=primary, uri=target, status=status, reason=reason, headers=headers, body=body,
             freshness=freshness, vary_names=names,
-            vary_values=vary_values(names, request.web.headers), etag=etag,
+            vary_values=vary_values(names, request.head.headers), etag=etag,
             last_modified=http_date(get_header(raw, b"last-modified")),
             tags=tuple(tags_raw.split()) if tags_raw else (),
         )
@@ -496,8 +496,8 @@ class CachePolicy:
         same-origin Location / Content-Location, in Redis too before the response goes back
         (else the client's next read could still find the old entry there)."""
         query = self.config.key.query
-        uris = {normalize_target(request.web.raw_path, query)}
-        host = request.web.host
+        uris = {normalize_target(request.head.target, query)}
+        host = request.head.host
         for name in (b"location", b"content-location"):
             value = get_header(response.headers, name)
             if not value:

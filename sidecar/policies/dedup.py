@@ -101,7 +101,7 @@ class DedupPolicy:
         self.counts = service.counts
 
     async def handle(self, request: ProxyRequest, call_next: Handler) -> ProxyResponse:
-        headers = request.web.headers
+        headers = request.head.headers
         if (request.method not in self.methods or request.body is not None
                 or "Range" in headers
                 or any(name in headers for name in self.unkeyed_credentials)):
@@ -118,16 +118,16 @@ class DedupPolicy:
         return await self._receive(flight, request, call_next, follower=False)
 
     def _key(self, request: ProxyRequest) -> str:
-        web = request.web
-        target = normalize_target(web.raw_path, self.config.key.query)
-        trusted = request.state.config.server.trust_forwarded
-        raw = primary_key(web.host, target, web.headers,
+        head = request.head
+        target = normalize_target(head.target, self.config.key.query)
+        trusted = request.route.trust_forwarded
+        raw = primary_key(head.host, target, head.headers,
                           self.trusted_key_headers if trusted else self.key_headers, ())
         digest = hashlib.sha256(f"{self.route}\n{request.method}\n{raw}\n".encode(
             "utf-8", "surrogateescape"))
         # Conditionals as they go upstream (the client's, or the cache's validators when it
         # revalidates): a 304 goes only to requests that asked the same question.
-        for line in request.head.split(b"\r\n")[1:]:
+        for line in request.upstream_head.split(b"\r\n")[1:]:
             if line[:3].lower() == b"if-" and line.split(b":", 1)[0].lower() in _CONDITIONALS:
                 digest.update(line.lower() + b"\n")
         return digest.hexdigest()
@@ -177,7 +177,7 @@ class DedupPolicy:
             body=response.body, broadcast=broadcast, wire=response.wire, etag=response.etag,
             set_cookie=get_header(raw, b"set-cookie") is not None,
             private="private" in cache_control, vary=names,
-            vary_values=vary_values(names, request.web.headers),
+            vary_values=vary_values(names, request.head.headers),
             vary_star=vary is not None and "*" in vary)
 
     async def _fly_cluster(self, flight: Flight, request: ProxyRequest,
@@ -370,7 +370,7 @@ class DedupPolicy:
             self.counts[(self.route, "late")] += 1
             return None
         return ProxyResponse(shared.status, shared.reason, headers,
-                             stream=broadcast.reader(),  # type: ignore[arg-type]
+                             stream=broadcast.reader(),
                              etag=shared.etag)
 
     def _shareable(self, shared: Shared) -> bool:
@@ -382,5 +382,5 @@ class DedupPolicy:
     def _may_share(self, shared: Shared, request: ProxyRequest) -> bool:
         if not self._shareable(shared):
             return False
-        return not shared.vary or vary_values(shared.vary, request.web.headers) == (
+        return not shared.vary or vary_values(shared.vary, request.head.headers) == (
             shared.vary_values)

@@ -23,7 +23,7 @@ class EtagPolicy:
             etag = generate_strong_etag(response.body)
             response.headers.append((b"ETag", etag.encode("latin-1")))
             response.wire = None
-        headers = request.web.headers
+        headers = request.head.headers
         inm = headers.get("If-None-Match")
         ims = headers.get("If-Modified-Since")
         if (inm is None and ims is None) or not not_modified(

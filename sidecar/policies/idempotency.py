@@ -60,7 +60,7 @@ class IdempotencyPolicy:
     async def handle(self, request: ProxyRequest, call_next: Handler) -> ProxyResponse:
         if request.method not in self.methods:
             return await call_next(request)
-        values = request.web.headers.getall(self.config.header, ())
+        values = request.head.headers.getall(self.config.header)
         if not values:
             return await call_next(request)
         idempotency_key = self._valid_key(values)
@@ -106,9 +106,9 @@ class IdempotencyPolicy:
         if data is None or not streamed:
             return request, data or b""
         # The upstream gets these bytes in one write: framed by Content-Length, never chunked.
-        head = rewrite_head(request.head, _REFRAMED, [b"Content-Length: %d" % len(data)])
-        return ProxyRequest(request.web, request.route, request.request_id, data, False,
-                            request.timeout, request.state, head), data
+        head = rewrite_head(request.upstream_head, _REFRAMED,
+                            [b"Content-Length: %d" % len(data)])
+        return request.with_body(data, head), data
 
     def _too_large(self) -> IdempotencyBodyTooLargeError:
         return IdempotencyBodyTooLargeError(
@@ -215,7 +215,7 @@ class IdempotencyPolicy:
 def _fingerprint(request: ProxyRequest, body: bytes) -> str:
     """What makes a retry "the same request": method, raw target (path and query), body."""
     digest = hashlib.sha256(request.method.encode("latin-1"))
-    digest.update(b" " + request.web.raw_path.encode("utf-8", "surrogateescape") + b"\n")
+    digest.update(b" " + request.head.target.encode("utf-8", "surrogateescape") + b"\n")
     digest.update(body)
     return digest.hexdigest()
 
@@ -224,7 +224,7 @@ def _credentials(request: ProxyRequest) -> bytes:
     """Every Authorization and Cookie line as sent, length-framed so that no two differ only
     in where one value ends; b"" for an anonymous client."""
     parts = []
-    for name, value in request.web.raw_headers:
+    for name, value in request.head.headers.raw:
         lname = name.lower()
         if lname in _CREDENTIALS:
             parts.append(struct.pack("!BI", len(lname), len(value)) + lname + value)

@@ -28,7 +28,7 @@ from ..pipeline import BodyTooLarge, Handler, ProxyRequest, ProxyResponse, whole
 from ..stores.subscriber import REDIS_ERRORS
 
 if TYPE_CHECKING:
-    from ..config import JobsConfig, OffloadConfig
+    from ..config import JobsConfig, OffloadConfig, QueueConfig
     from ..stores.jobs import JobService
 
 RETRY_AFTER = 2  # seconds: what a 202 suggests between polls
@@ -42,35 +42,37 @@ def job_urls(base: str, job_id: str) -> dict[str, str]:
 
 class OffloadPolicy:
     def __init__(self, route: str, upstream: str, config: OffloadConfig,
-                 service: JobService) -> None:
+                 service: JobService, jobs: JobsConfig, queue: QueueConfig) -> None:
         self.route = route
         self.upstream = upstream
         self.config = config
         self.service = service
+        self.jobs = jobs
+        self.max_queued = queue.max_queued
 
     async def handle(self, request: ProxyRequest, call_next: Handler) -> ProxyResponse:
-        prefer = request.web.headers.getall("Prefer", ())
+        prefer = request.head.headers.getall("Prefer")
         preferences = parse_prefer(prefer) if prefer else Preferences()
         if self.config.mode == "prefer" and not preferences.respond_async:
             return await call_next(request)
-        jobs = request.state.config.jobs
+        jobs = self.jobs
         body = await self._whole_body(request)
         job_id = JobId.new(self.config.queue, self.config.priority)
         spec = {
             "route": self.route,
             "upstream": self.upstream,
             "method": request.method,
-            "target": request.web.raw_path[:2048],
-            "head": request.head.decode("latin-1"),
+            "target": request.head.target[:2048],
+            "head": request.upstream_head.decode("latin-1"),
             "has_body": body is not None,
             "max_body": self.config.max_body,
-            "owner": owner_fingerprint(request.web.raw_headers),
+            "owner": owner_fingerprint(request.head.headers.raw),
             "progress_token": secrets.token_urlsafe(16),
             "request_id": request.request_id,
         }
         if self.service.redis is None or not self.service.redis_up:
             raise self._unavailable()
-        limit = request.state.config.queues[self.config.queue].max_queued
+        limit = self.max_queued
         try:
             async with self.service.bounded():
                 # A soft bound: submissions at the same instant may each see room for one.

@@ -82,7 +82,7 @@ class RateLimitPolicy:
         if self.by_route:
             return "route"
         if self.header is not None:
-            value = request.web.headers.get(self.header)
+            value = request.head.headers.get(self.header)
             if value:
                 digest = hashlib.blake2b(value.encode("utf-8", "surrogateescape"),
                                          digest_size=16).hexdigest()
@@ -155,11 +155,11 @@ class RateLimitPolicy:
 def client_address(request: ProxyRequest) -> str:
     """The TCP peer; the first X-Forwarded-For address only when server.trust_forwarded says
     a proxy in front of the sidecar sets it."""
-    web = request.web
-    if request.state.config.server.trust_forwarded:
-        forwarded = web.headers.get("X-Forwarded-For")
+    head = request.head
+    if request.route.trust_forwarded:
+        forwarded = head.headers.get("X-Forwarded-For")
         if forwarded:
             first = forwarded.split(",", 1)[0].strip()
             if first:
                 return first
-    return web.remote or ""
+    return head.client

@@ -100,7 +100,7 @@ class RetryPolicy:
 def _has_key(request: ProxyRequest) -> bool:
     idempotency = request.route.config.idempotency
     header = idempotency.header if idempotency is not None else DEFAULT_KEY_HEADER
-    return bool(request.web.headers.get(header))
+    return bool(request.head.headers.get(header))
 
 
 def _error_kind(exc: UpstreamError) -> str | None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import orjson
 
 from ..core.freshness import Freshness
-from ..upstream import RawHeaders
+from ..http.headers import RawHeaders
 
 
 @dataclass(slots=True)

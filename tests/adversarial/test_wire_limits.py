@@ -20,7 +20,7 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
-from aiohttp import http_parser, web, web_protocol
+from aiohttp import web
 from conftest import InProcessSidecar, Origin, SidecarProcess, make_config, until
 
 from sidecar.config import ConfigError, LimitsConfig, load_config
@@ -29,11 +29,9 @@ Factory = Callable[..., Awaitable[InProcessSidecar]]
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(params=["llhttp", "python"])
-def parser(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Both of aiohttp's request parsers (the Python one runs under AIOHTTP_NO_EXTENSIONS)."""
-    if request.param == "python":
-        monkeypatch.setattr(web_protocol, "HttpRequestParser", http_parser.HttpRequestParserPy)
+@pytest.fixture(params=["llhttp"])
+def parser(request: pytest.FixtureRequest) -> str:
+    """The edge parses with httptools (llhttp) only."""
     return str(request.param)
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,7 +19,6 @@ from typing import Any
 import aiohttp
 import httptools
 import pytest
-from aiohttp import http_parser, web_protocol
 from conftest import InProcessSidecar, SidecarProcess, free_port, make_config, until
 
 Factory = Callable[..., Awaitable[InProcessSidecar]]
@@ -129,19 +127,11 @@ async def wire_origin() -> Any:
 # --- the sidecar, with either parser ------------------------------------------------------------
 
 
-@pytest.fixture(params=["llhttp", "python"])
-def parser(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """aiohttp picks its parser at import (the C one unless AIOHTTP_NO_EXTENSIONS is set);
-    the Python one is swapped in the same way for this test's sidecar."""
-    if request.param == "python":
-        monkeypatch.setattr(web_protocol, "HttpRequestParser", http_parser.HttpRequestParserPy)
+@pytest.fixture(params=["llhttp"])
+def parser(request: pytest.FixtureRequest) -> str:
+    """The edge parses with httptools (llhttp) only."""
     return str(request.param)
 
-
-def test_the_sidecar_runs_the_c_parser_by_default() -> None:
-    if os.environ.get("AIOHTTP_NO_EXTENSIONS"):
-        pytest.skip("AIOHTTP_NO_EXTENSIONS is set: the Python parser is the one in use")
-    assert web_protocol.HttpRequestParser is http_parser.HttpRequestParserC
 
 
 LIMITS = {"header_timeout": "3s", "body_timeout": "1s"}

@@ -1,0 +1,323 @@
+"""A parsed request -> its route -> the route's policy chain -> the response on the wire.
+
+Reads `runtime.state` once per request, so a reload never changes the rules under a request in
+flight. This is where a SidecarError raised anywhere below becomes an HTTP response
+(responses.error_response), where metrics and the access log see every request, and where a
+response is written: whole in one write when it can be, else streamed with back-pressure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from typing import TYPE_CHECKING, Any
+
+from ..errors import NoRouteError, SidecarError, UpstreamError
+from ..jobsapi import JobsEndpoint, under
+from ..metrics import JOBS_ROUTE, NO_ROUTE
+from ..pipeline import ProxyRequest, ProxyResponse
+from .body import ClientGone
+from .responses import error_response, new_request_id, response_head, status_line
+from .upgrade import Tunnel
+
+if TYPE_CHECKING:
+    from ..app import Runtime, State
+    from ..http.request import RequestHead
+    from ..routing import Route
+    from ..upstream import Body
+    from .protocol import EdgeProtocol, Exchange
+
+log = logging.getLogger("sidecar.proxy")
+connection_log = logging.getLogger("sidecar.connection")
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=\-]{1,128}$")
+# Bodies up to this size are read whole before forwarding: one write, and a replayable request.
+_SMALL_BODY = 64 * 1024
+_CLOSE = b"Connection: close\r\n"
+_KEEP_ALIVE = b"Connection: keep-alive\r\n"
+_CHUNKED = b"Transfer-Encoding: chunked\r\n"
+_NO_BODY_STATUS = frozenset({204, 304})
+
+
+class EdgeHandler:
+    """The public listener's one handler (see the module's docstring)."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.jobs = JobsEndpoint(runtime)
+
+    async def serve(self, exchange: Exchange, conn: EdgeProtocol) -> None:
+        started = time.perf_counter()
+        runtime = self.runtime
+        state = runtime.state
+        metrics = runtime.metrics
+        metrics.inflight += 1
+        head = exchange.head
+        request_id = head.headers.get("X-Request-ID")
+        if request_id is None or not _REQUEST_ID.match(request_id):
+            request_id = new_request_id()
+        route: Route | None = None
+        label = NO_ROUTE  # the metrics' route label when no route matched
+        status = 499
+        sent = 0
+        try:
+            if exchange.error is not None:
+                raise exchange.error
+            path = head.path
+            if path.startswith(state.jobs_path) and under(path, state.jobs_path):
+                label = JOBS_ROUTE
+                result = await self.jobs.handle(head, path, request_id)
+            else:
+                route = state.routes.match(head.method, head.host, path, head.headers)
+                if route is None:
+                    raise NoRouteError(f"no route matches {head.method} {path}")
+                body, chunked = await _request_body(exchange, conn)
+                request = ProxyRequest(head, route, request_id, body, chunked,
+                                       route.config.timeout)
+                chain = (state.upgrade_chains if exchange.upgrade else state.chains)[route.name]
+                result = await chain(request)
+            status = result.status
+            timing = _server_timing(result, started) if metrics.server_timing else None
+            if result.tunnel is not None:
+                self._join(conn, exchange, result, request_id, state)
+            else:
+                sent = await self._respond(conn, exchange, result, request_id, state, timing)
+        except SidecarError as exc:
+            status = exc.status
+            self._refused(exc, exchange, conn, request_id, route)
+        except ClientGone:
+            status = 499
+        except ConnectionError:
+            status = 499
+        except Exception:
+            log.exception("request failed", extra={"request_id": request_id,
+                                                   "route": route.name if route else None})
+            status = 500
+            if not exchange.started:
+                self._write_error(conn, exchange, SidecarError("internal error"), request_id)
+            exchange.close = True
+        finally:
+            metrics.inflight -= 1
+            if metrics.enabled:
+                metrics.request(route.name if route is not None else label, head.method,
+                                status, time.perf_counter() - started)
+            access = runtime.access_log
+            if access.enabled:
+                access.write(_access_fields(head, route, status, request_id, started, sent))
+
+    # -- errors ----------------------------------------------------------------------------------
+
+    def _refused(self, exc: SidecarError, exchange: Exchange, conn: EdgeProtocol,
+                 request_id: str, route: Route | None) -> None:
+        if exchange.started:
+            # Too late for an error response: cut the connection so the client sees a
+            # truncated response, never a clean end of a wrong one.
+            conn.abort()
+            return
+        if isinstance(exc, UpstreamError) and exc.code != "breaker_open":
+            # (an open breaker is logged once, when it opens, not once per refusal)
+            log.warning("upstream request failed", extra={
+                "request_id": request_id, "route": route.name if route else None,
+                "upstream": exc.upstream, "error": exc.code, "detail": exc.detail,
+            })
+        elif exchange.error is exc:
+            # Refused by the connection before any route saw it. A "request" with a bad
+            # method is mostly TLS or a scanner on the HTTP port: kept out of the warnings.
+            quiet = exc.code == "malformed_request" and exc.detail == "invalid method"
+            connection_log.log(
+                logging.DEBUG if quiet else logging.WARNING,
+                "malformed request refused; connection closed" if exchange.malformed else
+                "request refused; connection closed", extra={
+                    "request_id": request_id, "client": exchange.head.client,
+                    "status": exc.status, "error": exc.code, "detail": exc.detail})
+        elif exc.close_connection:
+            log.warning("request refused; connection closed", extra={
+                "request_id": request_id, "client": exchange.head.client,
+                "route": route.name if route else None, "status": exc.status,
+                "error": exc.code, "detail": exc.detail,
+            })
+        self._write_error(conn, exchange, exc, request_id)
+
+    @staticmethod
+    def _write_error(conn: EdgeProtocol, exchange: Exchange, exc: SidecarError,
+                     request_id: str) -> None:
+        head = exchange.head
+        close = exc.close_connection or not head.keep_alive or conn.closing
+        body = exchange.body
+        if body is not None and not body.done and not exchange.started:
+            # The rest of the body is unread and the client may still be sending it (or
+            # waiting for a 100 Continue that will not come): end the connection after this.
+            close = close or body.failed or exchange.expect_continue
+        if close:
+            exchange.close = True
+        exchange.started = True
+        with contextlib.suppress(ClientGone):
+            conn.write(error_response(exc, request_id, close=close,
+                                      head_only=head.method == "HEAD"))
+
+    # -- responses -------------------------------------------------------------------------------
+
+    async def _respond(self, conn: EdgeProtocol, exchange: Exchange, result: ProxyResponse,
+                       request_id: str, state: State, timing: bytes | None) -> int:
+        head = exchange.head
+        body = result.body
+        status = result.status
+        extra = timing or b""
+        close = not head.keep_alive or conn.closing or exchange.close
+        if (body is not None and head.http11 and not close and status >= 200
+                and status not in _NO_BODY_STATUS and head.method != "HEAD"):
+            # The usual case, in one write: a cache entry's headers come serialized.
+            wire = result.wire
+            if wire is not None:
+                data = b"".join((
+                    status_line(status, result.reason), wire, extra, b"Via: ",
+                    state.via_response_bytes, b"\r\nX-Request-ID: ",
+                    request_id.encode("latin-1"), b"\r\n\r\n", body))
+            else:
+                data = response_head(status, result.reason, result.headers, request_id,
+                                     state.via_response_bytes, length=len(body),
+                                     extra=extra) + body
+            exchange.started = True
+            conn.write(data)
+            return len(body)
+        no_body = head.method == "HEAD" or status < 200 or status in _NO_BODY_STATUS
+        framing = _CLOSE if close else b"" if head.http11 else _KEEP_ALIVE
+        stream = result.stream
+        if body is not None or stream is None:
+            body = body or b""
+            if no_body:
+                # HEAD: the length the GET would have (a stored body's, else the upstream's)
+                length = len(body) if body and head.method == "HEAD" else None
+                data = response_head(status, result.reason, result.headers, request_id,
+                                     state.via_response_bytes, length=length,
+                                     keep_length=length is None, extra=extra, framing=framing)
+            else:
+                data = response_head(status, result.reason, result.headers, request_id,
+                                     state.via_response_bytes, length=len(body), extra=extra,
+                                     framing=framing) + body
+            exchange.started = True
+            conn.write(data)
+            if stream is not None:
+                stream.close()
+            return 0 if no_body else len(body)
+        if no_body:
+            stream.close()
+            exchange.started = True
+            conn.write(response_head(status, result.reason, result.headers, request_id,
+                                     state.via_response_bytes, length=None, keep_length=True,
+                                     extra=extra, framing=framing))
+            return 0
+        framed = any(name.lower() == b"content-length" for name, _ in result.headers)
+        chunked = not framed and head.http11
+        if not framed and not head.http11:
+            # An HTTP/1.0 client and no length: the body ends when the connection does.
+            exchange.close = True
+            framing = _CLOSE
+        elif chunked:
+            framing += _CHUNKED
+        exchange.started = True
+        sent = 0
+        try:
+            conn.write(response_head(status, result.reason, result.headers, request_id,
+                                     state.via_response_bytes, length=None, keep_length=framed,
+                                     extra=extra, framing=framing))
+            while chunk := await stream.read():
+                conn.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
+                sent += len(chunk)
+                if conn.write_paused:
+                    await conn.drain()
+            if chunked:
+                conn.write(b"0\r\n\r\n")
+        except UpstreamError as exc:
+            log.warning("upstream failed mid-response", extra={
+                "request_id": request_id, "upstream": exc.upstream, "error": exc.code,
+                "detail": exc.detail, "bytes_sent": sent,
+            })
+            conn.abort()
+        except ConnectionError:
+            stream.close()  # the client went away
+        except asyncio.CancelledError:
+            stream.close()  # a shared body must not wait for a reader that is gone
+            raise
+        return sent
+
+    @staticmethod
+    def _join(conn: EdgeProtocol, exchange: Exchange, result: ProxyResponse, request_id: str,
+              state: State) -> None:
+        """Write the upstream's 101 and join the two connections."""
+        upstream = result.tunnel
+        assert upstream is not None
+        exchange.started = True
+        try:
+            conn.write(response_head(101, result.reason, result.headers, request_id,
+                                     state.via_response_bytes, length=None, upgrade=True,
+                                     framing=b"Connection: upgrade\r\n"))
+        except ClientGone:
+            upstream.abort()
+            raise
+        Tunnel(conn, upstream).open()
+
+    async def drain_tasks(self) -> None:
+        """Nothing per request outlives its connection; kept for the server's stop."""
+        return None
+
+
+async def _request_body(exchange: Exchange, conn: EdgeProtocol) -> tuple[Body, bool]:
+    """The body to forward: None, whole bytes when small, else the stream as it arrives."""
+    body = exchange.body
+    if body is None:
+        return None, False
+    conn.send_continue(exchange)
+    head = exchange.head
+    length = head.content_length
+    if head.chunked:
+        return body, True
+    if length is not None and length <= _SMALL_BODY:
+        return await body.whole(), False
+    return body, False
+
+
+def _server_timing(result: ProxyResponse, started: float) -> bytes:
+    """The `Server-Timing` header line (W3C): what the cache did, the upstream's time, the
+    sidecar's total."""
+    line = b"total;dur=%.3f\r\n" % ((time.perf_counter() - started) * 1000)
+    upstream = result.upstream_seconds
+    if upstream is not None:
+        line = b"upstream;dur=%.3f, %s" % (upstream * 1000, line)
+    cache = result.cache
+    return b"Server-Timing: " + line if cache is None else b"Server-Timing: " + cache + line
+
+
+def _access_fields(head: RequestHead, route: Route | None, status: int, request_id: str,
+                   started: float, sent: int) -> dict[str, Any]:
+    return {
+        "ts": AccessLogClock.now(),
+        "request_id": request_id,
+        "client": head.client,
+        "method": head.method,
+        "path": head.target[:512],
+        "route": route.name if route else None,
+        "upstream": route.upstream if route else None,
+        "status": status,
+        "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+        "bytes": sent,
+    }
+
+
+class AccessLogClock:
+    """A timestamp string per second, not per request: formatting time is not free."""
+
+    _second = 0
+    _text = ""
+
+    @classmethod
+    def now(cls) -> str:
+        now = time.time()
+        second = int(now)
+        if second != cls._second:
+            cls._second = second
+            cls._text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{cls._text}.{int(now % 1 * 1000):03d}Z"

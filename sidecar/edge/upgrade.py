@@ -1,0 +1,77 @@
+"""After a 101: the client's connection and the upstream's joined byte for byte, as nginx does
+for WebSocket and any other protocol an `Upgrade` asks for. Neither side's bytes are parsed:
+the sidecar only carries them, with back-pressure (a side whose peer cannot keep up stops being
+read), and passes on half-closes and closes."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..upstream import UpstreamTunnel
+    from .protocol import EdgeProtocol
+
+
+class Tunnel:
+    """Joins an EdgeProtocol (the client) and an UpstreamTunnel (the upstream)."""
+
+    __slots__ = ("client", "closed", "upstream")
+
+    def __init__(self, client: EdgeProtocol, upstream: UpstreamTunnel) -> None:
+        self.client = client
+        self.upstream = upstream
+        self.closed = False
+
+    def open(self) -> None:
+        self.client.start_tunnel(self)
+        self.upstream.attach(self)
+
+    # -- the client's side -----------------------------------------------------------------------
+
+    def from_client(self, data: bytes) -> None:
+        self.upstream.write(data)
+
+    def client_eof(self) -> bool:
+        self.upstream.write_eof()
+        return True  # half-closed: the upstream may still answer
+
+    def client_lost(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.upstream.close()
+
+    def client_paused(self) -> None:
+        self.upstream.pause_reading()
+
+    def client_resumed(self) -> None:
+        self.upstream.resume_reading()
+
+    # -- the upstream's side (TunnelPeer) --------------------------------------------------------
+
+    def tunnel_data(self, data: bytes) -> None:
+        transport = self.client.transport
+        if transport is not None:
+            transport.write(data)
+
+    def tunnel_eof(self) -> None:
+        transport = self.client.transport
+        if transport is not None and transport.can_write_eof():
+            transport.write_eof()
+
+    def tunnel_closed(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.client.close()
+
+    def tunnel_pause(self) -> None:
+        transport = self.client.transport
+        if transport is not None:
+            transport.pause_reading()
+
+    def tunnel_resume(self) -> None:
+        transport = self.client.transport
+        if transport is not None:
+            transport.resume_reading()
+
+    def __repr__(self) -> str:
+        return f"<Tunnel {self.client.client} <-> {self.upstream!r} closed={self.closed}>"

@@ -1,0 +1,62 @@
+"""`RequestHead`: what the sidecar knows of a client's request before its body, owned by the
+sidecar rather than by a web framework, so policies run (and are tested) without one."""
+
+from __future__ import annotations
+
+from urllib.parse import unquote
+
+from .headers import Headers
+
+
+class RequestHead:
+    """The request line and headers of one client request, as parsed by the edge.
+
+    `target` is the request target as sent (origin-form; an absolute-form target is turned into
+    origin-form by the edge, its authority dropped, since the route is chosen by Host);
+    `path` is its percent-decoded path, which routes match against; `query` is the raw query.
+    """
+
+    __slots__ = ("_path", "chunked", "client", "content_length", "headers", "http11",
+                 "keep_alive", "method", "query", "raw_path", "scheme", "target")
+
+    def __init__(self, method: str, target: str, headers: Headers, *, http11: bool = True,
+                 client: str = "", scheme: str = "http", keep_alive: bool = True,
+                 content_length: int | None = None, chunked: bool = False) -> None:
+        self.method = method
+        self.target = target
+        raw_path, _, query = target.partition("?")
+        self.raw_path = raw_path
+        self.query = query
+        self._path: str | None = raw_path if "%" not in raw_path else None
+        self.headers = headers
+        self.http11 = http11
+        self.client = client
+        self.scheme = scheme
+        self.keep_alive = keep_alive
+        self.content_length = content_length
+        self.chunked = chunked
+
+    @property
+    def path(self) -> str:
+        """The path, percent-decoded (what routes match)."""
+        path = self._path
+        if path is None:
+            path = self._path = unquote(self.raw_path, errors="surrogateescape")
+        return path
+
+    @property
+    def host(self) -> str:
+        """The Host header ('' when there is none)."""
+        value = self.headers.get_bytes(b"host")
+        return "" if value is None else value.decode("latin-1")
+
+    @property
+    def version(self) -> str:
+        return "1.1" if self.http11 else "1.0"
+
+    @property
+    def has_body(self) -> bool:
+        return self.chunked or bool(self.content_length)
+
+    def __repr__(self) -> str:
+        return f"<RequestHead {self.method} {self.target[:80]} HTTP/{self.version}>"
