@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: help setup run test lint loadtest bench bench-passthrough bench-cache bench-dedup bench-jobs soak check clean
+.PHONY: help setup run test lint loadtest bench bench-passthrough bench-cache bench-dedup bench-jobs bench-edge soak check clean
 
 help:
 	@echo "make run     start the example backend and the sidecar in front of it (:8080, admin :9901)"
@@ -60,6 +60,10 @@ bench-dedup: setup
 bench-jobs: setup
 	@scripts/ensure-debian-packages nginx wrk
 	$(BIN)/python loadtests/bench/jobs.py
+
+bench-edge: setup
+	@scripts/ensure-debian-packages nginx wrk
+	$(BIN)/python loadtests/bench/edge.py
 
 soak: setup
 	$(BIN)/python loadtests/soak.py

@@ -43,7 +43,7 @@ def build_request_head(request: RequestHead, route: Route, request_id: str, chun
         if upgrade:
             drop = drop - {b"upgrade"}
     host = xff = xfproto = xfhost = via = None
-    target = request.target.encode("utf-8", "surrogateescape")
+    target = request.origin_target.encode("utf-8", "surrogateescape")
     out = [request.method.encode("latin-1"), b" ", target, b" HTTP/1.1\r\n"]
     append = out.append
     for name, value in headers.raw:

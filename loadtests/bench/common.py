@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,12 +91,17 @@ def parse_wrk(name: str, output: str) -> Result:
     return Result(name, rps, p50, p99, errors)
 
 
-def wrk(name: str, port: int, duration: float, connections: int, path: str = "/") -> Result:
-    """wrk on core 1: a 2 s warm-up, then `duration` seconds measured."""
+def wrk(name: str, port: int, duration: float, connections: int, path: str = "/",
+        after_warmup: Callable[[], object] | None = None) -> Result:
+    """wrk on core 1: a 2 s warm-up, then `duration` seconds measured. `after_warmup` is
+    called between the two (e.g. to read the server's CPU time at the start of the measured
+    run)."""
     url = f"http://127.0.0.1:{port}{path}"
     base = ["taskset", "-c", "1", "wrk", "-t1", f"-c{connections}"]
     subprocess.run([*base, "-d2s", url], check=True, capture_output=True,  # warm-up
                    preexec_fn=die_with_parent)
+    if after_warmup is not None:
+        after_warmup()
     out = subprocess.run([*base, f"-d{duration:g}s", "--latency", url], check=True,
                          capture_output=True, text=True, preexec_fn=die_with_parent).stdout
     return parse_wrk(name, out)

@@ -288,7 +288,7 @@ class EdgeProtocol(asyncio.Protocol):
         version = parser.get_http_version()
         url = self._url
         error: SidecarError | None = None
-        target = url.decode("utf-8", "surrogateescape")
+        target = origin = url.decode("utf-8", "surrogateescape")
         if url[:1] != b"/" and url != b"*":
             # Absolute-form (`GET http://other/x`): the route is chosen by Host, so the
             # upstream gets that same view, origin-form, rather than an authority of its own.
@@ -297,13 +297,13 @@ class EdgeProtocol(asyncio.Protocol):
             except httptools.HttpParserInvalidURLError:
                 parsed = None
             if parsed is None or not parsed.path or method == "CONNECT":
-                target = "/"
+                origin = "/"
                 if method != "CONNECT":
                     error = MalformedRequestError("invalid request target")
             else:
-                target = parsed.path.decode("utf-8", "surrogateescape")
+                origin = parsed.path.decode("utf-8", "surrogateescape")
                 if parsed.query:
-                    target += "?" + parsed.query.decode("utf-8", "surrogateescape")
+                    origin += "?" + parsed.query.decode("utf-8", "surrogateescape")
         te = first.get(b"transfer-encoding")
         length = first.get(b"content-length")
         if method == "CONNECT":
@@ -332,7 +332,8 @@ class EdgeProtocol(asyncio.Protocol):
         headers = Headers(self._headers, first)
         head = RequestHead(method, target, headers, http11=version == "1.1", client=self.client,
                            keep_alive=parser.should_keep_alive(),
-                           content_length=content_length, chunked=te is not None)
+                           content_length=content_length, chunked=te is not None,
+                           origin_target=origin)
         if error is not None:
             return Exchange(head, None, error)
         body = RequestBody(self, self.limits.max_body) if head.has_body else None

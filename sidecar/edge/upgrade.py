@@ -15,12 +15,15 @@ if TYPE_CHECKING:
 class Tunnel:
     """Joins an EdgeProtocol (the client) and an UpstreamTunnel (the upstream)."""
 
-    __slots__ = ("client", "closed", "upstream")
+    __slots__ = ("client", "client_done", "closed", "upstream", "upstream_done")
 
     def __init__(self, client: EdgeProtocol, upstream: UpstreamTunnel) -> None:
         self.client = client
         self.upstream = upstream
         self.closed = False
+        # each side's end of stream (a half-close); once both have ended, both close
+        self.client_done = False
+        self.upstream_done = False
 
     def open(self) -> None:
         self.client.start_tunnel(self)
@@ -32,7 +35,10 @@ class Tunnel:
         self.upstream.write(data)
 
     def client_eof(self) -> bool:
+        self.client_done = True
         self.upstream.write_eof()
+        if self.upstream_done:
+            self._close()
         return True  # half-closed: the upstream may still answer
 
     def client_lost(self) -> None:
@@ -54,9 +60,18 @@ class Tunnel:
             transport.write(data)
 
     def tunnel_eof(self) -> None:
+        self.upstream_done = True
         transport = self.client.transport
         if transport is not None and transport.can_write_eof():
             transport.write_eof()
+        if self.client_done:
+            self._close()
+
+    def _close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.client.close()
+            self.upstream.close()
 
     def tunnel_closed(self) -> None:
         if not self.closed:

@@ -11,20 +11,24 @@ from .headers import Headers
 class RequestHead:
     """The request line and headers of one client request, as parsed by the edge.
 
-    `target` is the request target as sent (origin-form; an absolute-form target is turned into
-    origin-form by the edge, its authority dropped, since the route is chosen by Host);
-    `path` is its percent-decoded path, which routes match against; `query` is the raw query.
+    `target` is the request target as sent, what cache and dedup keys are made of;
+    `origin_target` the same in origin-form (`/path?query`), what the upstream gets: an
+    absolute-form target (`GET http://other/x`) loses its authority, since the route is chosen
+    by Host. `path` is the percent-decoded path routes match; `query` the raw query.
     """
 
     __slots__ = ("_path", "chunked", "client", "content_length", "headers", "http11",
-                 "keep_alive", "method", "query", "raw_path", "scheme", "target")
+                 "keep_alive", "method", "origin_target", "query", "raw_path", "scheme",
+                 "target")
 
     def __init__(self, method: str, target: str, headers: Headers, *, http11: bool = True,
                  client: str = "", scheme: str = "http", keep_alive: bool = True,
-                 content_length: int | None = None, chunked: bool = False) -> None:
+                 content_length: int | None = None, chunked: bool = False,
+                 origin_target: str | None = None) -> None:
         self.method = method
         self.target = target
-        raw_path, _, query = target.partition("?")
+        self.origin_target = target if origin_target is None else origin_target
+        raw_path, _, query = self.origin_target.partition("?")
         self.raw_path = raw_path
         self.query = query
         self._path: str | None = raw_path if "%" not in raw_path else None
