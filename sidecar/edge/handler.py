@@ -74,14 +74,20 @@ class EdgeHandler:
                 route = state.routes.match(head.method, head.host, path, head.headers)
                 if route is None:
                     raise NoRouteError(f"no route matches {head.method} {path}")
-                body, chunked = await _request_body(exchange, conn)
-                request = ProxyRequest(head, route, request_id, body, chunked,
-                                       route.config.timeout)
+                if exchange.body is None:
+                    request = ProxyRequest(head, route, request_id, None, False,
+                                           route.config.timeout)
+                else:
+                    body, chunked = await _request_body(exchange, conn)
+                    request = ProxyRequest(head, route, request_id, body, chunked,
+                                           route.config.timeout)
                 chain = (state.upgrade_chains if exchange.upgrade else state.chains)[route.name]
                 result = await chain(request)
             status = result.status
             timing = _server_timing(result, started) if metrics.server_timing else None
-            if result.tunnel is not None:
+            if result.body is not None and _whole(exchange, conn, result):
+                sent = self._write_whole(conn, exchange, result, request_id, state, timing)
+            elif result.tunnel is not None:
                 self._join(conn, exchange, result, request_id, state)
             else:
                 sent = await self._respond(conn, exchange, result, request_id, state, timing)
@@ -160,6 +166,27 @@ class EdgeHandler:
 
     # -- responses -------------------------------------------------------------------------------
 
+    @staticmethod
+    def _write_whole(conn: EdgeProtocol, exchange: Exchange, result: ProxyResponse,
+                     request_id: str, state: State, timing: bytes | None) -> int:
+        """The usual case (see `_whole`), in one write: a cache entry's headers come
+        serialized."""
+        body = result.body
+        assert body is not None
+        wire = result.wire
+        if wire is not None:
+            data = b"".join((
+                status_line(result.status, result.reason), wire, timing or b"", b"Via: ",
+                state.via_response_bytes, b"\r\nX-Request-ID: ",
+                request_id.encode("latin-1"), b"\r\n\r\n", body))
+        else:
+            data = response_head(result.status, result.reason, result.headers, request_id,
+                                 state.via_response_bytes, length=len(body),
+                                 extra=timing or b"") + body
+        exchange.started = True
+        conn.write(data)
+        return len(body)
+
     async def _respond(self, conn: EdgeProtocol, exchange: Exchange, result: ProxyResponse,
                        request_id: str, state: State, timing: bytes | None) -> int:
         head = exchange.head
@@ -167,22 +194,6 @@ class EdgeHandler:
         status = result.status
         extra = timing or b""
         close = not head.keep_alive or conn.closing or exchange.close
-        if (body is not None and head.http11 and not close and status >= 200
-                and status not in _NO_BODY_STATUS and head.method != "HEAD"):
-            # The usual case, in one write: a cache entry's headers come serialized.
-            wire = result.wire
-            if wire is not None:
-                data = b"".join((
-                    status_line(status, result.reason), wire, extra, b"Via: ",
-                    state.via_response_bytes, b"\r\nX-Request-ID: ",
-                    request_id.encode("latin-1"), b"\r\n\r\n", body))
-            else:
-                data = response_head(status, result.reason, result.headers, request_id,
-                                     state.via_response_bytes, length=len(body),
-                                     extra=extra) + body
-            exchange.started = True
-            conn.write(data)
-            return len(body)
         no_body = head.method == "HEAD" or status < 200 or status in _NO_BODY_STATUS
         framing = _CLOSE if close else b"" if head.http11 else _KEEP_ALIVE
         stream = result.stream
@@ -263,6 +274,15 @@ class EdgeHandler:
     async def drain_tasks(self) -> None:
         """Nothing per request outlives its connection; kept for the server's stop."""
         return None
+
+
+def _whole(exchange: Exchange, conn: EdgeProtocol, result: ProxyResponse) -> bool:
+    """A whole body for a keep-alive HTTP/1.1 request that is not HEAD, with a status that
+    has a body: no framing question arises, Content-Length says it all."""
+    head = exchange.head
+    status = result.status
+    return (head.http11 and head.keep_alive and not conn.closing and not exchange.close
+            and status >= 200 and status != 204 and status != 304 and head.method != "HEAD")
 
 
 async def _request_body(exchange: Exchange, conn: EdgeProtocol) -> tuple[Body, bool]:

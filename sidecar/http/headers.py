@@ -60,7 +60,8 @@ class Headers(Mapping[str, str]):
     def get(self, name: str, default: str, /) -> str: ...
 
     def get(self, name: str, default: str | None = None, /) -> str | None:
-        value = self._first.get(_lname(name))
+        key = _NAMES.get(name)
+        value = self._first.get(key if key is not None else _lname(name))
         return default if value is None else value.decode("latin-1")
 
     def get_bytes(self, lname: bytes) -> bytes | None:
