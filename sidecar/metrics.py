@@ -143,6 +143,7 @@ class Recorder:
         if by_code != getattr(self, "by_code", by_code):
             self._by_route.clear()  # the other kind of status label: those series start again
         self.by_code = by_code
+        self._upstream_labels: dict[tuple[str, int | None], tuple[str, str]] = {}
         bounds = tuple(metrics.buckets)
         if self.durations and next(iter(self.durations.values())).bounds != bounds:
             self.durations.clear()  # new buckets: their series start again
@@ -188,8 +189,13 @@ class Recorder:
         return out
 
     def upstream_call(self, upstream: str, status: int | None, seconds: float) -> None:
-        key = (upstream, "error" if status is None else self.status_label(status))
-        self.upstream[key] = self.upstream.get(key, 0) + 1
+        # One label tuple per (upstream, status), not one per call.
+        labels = self._upstream_labels.get((upstream, status))
+        if labels is None:
+            labels = (upstream, "error" if status is None else self.status_label(status))
+            if len(self._upstream_labels) < 4096:  # statuses come from upstreams: bounded
+                self._upstream_labels[(upstream, status)] = labels
+        self.upstream[labels] = self.upstream.get(labels, 0) + 1
         histogram = self.upstream_durations.get(upstream)
         if histogram is None:
             histogram = self.upstream_durations[upstream] = Histogram(self.bounds)

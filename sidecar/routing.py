@@ -47,6 +47,7 @@ class Route:
     preserve_host: bool = True
     trust_forwarded: bool = False  # server.trust_forwarded
     via: bytes = b"sidecar"  # server.via, this hop's name in Via
+    timeout: float | None = None  # the route's own upstream timeout, if it sets one
 
     def matches(self, method: str, host: str, path: str, headers: Mapping[str, str]) -> bool:
         if self.methods is not None and method not in self.methods:
@@ -76,6 +77,7 @@ def compile_route(route: RouteConfig, config: Config) -> Route:
         preserve_host=upstream.preserve_host,
         trust_forwarded=config.server.trust_forwarded,
         via=config.server.via.encode("latin-1"),
+        timeout=route.timeout,
     )
 
 

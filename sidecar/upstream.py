@@ -587,7 +587,9 @@ class UpstreamPool:
         timeout = self.config.timeout if timeout is None else timeout
         replayable = body is None or isinstance(body, bytes)
         while True:
-            conn = await self._acquire(timeout)
+            conn = self._idle_connection()
+            if conn is None:
+                conn = await self._acquire(timeout)
             try:
                 return await conn.exchange(head, body, chunked, timeout, is_head, upgrade)
             except _StaleConnection:
@@ -595,18 +597,25 @@ class UpstreamPool:
                     continue  # the server closed an idle keep-alive connection: try a new one
                 raise
 
+    def _idle_connection(self) -> _Connection | None:
+        """A kept-alive connection, if one is idle (without a coroutine: the usual case)."""
+        idle = self._idle
+        while idle:
+            conn = idle.pop()
+            if conn.closed:
+                continue
+            if self.loop.time() - conn.idle_since > self.config.idle_timeout:
+                conn.close()
+                continue
+            conn.reused = True
+            return conn
+        return None
+
     async def _acquire(self, timeout: float) -> _Connection:
         loop = self.loop
         while True:
-            idle = self._idle
-            while idle:
-                conn = idle.pop()
-                if conn.closed:
-                    continue
-                if loop.time() - conn.idle_since > self.config.idle_timeout:
-                    conn.close()
-                    continue
-                conn.reused = True
+            conn = self._idle_connection()
+            if conn is not None:
                 return conn
             if self._count < self.config.max_connections:
                 self._count += 1

@@ -56,9 +56,13 @@ class EdgeHandler:
         metrics = runtime.metrics
         metrics.inflight += 1
         head = exchange.head
-        request_id = head.headers.get("X-Request-ID")
-        if request_id is None or not _REQUEST_ID.match(request_id):
+        given = head.headers.get_bytes(b"x-request-id")
+        if given is None:
             request_id = new_request_id()
+        else:
+            request_id = given.decode("latin-1")
+            if not _REQUEST_ID.match(request_id):
+                request_id = new_request_id()
         route: Route | None = None
         label = NO_ROUTE  # the metrics' route label when no route matched
         status = 499
@@ -75,14 +79,15 @@ class EdgeHandler:
                 if route is None:
                     raise NoRouteError(f"no route matches {head.method} {path}")
                 if exchange.body is None:
-                    request = ProxyRequest(head, route, request_id, None, False,
-                                           route.config.timeout)
+                    request = ProxyRequest(head, route, request_id, None, False, route.timeout)
                 else:
                     body, chunked = await _request_body(exchange, conn)
                     request = ProxyRequest(head, route, request_id, body, chunked,
-                                           route.config.timeout)
-                chain = (state.upgrade_chains if exchange.upgrade else state.chains)[route.name]
-                result = await chain(request)
+                                           route.timeout)
+                if exchange.upgrade:
+                    result = await state.upgrade_chains[route.name](request)
+                else:
+                    result = await state.chains[route.name](request)
             status = result.status
             timing = _server_timing(result, started) if metrics.server_timing else None
             if result.body is not None and _whole(exchange, conn, result):

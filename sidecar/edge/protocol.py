@@ -57,6 +57,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sidecar.connection")
 
+_METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE",
+                                     "OPTIONS")}
 # Pipelined heads waiting behind the request being served: past this many, stop reading.
 _MAX_QUEUED = 16
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -284,7 +286,10 @@ class EdgeProtocol(asyncio.Protocol):
     def _exchange(self, parser: httptools.HttpRequestParser,
                   first: dict[bytes, bytes]) -> Exchange:
         """The parsed head as an Exchange, or as a refusal to answer in its turn."""
-        method = parser.get_method().decode("ascii", "replace")
+        raw_method = parser.get_method()
+        method = _METHODS.get(raw_method)
+        if method is None:
+            method = raw_method.decode("ascii", "replace")
         version = parser.get_http_version()
         url = self._url
         error: SidecarError | None = None
@@ -329,14 +334,13 @@ class EdgeProtocol(asyncio.Protocol):
             if content_length > self.limits.max_body:
                 error = RequestBodyTooLargeError(
                     f"request body over {self.limits.max_body} bytes (server.limits.max_body)")
-        headers = Headers(self._headers, first)
-        head = RequestHead(method, target, headers, http11=version == "1.1", client=self.client,
-                           keep_alive=parser.should_keep_alive(),
-                           content_length=content_length, chunked=te is not None,
-                           origin_target=origin)
+        head = RequestHead(method, target, Headers(self._headers, first), version == "1.1",
+                           self.client, "http", parser.should_keep_alive(), content_length,
+                           te is not None, origin)
         if error is not None:
             return Exchange(head, None, error)
-        body = RequestBody(self, self.limits.max_body) if head.has_body else None
+        body = (RequestBody(self, self.limits.max_body)
+                if te is not None or content_length else None)
         exchange = Exchange(head, body)
         if parser.should_upgrade():
             upgrade = first.get(b"upgrade")

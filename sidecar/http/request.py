@@ -17,11 +17,11 @@ class RequestHead:
     by Host. `path` is the percent-decoded path routes match; `query` the raw query.
     """
 
-    __slots__ = ("_path", "chunked", "client", "content_length", "headers", "http11",
+    __slots__ = ("_host", "_path", "chunked", "client", "content_length", "headers", "http11",
                  "keep_alive", "method", "origin_target", "query", "raw_path", "scheme",
                  "target")
 
-    def __init__(self, method: str, target: str, headers: Headers, *, http11: bool = True,
+    def __init__(self, method: str, target: str, headers: Headers, http11: bool = True,
                  client: str = "", scheme: str = "http", keep_alive: bool = True,
                  content_length: int | None = None, chunked: bool = False,
                  origin_target: str | None = None) -> None:
@@ -32,6 +32,7 @@ class RequestHead:
         self.raw_path = raw_path
         self.query = query
         self._path: str | None = raw_path if "%" not in raw_path else None
+        self._host: str | None = None
         self.headers = headers
         self.http11 = http11
         self.client = client
@@ -51,8 +52,11 @@ class RequestHead:
     @property
     def host(self) -> str:
         """The Host header ('' when there is none)."""
-        value = self.headers.get_bytes(b"host")
-        return "" if value is None else value.decode("latin-1")
+        host = self._host
+        if host is None:
+            value = self.headers.get_bytes(b"host")
+            host = self._host = "" if value is None else value.decode("latin-1")
+        return host
 
     @property
     def version(self) -> str:

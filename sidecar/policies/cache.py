@@ -158,6 +158,12 @@ class CachePolicy:
                                   self.config.key.cookies)
         now = time.time()
         entry, known = self._l1_lookup(primary, headers) if self.l1 is not None else (None, False)
+        if (entry is not None and not request_cc and not entry.freshness.no_cache
+                and "If-None-Match" not in headers and "If-Modified-Since" not in headers):
+            age = entry.freshness.age(now)
+            if age < entry.freshness.lifetime:  # fresh: what verdict() says of it, sooner
+                self.counts[self._hit_keys["memory"]] += 1
+                return self._hit(request, entry, age)
         layer = "memory"
         if entry is None and self.use_l2:
             layer = "redis"
@@ -218,6 +224,27 @@ class CachePolicy:
         return None, True
 
     # -- answering from an entry -------------------------------------------------------------
+
+    @staticmethod
+    def _hit(request: ProxyRequest, entry: CachedResponse, age: float) -> ProxyResponse:
+        """`_answer` for the most common case, a fresh hit without conditionals: its fields
+        and wire change only with the whole seconds of Age and TTL, so they are built once per
+        second per entry (a third of a hit's time otherwise)."""
+        age_s = int(age)
+        ttl = int(entry.freshness.lifetime - age)
+        memo = entry.hit
+        if memo is None or memo[0] != age_s or memo[1] != ttl:
+            age_b = b"%d" % age_s
+            cache_status = b"sidecar; hit; ttl=%d" % ttl
+            memo = entry.hit = (age_s, ttl, [
+                *entry.headers, (b"Age", age_b), (b"Cache-Status", cache_status)],
+                b"".join((entry.wire, b"Age: ", age_b, b"\r\nCache-Status: ", cache_status,
+                          b"\r\n")))
+        response = ProxyResponse(entry.status, entry.reason, list(memo[2]),
+                                 body=b"" if request.method == "HEAD" else entry.body,
+                                 wire=memo[3], etag=entry.etag)
+        response.cache = _HIT
+        return response
 
     def _answer(self, request: ProxyRequest, entry: CachedResponse, now: float,
                 status: bytes | str, desc: bytes,

@@ -26,6 +26,9 @@ class CachedResponse:
     last_modified: float | None
     tags: tuple[str, ...]
     wire: bytes = b""  # `headers` serialized once, for hits (not stored in Redis)
+    # The last fresh hit's Age and TTL (whole seconds) and its fields and wire built from
+    # them: every hit within the same second reuses them (CachePolicy._hit).
+    hit: tuple[int, int, RawHeaders, bytes] | None = None
 
     def __post_init__(self) -> None:
         self.wire = b"".join(b"%s: %s\r\n" % (n, v) for n, v in self.headers)
