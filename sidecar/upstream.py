@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import httptools
 
 from .config import UpstreamConfig
+from .deadlines import Deadlines
 from .errors import (
     UpstreamConnectError,
     UpstreamError,
@@ -89,13 +90,15 @@ class UpstreamResponse:
                 raise self._error
             if self.complete:
                 return b""
-            loop = asyncio.get_running_loop()
-            self._waiter = waiter = loop.create_future()
-            timer = loop.call_later(self._timeout, self._on_timeout, waiter)
+            conn = self._conn
+            self._waiter = waiter = asyncio.get_running_loop().create_future()
+            if conn is not None:
+                conn.pool.deadlines.set(self, self._timeout, self._on_timeout)
             try:
                 await waiter
             finally:
-                timer.cancel()
+                if conn is not None:
+                    conn.pool.deadlines.clear(self)
                 self._waiter = None
         chunk = self._chunks.popleft()
         self._size -= len(chunk)
@@ -111,7 +114,7 @@ class UpstreamResponse:
             self._conn = None
             conn.abort()
 
-    def _on_timeout(self, waiter: asyncio.Future[None]) -> None:
+    def _on_timeout(self) -> None:
         conn = self._conn
         self._fail(UpstreamTimeoutError(
             conn.pool.name if conn else "?", "upstream stopped sending the response body"))
@@ -422,11 +425,12 @@ class _Connection(asyncio.Protocol):
                 transport.write(head)
                 await self._send_stream(body, chunked, timeout)
             self._request_sent = True
-            timer = self.loop.call_later(timeout, self._on_head_timeout)
+            deadlines = self.pool.deadlines
+            deadlines.set(self, timeout, self._on_head_timeout)
             try:
                 return await waiter
             finally:
-                timer.cancel()
+                deadlines.clear(self)
         except BaseException:
             # A cancelled wait cancels the waiter too (and exception() would raise): the
             # request is abandoned mid-exchange, so the connection cannot be used again.
@@ -577,6 +581,7 @@ class UpstreamPool:
         self._count = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._closing = False
+        self.deadlines = Deadlines(self.loop)  # response heads and body chunks awaited
 
     async def request(self, head: bytes, body: Body = None, *, chunked: bool = False,
                       timeout: float | None = None, is_head: bool = False,
