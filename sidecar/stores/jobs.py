@@ -142,7 +142,7 @@ class SidecarQueue(RedisQueue):
                     await pipe.execute()
                 swept.append(job_id.decode())
                 continue
-            if job.status == Status.ACTIVE and not job.stuck:
+            if job.status == Status.ACTIVE and not _abandoned(job):
                 continue
             if job.status not in (Status.ACTIVE, Status.NEW, Status.QUEUED):
                 continue  # being aborted or finished by its worker right now
@@ -496,3 +496,16 @@ class JobService(Subscriber):
                 if len(found) >= limit:
                     return found
         return found
+
+
+def _abandoned(job: Job) -> bool:
+    """An active job whose worker stopped answering: no heartbeat for `heartbeat` seconds, or
+    still running one heartbeat period past its own timeout. (saq's `stuck` also says so the
+    instant the timeout passes; but the worker enforces that timeout itself and records it as
+    such, and a sweep at that same instant would take the job from it, recording a "worker
+    stopped answering" instead.)"""
+    elapsed = time.time() * 1000
+    if job.heartbeat and elapsed - job.touched > job.heartbeat * 1000:
+        return True
+    grace = max(job.heartbeat, 1)
+    return bool(job.timeout) and elapsed - job.started > (job.timeout + grace) * 1000
