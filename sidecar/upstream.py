@@ -13,6 +13,7 @@ Foreign errors (OSError, timeouts, parser errors) become sidecar.errors.Upstream
 from __future__ import annotations
 
 import asyncio
+import functools
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator
@@ -39,13 +40,6 @@ _LOW_WATER = 64 * 1024
 _MAX_HEAD = 64 * 1024
 
 Body = bytes | AsyncIterator[bytes] | None
-
-
-def _small_body(headers: RawHeaders) -> bool:
-    for name, value in headers:
-        if len(name) == 14 and name.lower() == b"content-length":
-            return value.isdigit() and int(value) <= _HIGH_WATER
-    return False
 
 
 class _StaleConnection(UpstreamConnectError):
@@ -173,6 +167,7 @@ class _Connection(asyncio.Protocol):
         self._timeout = 30.0
         self._in_head = False
         self._head_size = 0
+        self._length: bytes | None = None  # the response's Content-Length, as sent
         self._upgrade = False  # this exchange asks the upstream to switch protocols
         self._switching = False  # ... and it answered 101
         self.tunnel: UpstreamTunnel | None = None
@@ -277,6 +272,7 @@ class _Connection(asyncio.Protocol):
             # data_received drops the connection.
             raise UpstreamProtocolError(self.pool.name, "a response no request asked for")
         self._headers = []
+        self._length = None
         self._in_head = True
         self._head_size = 0
 
@@ -285,6 +281,8 @@ class _Connection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name, value))
+        if len(name) == 14 and name.lower() == b"content-length":
+            self._length = value
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -309,7 +307,9 @@ class _Connection(asyncio.Protocol):
                          for name, _ in self._headers)
             self._until_close = not framed and status not in (204, 304)
         self._response = response
-        if not self._head_request and _small_body(self._headers):
+        length = self._length
+        if (not self._head_request and length is not None and length.isdigit()
+                and int(length) <= _HIGH_WATER):
             # Hand the response over whole once its body is in (usually the same read or the
             # next): one buffered write to the client instead of a streamed response.
             return
@@ -381,7 +381,9 @@ class _Connection(asyncio.Protocol):
             self._response._fail(error)
         self.abort()
 
-    def _on_head_timeout(self) -> None:
+    def _on_head_timeout(self, waiter: asyncio.Future[UpstreamResponse]) -> None:
+        if self._head_waiter is not waiter or waiter.done():
+            return  # answered meanwhile; the connection may serve another request already
         self._error(UpstreamTimeoutError(
             self.pool.name, f"no response from upstream within {self._timeout:g}s"))
 
@@ -426,11 +428,14 @@ class _Connection(asyncio.Protocol):
                 await self._send_stream(body, chunked, timeout)
             self._request_sent = True
             deadlines = self.pool.deadlines
-            deadlines.set(self, timeout, self._on_head_timeout)
+            # Keyed by this exchange's waiter, not the connection: a whole small response
+            # releases the connection before this task resumes, and the next request on it
+            # sets a deadline of its own.
+            deadlines.set(waiter, timeout, functools.partial(self._on_head_timeout, waiter))
             try:
                 return await waiter
             finally:
-                deadlines.clear(self)
+                deadlines.clear(waiter)
         except BaseException:
             # A cancelled wait cancels the waiter too (and exception() would raise): the
             # request is abandoned mid-exchange, so the connection cannot be used again.

@@ -78,18 +78,16 @@ def response_head(status: int, reason: str, raw: RawHeaders, request_id: str, vi
             if lname == b"connection":
                 if value not in _PLAIN_CONNECTION:
                     connection = value if connection is None else connection + b"," + value
-            elif lname == b"via":
+                continue
+            if lname == b"via":
                 via_seen = value if via_seen is None else via_seen + b", " + value
-            elif lname == b"date":
+                continue
+            if lname == b"date":
                 has_date = True
-                append(b"%s: %s\r\n" % (name, value))
-            elif lname == b"content-length":
-                if keep_length:
-                    append(b"%s: %s\r\n" % (name, value))
-            elif lname == b"upgrade" and upgrade:
-                append(b"%s: %s\r\n" % (name, value))
-            continue
-        append(b"%s: %s\r\n" % (name, value))
+            elif not ((lname == b"content-length" and keep_length)
+                      or (lname == b"upgrade" and upgrade)):
+                continue
+        append(name + b": " + value + b"\r\n")
     if connection:
         named = connection_tokens(connection.decode("latin-1"))
         if upgrade:
