@@ -68,6 +68,11 @@ class Headers(Mapping[str, str]):
         """The first value of the field whose lower-cased name is `lname`."""
         return self._first.get(lname)
 
+    def has_any(self, lnames: frozenset[bytes]) -> bool:
+        """Whether any of these fields (lower-cased names) is present: one set operation for
+        a policy that looks for several and usually finds none."""
+        return not self._first.keys().isdisjoint(lnames)
+
     def getall(self, name: str, default: tuple[str, ...] = ()) -> list[str]:
         key = _lname(name)
         if key not in self._first:

@@ -64,6 +64,9 @@ _CONDITIONALS = frozenset({b"if-none-match", b"if-modified-since", b"if-match",
 _FORGEABLE = frozenset({b"forwarded", b"x-forwarded-port", b"x-forwarded-prefix",
                         b"x-forwarded-for"})
 _SET_COOKIE = frozenset({b"set-cookie"})
+# Request fields that change what the cache does with a stored response.
+_REQUEST_CONTROLS = frozenset({b"range", b"cache-control", b"pragma", b"if-none-match",
+                               b"if-modified-since"})
 
 
 def get_header(headers: Sequence[tuple[bytes, bytes]], lname: bytes) -> str | None:
@@ -138,16 +141,20 @@ class CachePolicy:
             return response
         head = request.head
         headers = head.headers
-        if "Range" in headers:
+        plain = not headers.has_any(_REQUEST_CONTROLS)  # the usual request: none of them
+        if not plain and "Range" in headers:
             response = await call_next(request)
             response.headers.append((b"Cache-Status", b"sidecar; fwd=bypass; detail=range"))
             response.cache = _BYPASS
             self.counts[(self.route, "-", "bypass")] += 1
             return response
-        cache_control = headers.get("Cache-Control")
-        request_cc = parse_cache_control(cache_control) if cache_control is not None else {}
-        if not request_cc and headers.get("Pragma", "").lower() == "no-cache":
-            request_cc = {"no-cache": None}
+        request_cc: Directives = {}
+        if not plain:
+            cache_control = headers.get("Cache-Control")
+            if cache_control is not None:
+                request_cc = parse_cache_control(cache_control)
+            if not request_cc and headers.get("Pragma", "").lower() == "no-cache":
+                request_cc = {"no-cache": None}
         trusted = request.route.trust_forwarded
         if self._plain_key is not None and not trusted:
             target, primary = self._plain_key(head.host, head.target)
@@ -158,8 +165,7 @@ class CachePolicy:
                                   self.config.key.cookies)
         now = time.time()
         entry, known = self._l1_lookup(primary, headers) if self.l1 is not None else (None, False)
-        if (entry is not None and not request_cc and not entry.freshness.no_cache
-                and "If-None-Match" not in headers and "If-Modified-Since" not in headers):
+        if entry is not None and plain and not entry.freshness.no_cache:
             age = entry.freshness.age(now)
             if age < entry.freshness.lifetime:  # fresh: what verdict() says of it, sooner
                 self.counts[self._hit_keys["memory"]] += 1
