@@ -116,6 +116,7 @@ def _request_stats(runtime: Runtime) -> dict[str, object]:
     recorder = runtime.metrics
     return {
         "in_flight": recorder.inflight,
+        "connections": len(runtime.edge.connections) if runtime.edge is not None else 0,
         "by_route": [{"route": r, "method": m, "status": s, "count": n}
                      for (r, m, s), n in sorted(recorder.requests.items())],
         "upstreams": [{"upstream": u, "status": s, "count": n}

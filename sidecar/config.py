@@ -87,7 +87,7 @@ class _Model(BaseModel):
 
 class LimitsConfig(_Model):
     """What one client request may be, and how slowly it may arrive (docs/configuration.md,
-    `server.limits`). Enforced by aiohttp's parser (sizes) and sidecar/connection.py (times)."""
+    `server.limits`). Enforced by the edge while it parses (sidecar/edge/protocol.py)."""
 
     max_request_line: Size = Field(8190, ge=256, le=1024**2)  # else 414
     max_header_size: Size = Field(8190, ge=256, le=1024**2)  # one field, name and value; else 431

@@ -1,4 +1,5 @@
-"""The sidecar's own exceptions; each knows the HTTP status it becomes (in proxy.error_response).
+"""The sidecar's own exceptions; each knows the HTTP status it becomes
+(edge/responses.error_response).
 
 Foreign exceptions (OSError, asyncio.TimeoutError, parser errors) are translated into these at
 the boundary that sees them (upstream.py), so the edge maps one small tree to responses.
@@ -14,10 +15,10 @@ class SidecarError(Exception):
     status: int = 500
     code: str = "internal_error"
     # Fields the error response carries besides the fixed ones (Retry-After, RateLimit-*):
-    # the raiser knows them, proxy.error_response only copies them.
+    # the raiser knows them, edge/responses.error_response only copies them.
     headers: Mapping[str, str] = MappingProxyType({})
     # The connection cannot carry another request after this error's response (the rest of the
-    # request is unread, or its framing is suspect): proxy.error_response closes it.
+    # request is unread, or its framing is suspect): the edge closes it after the answer.
     close_connection: bool = False
 
     def __init__(self, detail: str, *, headers: Mapping[str, str] | None = None) -> None:
@@ -45,7 +46,7 @@ class UnauthorizedError(SidecarError):
 
 
 class RequestLineTooLongError(SidecarError):
-    """Over server.limits.max_request_line (found by the HTTP parser, see connection.py)."""
+    """Over server.limits.max_request_line (found while parsing, see edge/protocol.py)."""
 
     status = 414
     code = "request_line_too_long"

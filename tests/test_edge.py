@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import aiohttp
 import httptools
 import pytest
 from aiohttp import web
@@ -249,3 +250,19 @@ async def test_upgrade_passes_the_rate_limit(
         statuses.append(int(head.split()[1]))
         writer.close()
     assert statuses == [101, 429]
+
+
+async def test_admin_stats_count_open_connections(
+        sidecar_factory: Factory, origin: Origin, redis_url: str) -> None:
+    origin.reply("/a")
+    sidecar = await sidecar_factory(make_config(origin.url, redis_url))
+    reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.runtime.public_port)
+    try:
+        writer.write(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+        await read_responses(reader, 1)  # a kept-alive connection, open and idle
+        async with aiohttp.ClientSession() as session, session.get(
+                sidecar.admin_url + "/admin/stats") as response:
+            stats = await response.json()
+    finally:
+        writer.close()
+    assert stats["requests"]["connections"] == 1

@@ -11,7 +11,7 @@ import asyncio
 from collections import deque
 from typing import TYPE_CHECKING
 
-from ..errors import RequestBodyTooLargeError, SidecarError
+from ..errors import RequestBodyTooLargeError
 
 if TYPE_CHECKING:
     from .protocol import EdgeProtocol
@@ -106,5 +106,3 @@ class RequestBody:
         state = "done" if self.done else "error" if self._error else "open"
         return f"<RequestBody {state} received={self.received} buffered={self._size}>"
 
-
-__all__ = ["ClientGone", "RequestBody", "SidecarError"]

@@ -276,10 +276,6 @@ class EdgeHandler:
             raise
         Tunnel(conn, upstream).open()
 
-    async def drain_tasks(self) -> None:
-        """Nothing per request outlives its connection; kept for the server's stop."""
-        return None
-
 
 def _whole(exchange: Exchange, conn: EdgeProtocol, result: ProxyResponse) -> bool:
     """A whole body for a keep-alive HTTP/1.1 request that is not HEAD, with a status that

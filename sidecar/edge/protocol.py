@@ -30,7 +30,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import httptools
 
@@ -709,6 +709,3 @@ class EdgeServer:
         if self._sweeper is not None:
             self._sweeper.cancel()
         await server.wait_closed()
-
-    def stats(self) -> dict[str, Any]:
-        return {"connections": len(self.connections)}

@@ -553,7 +553,7 @@ def _timed(answer: ProxyResponse, upstream: ProxyResponse) -> ProxyResponse:
     return answer
 
 
-# What the cache did, as the start of a Server-Timing header (proxy.py adds the times).
+# What the cache did, as the start of a Server-Timing header (edge/handler.py adds the times).
 _HIT = b"cache;desc=hit, "
 _STALE = b"cache;desc=stale, "
 _REVALIDATED = b"cache;desc=revalidated, "
