@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from .config import Config, RouteConfig
 from .core.globs import Matcher, compile_host_glob, compile_path_glob
 from .errors import BadRequestError
-
-# What an upstream may resolve differently from the path as sent: dot segments, empty ones,
-# `;parameters`, backslashes.
-_AMBIGUOUS = re.compile(r"/\.|//|;|\\")
 
 
 def resolved(path: str) -> str:
@@ -94,8 +89,14 @@ class RouteTable:
         (`resolved`). Either way the same route must apply, else `/api/./admin` would slip
         past the policies of `/api/admin/**`: a path that routes one way as sent and another
         once resolved is refused (BadRequestError)."""
-        route = self._first(method, host, path, headers)
-        if _AMBIGUOUS.search(path) is not None:
+        for route in self.routes:
+            if route.matches(method, host, path, headers):
+                break
+        else:
+            route = None
+        # What an upstream may resolve differently from the path as sent: dot segments, empty
+        # ones, `;parameters`, backslashes (four substring tests: cheaper than one regex).
+        if "/." in path or "//" in path or ";" in path or "\\" in path:
             normal = resolved(path)
             if normal != path and self._first(method, host, normal, headers) is not route:
                 raise BadRequestError(

@@ -342,7 +342,7 @@ class EdgeProtocol(asyncio.Protocol):
         body = (RequestBody(self, self.limits.max_body)
                 if te is not None or content_length else None)
         exchange = Exchange(head, body)
-        if parser.should_upgrade():
+        if b"upgrade" in first and parser.should_upgrade():
             upgrade = first.get(b"upgrade")
             # h2c is never passed on: an upstream that speaks it would take the connection
             # over, past every rule here (h2c smuggling). The request goes as plain HTTP.

@@ -17,8 +17,8 @@ class RequestHead:
     by Host. `path` is the percent-decoded path routes match; `query` the raw query.
     """
 
-    __slots__ = ("_host", "_path", "chunked", "client", "content_length", "headers", "http11",
-                 "keep_alive", "method", "origin_target", "query", "raw_path", "scheme",
+    __slots__ = ("chunked", "client", "content_length", "headers", "host", "http11",
+                 "keep_alive", "method", "origin_target", "path", "query", "raw_path", "scheme",
                  "target")
 
     def __init__(self, method: str, target: str, headers: Headers, http11: bool = True,
@@ -31,8 +31,11 @@ class RequestHead:
         raw_path, _, query = self.origin_target.partition("?")
         self.raw_path = raw_path
         self.query = query
-        self._path: str | None = raw_path if "%" not in raw_path else None
-        self._host: str | None = None
+        # Attributes, not properties: both are read on every request.
+        self.path = (raw_path if "%" not in raw_path  # percent-decoded: what routes match
+                     else unquote(raw_path, errors="surrogateescape"))
+        host = headers.get_bytes(b"host")
+        self.host = "" if host is None else host.decode("latin-1")  # '' when there is none
         self.headers = headers
         self.http11 = http11
         self.client = client
@@ -40,23 +43,6 @@ class RequestHead:
         self.keep_alive = keep_alive
         self.content_length = content_length
         self.chunked = chunked
-
-    @property
-    def path(self) -> str:
-        """The path, percent-decoded (what routes match)."""
-        path = self._path
-        if path is None:
-            path = self._path = unquote(self.raw_path, errors="surrogateescape")
-        return path
-
-    @property
-    def host(self) -> str:
-        """The Host header ('' when there is none)."""
-        host = self._host
-        if host is None:
-            value = self.headers.get_bytes(b"host")
-            host = self._host = "" if value is None else value.decode("latin-1")
-        return host
 
     @property
     def version(self) -> str:

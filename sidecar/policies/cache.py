@@ -124,6 +124,7 @@ class CachePolicy:
         self.tag_header = config.tag_header.lower().encode("latin-1")
         self.counts = service.counts
         self._hit_keys = {layer: (route, layer, "hit") for layer in ("memory", "redis")}
+        self._memory_hit = self._hit_keys["memory"]
         # Without key headers or cookies the key depends on host and target only: memoise it,
         # it is computed on every hit.
         self._plain_key = (
@@ -168,7 +169,7 @@ class CachePolicy:
         if entry is not None and plain and not entry.freshness.no_cache:
             age = entry.freshness.age(now)
             if age < entry.freshness.lifetime:  # fresh: what verdict() says of it, sooner
-                self.counts[self._hit_keys["memory"]] += 1
+                self.counts[self._memory_hit] += 1
                 return self._hit(request, entry, age)
         layer = "memory"
         if entry is None and self.use_l2:
