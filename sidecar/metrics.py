@@ -133,6 +133,8 @@ class Recorder:
         self.durations: dict[str, Histogram] = {}
         self.upstream: dict[tuple[str, str], int] = {}
         self.upstream_durations: dict[str, Histogram] = {}
+        # route -> (its counts by method, its histogram): one lookup per request for both
+        self._cells: dict[str, tuple[dict[str, dict[int, int]], Histogram]] = {}
         self.configure(config)
 
     def configure(self, config: Config) -> None:
@@ -142,12 +144,14 @@ class Recorder:
         by_code = metrics.status_label == "code"
         if by_code != getattr(self, "by_code", by_code):
             self._by_route.clear()  # the other kind of status label: those series start again
+            self._cells.clear()
         self.by_code = by_code
         self._upstream_labels: dict[tuple[str, int | None], tuple[str, str]] = {}
         bounds = tuple(metrics.buckets)
         if self.durations and next(iter(self.durations.values())).bounds != bounds:
             self.durations.clear()  # new buckets: their series start again
             self.upstream_durations.clear()
+            self._cells.clear()
         self.bounds = bounds
 
     def status_label(self, status: int) -> str:
@@ -159,22 +163,30 @@ class Recorder:
     def request(self, route: str, method: str, status: int, seconds: float) -> None:
         # Nested dicts, not a tuple key: a tuple per request is garbage the cyclic collector
         # has to visit (tuples are tracked), which showed up in the cache-hit benchmark.
-        counts = self._by_route.get(route)
-        if counts is None:
-            counts = self._by_route[route] = {}
-        key = status if self.by_code else status // 100
+        cell = self._cells.get(route)
+        if cell is None:
+            cell = self._cell(route)
+        counts, histogram = cell
         by_status = counts.get(method)
         if by_status is None:
             name = method if method in _METHODS else "other"
             by_status = counts.get(name)
             if by_status is None:
                 by_status = counts[name] = {}
+        key = status if self.by_code else status // 100
         by_status[key] = by_status.get(key, 0) + 1
+        histogram.counts[bisect_left(histogram.bounds, seconds)] += 1
+        histogram.sum += seconds
+
+    def _cell(self, route: str) -> tuple[dict[str, dict[int, int]], Histogram]:
+        counts = self._by_route.get(route)
+        if counts is None:
+            counts = self._by_route[route] = {}
         histogram = self.durations.get(route)
         if histogram is None:
             histogram = self.durations[route] = Histogram(self.bounds)
-        histogram.counts[bisect_left(histogram.bounds, seconds)] += 1
-        histogram.sum += seconds
+        cell = self._cells[route] = (counts, histogram)
+        return cell
 
     @property
     def requests(self) -> dict[tuple[str, str, str], int]:
