@@ -9,7 +9,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from conftest import InProcessSidecar, Origin, free_port, make_config, until
+from support import InProcessSidecar, Origin, free_port, make_config, until
 
 from sidecar.core.breaker import State
 from sidecar.stores.breakers import BreakerService

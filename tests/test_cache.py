@@ -12,8 +12,8 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
-from conftest import InProcessSidecar, Origin, RedisServer, make_config, until
 from multidict import CIMultiDictProxy
+from support import InProcessSidecar, Origin, RedisServer, make_config, until
 
 Factory = Callable[..., Awaitable[InProcessSidecar]]
 SHOP = {"Host": "shop.example"}  # instances behind one load balancer see one Host

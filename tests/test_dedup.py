@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from conftest import InProcessSidecar, Origin, SidecarProcess, free_port, make_config, until
+from support import InProcessSidecar, Origin, SidecarProcess, free_port, make_config, until
 
 Factory = Callable[..., Awaitable[InProcessSidecar]]
 SHOP = {"Host": "shop.example"}  # instances behind one load balancer see one Host

@@ -11,7 +11,7 @@ import aiohttp
 import httptools
 import pytest
 from aiohttp import web
-from conftest import InProcessSidecar, Origin, free_port, make_config, until
+from support import InProcessSidecar, Origin, free_port, make_config, until
 
 Factory = Callable[..., Awaitable[InProcessSidecar]]
 

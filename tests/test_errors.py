@@ -13,7 +13,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import InProcessSidecar, free_port, make_config
+from support import InProcessSidecar, free_port, make_config
 
 StartSidecar = Callable[..., Awaitable[InProcessSidecar]]
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"

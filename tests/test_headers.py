@@ -14,7 +14,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import Backend, InProcessSidecar, make_config
+from support import Backend, InProcessSidecar, make_config
 
 StartSidecar = Callable[..., Awaitable[InProcessSidecar]]
 

@@ -18,8 +18,8 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
-from conftest import InProcessSidecar, Origin, RedisServer, SidecarProcess, free_port, make_config
 from multidict import CIMultiDict, CIMultiDictProxy
+from support import InProcessSidecar, Origin, RedisServer, SidecarProcess, free_port, make_config
 
 Factory = Callable[..., Awaitable[InProcessSidecar]]
 KEY = "Idempotency-Key"

@@ -17,8 +17,8 @@ import aiohttp
 import pytest
 import yaml
 from aiohttp import web
-from conftest import Backend, InProcessSidecar, Origin, RedisServer, free_port, make_config, until
 from multidict import CIMultiDictProxy
+from support import Backend, InProcessSidecar, Origin, RedisServer, free_port, make_config, until
 from yarl import URL
 
 from sidecar.config import ConfigError, load_config

@@ -28,7 +28,7 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
-from conftest import (
+from support import (
     InProcessSidecar,
     Origin,
     free_port,
@@ -48,7 +48,7 @@ Factory = Callable[..., Awaitable[InProcessSidecar]]
 
 
 class WorkerOrigin(Origin):
-    """conftest's scriptable Origin, listening on a port of its own for each worker process:
+    """support's scriptable Origin, listening on a port of its own for each worker process:
     the port a call arrives on names the worker that made it. Counts calls in flight (in all,
     and per worker, with their job ids) and the most ever in flight."""
 

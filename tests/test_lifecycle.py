@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from conftest import (
+from support import (
     Backend,
     InProcessSidecar,
     RedisServer,

@@ -14,7 +14,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 import yaml
-from conftest import Backend, InProcessSidecar, Origin, free_port, make_config
+from support import Backend, InProcessSidecar, Origin, free_port, make_config
 from test_offload import FAST_JOBS
 
 from sidecar.cli import main

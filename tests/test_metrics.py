@@ -14,8 +14,8 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from conftest import InProcessSidecar, Origin, make_config, until
 from prometheus_client.parser import text_string_to_metric_families
+from support import InProcessSidecar, Origin, make_config, until
 
 from sidecar.admin import redacted
 from sidecar.config import ConfigError, load_config

@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from conftest import Backend, InProcessSidecar, Origin, RedisServer, make_config, until
+from support import Backend, InProcessSidecar, Origin, RedisServer, make_config, until
 
 from sidecar.config import ConfigError, load_config
 

@@ -27,7 +27,7 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
-from conftest import ROOT, Backend, SidecarProcess, free_port, make_config, write_config
+from support import ROOT, Backend, SidecarProcess, free_port, make_config, write_config
 
 GRAFANA = ROOT / "docs" / "grafana"
 DASHBOARD = GRAFANA / "sidecar-dashboard.json"

@@ -11,7 +11,7 @@ from typing import Any
 
 import aiohttp
 import redis.asyncio as aioredis
-from conftest import InProcessSidecar, Origin, make_config
+from support import InProcessSidecar, Origin, make_config
 
 Factory = Callable[..., Awaitable[InProcessSidecar]]
 Result = tuple[int, dict[str, str], bytes]

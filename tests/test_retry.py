@@ -9,7 +9,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from conftest import InProcessSidecar, Origin, free_port, gather_limited, make_config
+from support import InProcessSidecar, Origin, free_port, gather_limited, make_config
 
 Factory = Callable[..., Awaitable[InProcessSidecar]]
 FAST = {"attempts": 2, "backoff": "1ms", "max_backoff": "5ms"}

@@ -8,7 +8,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from conftest import InProcessSidecar, free_port, make_config
+from support import InProcessSidecar, free_port, make_config
 
 from sidecar.config import Config
 from sidecar.routing import RouteTable

@@ -11,7 +11,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
-from conftest import Backend, SidecarProcess, free_port, make_config
+from support import Backend, SidecarProcess, free_port, make_config
 
 MiB = 1024 * 1024
 TOTAL = 256 * MiB

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 from aiohttp import web
-from conftest import Origin, until
+from support import Origin, until
 
 from sidecar.config import UpstreamConfig
 from sidecar.upstream import UpstreamPool

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import aiohttp
 import pytest
 from aiohttp import WSMsgType, web
-from conftest import InProcessSidecar, free_port, make_config
+from support import InProcessSidecar, free_port, make_config
 
 StartSidecar = Callable[..., Awaitable[InProcessSidecar]]
 

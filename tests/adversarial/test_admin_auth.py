@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import yarl
 from aiohttp import web
-from conftest import InProcessSidecar, Origin, make_config, until
+from support import InProcessSidecar, Origin, make_config, until
 
 from sidecar import admin
 from sidecar.cli import main as sidecar_main

@@ -20,10 +20,10 @@ import pytest
 import redis.asyncio as aioredis
 import yarl
 from aiohttp import web
-from conftest import InProcessSidecar, free_port, make_config, until
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict
+from support import InProcessSidecar, free_port, make_config, until
 
 from sidecar.core.cachekey import normalize_target
 from sidecar.stores.memory import MAX_VARIANTS

@@ -19,8 +19,8 @@ import pytest
 import redis.asyncio as aioredis
 import yarl
 from aiohttp import web
-from conftest import InProcessSidecar, Origin, gather_limited, make_config, until
 from multidict import CIMultiDict
+from support import InProcessSidecar, Origin, gather_limited, make_config, until
 
 Factory = Callable[..., Awaitable[InProcessSidecar]]
 JOBS = "/_sidecar/jobs"

@@ -21,7 +21,7 @@ import aiohttp
 import pytest
 import yaml
 from aiohttp import web
-from conftest import InProcessSidecar, Origin, SidecarProcess, make_config, until
+from support import InProcessSidecar, Origin, SidecarProcess, make_config, until
 
 from sidecar.config import ConfigError, LimitsConfig, load_config
 

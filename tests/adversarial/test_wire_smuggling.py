@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 import httptools
 import pytest
-from conftest import InProcessSidecar, SidecarProcess, free_port, make_config, until
+from support import InProcessSidecar, SidecarProcess, free_port, make_config, until
 
 Factory = Callable[..., Awaitable[InProcessSidecar]]
 

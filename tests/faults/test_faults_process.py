@@ -23,7 +23,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from conftest import SidecarProcess, free_port, make_config, until, write_config
+from support import SidecarProcess, free_port, make_config, until, write_config
 from test_faults_upstream import settled
 from test_lifecycle import readyz, wait_exit, wait_gone, worker_views
 

@@ -22,8 +22,8 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
-from conftest import InProcessSidecar, Origin, RedisServer, make_config, until
 from multidict import CIMultiDict, CIMultiDictProxy
+from support import InProcessSidecar, Origin, RedisServer, make_config, until
 from test_jobs import Reply, call, error_of
 
 Factory = Callable[..., Awaitable[InProcessSidecar]]

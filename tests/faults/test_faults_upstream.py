@@ -24,7 +24,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import (
+from support import (
     InProcessSidecar,
     SidecarProcess,
     free_port,
