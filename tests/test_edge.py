@@ -11,7 +11,7 @@ import aiohttp
 import httptools
 import pytest
 from aiohttp import web
-from support import InProcessSidecar, Origin, free_port, make_config, until
+from support import InProcessSidecar, Origin, free_port, make_config, until, write_config
 
 Factory = Callable[..., Awaitable[InProcessSidecar]]
 
@@ -266,3 +266,26 @@ async def test_admin_stats_count_open_connections(
     finally:
         writer.close()
     assert stats["requests"]["connections"] == 1
+
+
+async def test_a_reload_applies_max_body(
+        sidecar_factory: Factory, origin: Origin, redis_url: str) -> None:
+    """The one limit a reload applies (docs/configuration.md): the next request sees it."""
+    async def echo(request: web.Request, n: int) -> web.Response:
+        return web.Response(body=await request.read())
+
+    origin.script("/upload", echo)
+    config = make_config(origin.url, redis_url, server={"limits": {"max_body": "1KiB"}})
+    sidecar = await sidecar_factory(config)
+    body = b"x" * 2000
+
+    async def post() -> int:
+        async with aiohttp.ClientSession() as session, session.post(
+                sidecar.url + "/upload", data=body) as response:
+            return response.status
+
+    assert await post() == 413
+    config["server"]["limits"]["max_body"] = "4KiB"
+    write_config(sidecar.config_path, config)
+    assert await sidecar.runtime.reload("test")
+    assert await post() == 200

@@ -49,6 +49,11 @@ class EdgeHandler:
         self.runtime = runtime
         self.jobs = JobsEndpoint(runtime)
 
+    @property
+    def max_body(self) -> int:
+        """server.limits.max_body of the config in force (a reload changes it)."""
+        return self.runtime.state.config.server.limits.max_body
+
     async def serve(self, exchange: Exchange, conn: EdgeProtocol) -> None:
         started = time.perf_counter()
         runtime = self.runtime

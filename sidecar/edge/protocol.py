@@ -329,18 +329,21 @@ class EdgeProtocol(asyncio.Protocol):
                     f"Transfer-Encoding {te.decode('latin-1')[:100]!r} is not supported; "
                     "send 'chunked' alone")
         content_length = None
-        if length is not None and error is None:
-            content_length = int(length)  # llhttp checked it is digits, and one value
-            if content_length > self.limits.max_body:
-                error = RequestBodyTooLargeError(
-                    f"request body over {self.limits.max_body} bytes (server.limits.max_body)")
+        max_body = 0
+        if (length is not None or te is not None) and error is None:
+            # The config in force now: a reload applies max_body (the other limits, a restart).
+            max_body = self.server.handler.max_body
+            if length is not None:
+                content_length = int(length)  # llhttp checked it is digits, and one value
+                if content_length > max_body:
+                    error = RequestBodyTooLargeError(
+                        f"request body over {max_body} bytes (server.limits.max_body)")
         head = RequestHead(method, target, Headers(self._headers, first), version == "1.1",
                            self.client, "http", parser.should_keep_alive(), content_length,
                            te is not None, origin)
         if error is not None:
             return Exchange(head, None, error)
-        body = (RequestBody(self, self.limits.max_body)
-                if te is not None or content_length else None)
+        body = RequestBody(self, max_body) if te is not None or content_length else None
         exchange = Exchange(head, body)
         if b"upgrade" in first and parser.should_upgrade():
             upgrade = first.get(b"upgrade")
