@@ -69,15 +69,22 @@ class State:
     jobs_path: str
 
 
-def _upstream_handler(pool: UpstreamPool, recorder: Recorder) -> Handler:
+def _upstream_handler(pool: UpstreamPool, recorder: Recorder, *,
+                      upgrade: bool = False) -> Handler:
+    """The chain's last step: the request to the upstream, timed and counted. `upgrade`: the
+    chain of requests asking to switch protocols, whose head keeps Upgrade and whose 101 comes
+    back with the connection itself (ProxyResponse.tunnel)."""
     name = pool.name
 
     async def call_upstream(request: ProxyRequest) -> ProxyResponse:
         started = time.perf_counter()
+        head = (build_request_head(request.head, request.route, request.request_id,
+                                   request.chunked, upgrade=True)
+                if upgrade else request.upstream_head)
         try:
-            response = await pool.request(request.upstream_head, request.body,
-                                          chunked=request.chunked, timeout=request.timeout,
-                                          is_head=request.method == "HEAD")
+            response = await pool.request(head, request.body, chunked=request.chunked,
+                                          timeout=request.timeout,
+                                          is_head=request.method == "HEAD", upgrade=upgrade)
         except UpstreamError:
             recorder.upstream_call(name, None, time.perf_counter() - started)
             raise
@@ -90,32 +97,14 @@ def _upstream_handler(pool: UpstreamPool, recorder: Recorder) -> Handler:
     return call_upstream
 
 
-def _upgrade_handler(pool: UpstreamPool, recorder: Recorder) -> Handler:
-    """The upstream call of a request asking to switch protocols: its head keeps Upgrade, and
-    a 101 comes back with the connection itself (ProxyResponse.tunnel)."""
-    name = pool.name
-
-    async def call_upstream(request: ProxyRequest) -> ProxyResponse:
-        started = time.perf_counter()
-        head = build_request_head(request.head, request.route, request.request_id,
-                                  request.chunked, upgrade=True)
-        try:
-            response = await pool.request(head, request.body, chunked=request.chunked,
-                                          timeout=request.timeout, upgrade=True)
-        except UpstreamError:
-            recorder.upstream_call(name, None, time.perf_counter() - started)
-            raise
-        seconds = time.perf_counter() - started
-        recorder.upstream_call(name, response.status, seconds)
-        if response.tunnel is not None:
-            result = ProxyResponse(response.status, response.reason, response.headers, b"")
-            result.tunnel = response.tunnel
-        else:
-            result = ProxyResponse.from_upstream(response)
-        result.upstream_seconds = seconds
-        return result
-
-    return call_upstream
+def _breaker_policy(route: RouteConfig, upstream: UpstreamConfig,
+                    breakers: BreakerService) -> BreakerPolicy | None:
+    """The route's own breaker, else its upstream's, if either is set."""
+    breaker = route.breaker or upstream.breaker
+    if breaker is None:
+        return None
+    name = f"route:{route.name}" if route.breaker else f"upstream:{route.upstream}"
+    return BreakerPolicy(name, route.upstream, breaker, breakers)
 
 
 def build_upgrade_policies(route: RouteConfig, upstream: UpstreamConfig,
@@ -125,10 +114,9 @@ def build_upgrade_policies(route: RouteConfig, upstream: UpstreamConfig,
     policies: list[Policy] = []
     if route.rate_limit is not None:
         policies.append(RateLimitPolicy(route.name, route.rate_limit, dedup))
-    breaker = route.breaker or upstream.breaker
+    breaker = _breaker_policy(route, upstream, breakers)
     if breaker is not None:
-        name = f"route:{route.name}" if route.breaker else f"upstream:{route.upstream}"
-        policies.append(BreakerPolicy(name, route.upstream, breaker, breakers))
+        policies.append(breaker)
     return policies
 
 
@@ -152,10 +140,9 @@ def build_policies(route: RouteConfig, config: Config, cache: CacheService,
     if route.offload is not None:
         policies.append(OffloadPolicy(route.name, route.upstream, route.offload, jobs,
                                       config.jobs, config.queues[route.offload.queue]))
-    breaker = route.breaker or upstream.breaker
+    breaker = _breaker_policy(route, upstream, breakers)
     if breaker is not None:
-        name = f"route:{route.name}" if route.breaker else f"upstream:{route.upstream}"
-        policies.append(BreakerPolicy(name, route.upstream, breaker, breakers))
+        policies.append(breaker)
     retry = route.retry or upstream.retry
     if retry is not None and retry.attempts > 0:
         policies.append(RetryPolicy(route.name, retry, dedup.counts))
@@ -183,7 +170,7 @@ def build_state(loaded: LoadedConfig, previous: State | None, cache: CacheServic
         route.name: build_chain(
             build_upgrade_policies(route.config, config.upstreams[route.upstream], breakers,
                                    dedup),
-            _upgrade_handler(pools[route.upstream], recorder))
+            _upstream_handler(pools[route.upstream], recorder, upgrade=True))
         for route in routes.routes
     }
     return State(

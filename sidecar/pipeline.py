@@ -163,7 +163,10 @@ class ProxyResponse:
     @classmethod
     def from_upstream(cls, response: UpstreamResponse) -> ProxyResponse:
         if response.complete:
-            return cls(response.status, response.reason, response.headers, body=response.body)
+            result = cls(response.status, response.reason, response.headers, body=response.body)
+            if response.tunnel is not None:  # a 101: the connection is the rest of it
+                result.tunnel = response.tunnel
+            return result
         return cls(response.status, response.reason, response.headers, stream=response)
 
 

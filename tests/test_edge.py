@@ -176,6 +176,11 @@ class EchoUpgradeUpstream:
         writer.close()
 
 
+def upgrade_request(protocol: bytes) -> bytes:
+    return (b"GET /chat HTTP/1.1\r\nHost: x\r\nUpgrade: " + protocol
+            + b"\r\nConnection: Upgrade\r\n\r\n")
+
+
 @pytest.fixture
 async def shout() -> AsyncIterator[EchoUpgradeUpstream]:
     upstream = EchoUpgradeUpstream()
@@ -191,8 +196,7 @@ async def test_an_upgraded_connection_carries_any_bytes(
     reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.runtime.public_port)
     try:
         # The first bytes of the new protocol come in the same write as the request.
-        writer.write(b"GET /chat HTTP/1.1\r\nHost: x\r\nUpgrade: x-shout\r\n"
-                     b"Connection: Upgrade\r\n\r\nhello ")
+        writer.write(upgrade_request(b"x-shout") + b"hello ")
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
         assert head.startswith(b"HTTP/1.1 101 ")
         lower = head.lower()
@@ -227,12 +231,15 @@ async def test_an_upgrade_refused_by_the_upstream_is_a_plain_response(
     sidecar = await sidecar_factory(make_config(f"http://127.0.0.1:{shout.port}", redis_url))
     reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.runtime.public_port)
     try:
-        writer.write(b"GET /chat HTTP/1.1\r\nHost: x\r\nUpgrade: x-other\r\n"
-                     b"Connection: Upgrade\r\n\r\n")
+        # Refused, then the connection goes on as HTTP: a second request on it is answered.
+        writer.write(upgrade_request(b"x-other"))
         parsed = await read_responses(reader, 1)
+        writer.write(upgrade_request(b"x-other"))
+        again = await read_responses(reader, 1)
     finally:
         writer.close()
     assert (parsed.statuses, parsed.bodies) == ([426], [b"nope"])
+    assert again.statuses == [426] and len(shout.heads) == 2
 
 
 async def test_upgrade_passes_the_rate_limit(
@@ -244,8 +251,7 @@ async def test_upgrade_passes_the_rate_limit(
     statuses = []
     for _ in range(2):
         reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.runtime.public_port)
-        writer.write(b"GET /chat HTTP/1.1\r\nHost: x\r\nUpgrade: x-shout\r\n"
-                     b"Connection: Upgrade\r\n\r\n")
+        writer.write(upgrade_request(b"x-shout"))
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
         statuses.append(int(head.split()[1]))
         writer.close()

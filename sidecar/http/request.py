@@ -48,9 +48,5 @@ class RequestHead:
     def version(self) -> str:
         return "1.1" if self.http11 else "1.0"
 
-    @property
-    def has_body(self) -> bool:
-        return self.chunked or bool(self.content_length)
-
     def __repr__(self) -> str:
         return f"<RequestHead {self.method} {self.target[:80]} HTTP/{self.version}>"
