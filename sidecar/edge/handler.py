@@ -104,9 +104,7 @@ class EdgeHandler:
         except SidecarError as exc:
             status = exc.status
             self._refused(exc, exchange, conn, request_id, route)
-        except ClientGone:
-            status = 499
-        except ConnectionError:
+        except ConnectionError:  # ClientGone included: nobody to answer
             status = 499
         except Exception:
             log.exception("request failed", extra={"request_id": request_id,
@@ -164,8 +162,9 @@ class EdgeHandler:
         close = exc.close_connection or not head.keep_alive or conn.closing
         body = exchange.body
         if body is not None and not body.done and not exchange.started:
-            # The rest of the body is unread and the client may still be sending it (or
-            # waiting for a 100 Continue that will not come): end the connection after this.
+            # The body is unread: a client waiting for a 100 Continue that will not come, or a
+            # body gone wrong, ends the connection; otherwise the rest is read away after the
+            # answer (EdgeProtocol: lingering) and the connection goes on.
             close = close or body.failed or exchange.expect_continue
         if close:
             exchange.close = True
