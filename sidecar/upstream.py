@@ -13,7 +13,6 @@ Foreign errors (OSError, timeouts, parser errors) become sidecar.errors.Upstream
 from __future__ import annotations
 
 import asyncio
-import functools
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator
@@ -171,6 +170,7 @@ class _Connection(asyncio.Protocol):
         self._upgrade = False  # this exchange asks the upstream to switch protocols
         self._switching = False  # ... and it answered 101
         self.tunnel: UpstreamTunnel | None = None
+        self._head_timeout = self._on_head_timeout  # bound once: set as a deadline per request
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 
@@ -213,8 +213,7 @@ class _Connection(asyncio.Protocol):
         if tunnel is not None:
             tunnel.lost()
             return
-        waiter = self._head_waiter
-        if waiter is not None and not waiter.done():
+        if self._head_waiter is not None:
             if self._response is not None:
                 # A small response held back until whole: the client can still get a 502.
                 error: UpstreamError = UpstreamProtocolError(
@@ -225,7 +224,7 @@ class _Connection(asyncio.Protocol):
             else:
                 error = UpstreamConnectError(
                     self.pool.name, "upstream closed the connection before responding")
-            waiter.set_exception(error)
+            self._answer(None, error)
         response = self._response
         if response is not None and not response.complete:
             if self._head_request or self._until_close:
@@ -313,9 +312,7 @@ class _Connection(asyncio.Protocol):
             # Hand the response over whole once its body is in (usually the same read or the
             # next): one buffered write to the client instead of a streamed response.
             return
-        waiter = self._head_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(response)
+        self._answer(response)
         if self._head_request:
             # A response to HEAD has no body whatever Content-Length says; httptools cannot be
             # told so, so the exchange ends here and the parser is replaced before reuse.
@@ -350,10 +347,7 @@ class _Connection(asyncio.Protocol):
         response.tunnel = tunnel
         response.complete = True
         response._conn = None
-        waiter = self._head_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(response)
-        else:
+        if not self._answer(response):
             tunnel.abort()
 
     def _message_done(self) -> None:
@@ -361,9 +355,7 @@ class _Connection(asyncio.Protocol):
         if response is None:
             return
         keep_alive = response.keep_alive
-        waiter = self._head_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(response)
+        self._answer(response)
         response._finish()
         self._response = None
         if self._request_sent and keep_alive and not self.closed:
@@ -375,15 +367,32 @@ class _Connection(asyncio.Protocol):
             self.abort()
 
     def _error(self, error: UpstreamError) -> None:
-        if self._head_waiter is not None and not self._head_waiter.done():
-            self._head_waiter.set_exception(error)
+        self._answer(None, error)
         if self._response is not None:
             self._response._fail(error)
         self.abort()
 
-    def _on_head_timeout(self, waiter: asyncio.Future[UpstreamResponse]) -> None:
-        if self._head_waiter is not waiter or waiter.done():
-            return  # answered meanwhile; the connection may serve another request already
+    def _answer(self, response: UpstreamResponse | None,
+                error: UpstreamError | None = None) -> bool:
+        """Hand the response head (or the error) to the request waiting for it, if any, and
+        end its deadline: from here on the connection may serve the next request (a whole
+        small response releases it before the waiting task runs again)."""
+        waiter = self._head_waiter
+        if waiter is None:
+            return False
+        self._head_waiter = None
+        self.pool.deadlines.clear(self)
+        if waiter.done():  # given up on by its caller (abandon() closes the connection)
+            return False
+        if error is None:
+            waiter.set_result(response)  # type: ignore[arg-type]
+        else:
+            waiter.set_exception(error)
+        return True
+
+    def _on_head_timeout(self) -> None:
+        if self._head_waiter is None:
+            return  # answered meanwhile
         self._error(UpstreamTimeoutError(
             self.pool.name, f"no response from upstream within {self._timeout:g}s"))
 
@@ -399,8 +408,38 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-    async def exchange(self, head: bytes, body: Body, chunked: bool, timeout: float,
-                       is_head: bool, upgrade: bool = False) -> UpstreamResponse:
+    def send(self, head: bytes, body: bytes | None, chunked: bool, timeout: float,
+             is_head: bool, upgrade: bool = False) -> asyncio.Future[UpstreamResponse]:
+        """Write a whole request; the future gets the response head. Not a coroutine: the
+        usual request costs no frame of its own here (see `UpstreamPool.request`)."""
+        waiter = self._begin(is_head, upgrade, timeout)
+        transport = self.transport
+        assert transport is not None
+        if body is None:
+            transport.write(head)
+        elif chunked:  # the head says Transfer-Encoding: chunked: one chunk, then the end
+            transport.write(head + (b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body) if body
+                                    else b"0\r\n\r\n"))
+        else:
+            transport.write(head + body)
+        self._sent(timeout)
+        return waiter
+
+    async def send_streaming(self, head: bytes, body: AsyncIterator[bytes], chunked: bool,
+                             timeout: float, is_head: bool,
+                             upgrade: bool = False) -> asyncio.Future[UpstreamResponse]:
+        """Write a request whose body streams from the client, with back-pressure; returns
+        the future of the response head once the body is sent."""
+        waiter = self._begin(is_head, upgrade, timeout)
+        transport = self.transport
+        assert transport is not None
+        transport.write(head)
+        await self._send_stream(body, chunked, timeout)
+        self._sent(timeout)
+        return waiter
+
+    def _begin(self, is_head: bool, upgrade: bool,
+               timeout: float) -> asyncio.Future[UpstreamResponse]:
         if self._head_request:
             self.parser = httptools.HttpResponseParser(self)
         self._head_request = is_head
@@ -411,42 +450,23 @@ class _Connection(asyncio.Protocol):
         self._timeout = timeout
         waiter: asyncio.Future[UpstreamResponse] = self.loop.create_future()
         self._head_waiter = waiter
-        transport = self.transport
-        assert transport is not None
-        try:
-            if body is None:
-                transport.write(head)
-            elif isinstance(body, bytes):
-                if chunked:  # the head says Transfer-Encoding: chunked: one chunk, then the end
-                    framed = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body) if body else (
-                        b"0\r\n\r\n")
-                    transport.write(head + framed)
-                else:
-                    transport.write(head + body)
-            else:
-                transport.write(head)
-                await self._send_stream(body, chunked, timeout)
-            self._request_sent = True
-            deadlines = self.pool.deadlines
-            # Keyed by this exchange's waiter, not the connection: a whole small response
-            # releases the connection before this task resumes, and the next request on it
-            # sets a deadline of its own.
-            deadlines.set(waiter, timeout, functools.partial(self._on_head_timeout, waiter))
-            try:
-                return await waiter
-            finally:
-                deadlines.clear(waiter)
-        except BaseException:
-            # A cancelled wait cancels the waiter too (and exception() would raise): the
-            # request is abandoned mid-exchange, so the connection cannot be used again.
-            if not waiter.done() or waiter.cancelled() or waiter.exception() is not None:
-                self.abort()
-            raise
-        finally:
-            # A whole small response releases the connection from data_received, before this
-            # task resumes: another request may already own it and its waiter. Clear only ours.
-            if self._head_waiter is waiter:
-                self._head_waiter = None
+        return waiter
+
+    def _sent(self, timeout: float) -> None:
+        self._request_sent = True
+        if self._head_waiter is not None:  # not answered already (an early error, say)
+            self.pool.deadlines.set(self, timeout, self._head_timeout)
+
+    def abandon(self, waiter: asyncio.Future[UpstreamResponse] | None) -> None:
+        """The caller stopped waiting for this exchange (cancelled, or it failed; `waiter`
+        None: while the request was being written): unless the response came whole and fine,
+        the connection cannot be used again."""
+        if (waiter is None or not waiter.done() or waiter.cancelled()
+                or waiter.exception() is not None):
+            # Nobody is to get this exchange's answer any more, not even its error.
+            self._head_waiter = None
+            self.pool.deadlines.clear(self)
+            self.abort()
 
     async def _send_stream(self, body: AsyncIterator[bytes], chunked: bool,
                            timeout: float) -> None:
@@ -600,10 +620,18 @@ class UpstreamPool:
             conn = self._idle_connection()
             if conn is None:
                 conn = await self._acquire(timeout)
+            waiter = None
             try:
-                return await conn.exchange(head, body, chunked, timeout, is_head, upgrade)
-            except _StaleConnection:
                 if replayable:
+                    waiter = conn.send(head, body, chunked, timeout, is_head,  # type: ignore[arg-type]
+                                       upgrade)
+                else:
+                    waiter = await conn.send_streaming(head, body, chunked,  # type: ignore[arg-type]
+                                                       timeout, is_head, upgrade)
+                return await waiter
+            except BaseException as exc:
+                conn.abandon(waiter)
+                if isinstance(exc, _StaleConnection) and replayable:
                     continue  # the server closed an idle keep-alive connection: try a new one
                 raise
 
