@@ -66,6 +66,7 @@ class State:
     chains: dict[str, Handler]
     upgrade_chains: dict[str, Handler]  # for requests that ask to switch protocols
     via_response_bytes: bytes  # `1.1 <server.via>`, this hop in a response's Via
+    via_request_id: bytes  # `Via: 1.1 <server.via>\r\nX-Request-ID: `, ahead of the id
     jobs_path: str
 
 
@@ -181,6 +182,7 @@ def build_state(loaded: LoadedConfig, previous: State | None, cache: CacheServic
         chains=chains,
         upgrade_chains=upgrade_chains,
         via_response_bytes=f"1.1 {config.server.via}".encode("latin-1"),
+        via_request_id=f"Via: 1.1 {config.server.via}\r\nX-Request-ID: ".encode("latin-1"),
         jobs_path=config.jobs.path,
     )
 

@@ -67,19 +67,19 @@ def build_request_head(request: RequestHead, route: Route, request_id: str, chun
         append(value)
         append(b"\r\n")
     client = request.client.encode("latin-1")
-    out_host = host if route.preserve_host and host is not None else route.netloc
     trust = route.trust_forwarded
-    append(b"Host: " + out_host + b"\r\n")
-    append(b"X-Forwarded-For: " + (xff + b", " + client if xff else client) + b"\r\n")
-    append(b"X-Forwarded-Proto: "
-           + (xfproto if trust and xfproto else request.scheme.encode("latin-1")) + b"\r\n")
+    # The sidecar's own fields in one format (one C call rather than a dozen joins).
+    append(b"Host: %b\r\nX-Forwarded-For: %b\r\nX-Forwarded-Proto: %b\r\n" % (
+        host if route.preserve_host and host is not None else route.netloc,
+        xff + b", " + client if xff else client,
+        xfproto if trust and xfproto else request.scheme.encode("latin-1")))
     if trust and xfhost:
         append(b"X-Forwarded-Host: " + xfhost + b"\r\n")
     elif host is not None:
         append(b"X-Forwarded-Host: " + host + b"\r\n")
-    version = b"1.1 " if request.http11 else b"1.0 "
-    append(b"Via: " + (via + b", " if via else b"") + version + route.via + b"\r\n")
-    append(b"X-Request-ID: " + request_id.encode("latin-1") + b"\r\n")
+    append(b"Via: %b%b %b\r\nX-Request-ID: %b\r\n" % (
+        via + b", " if via else b"", b"1.1" if request.http11 else b"1.0", route.via,
+        request_id.encode("latin-1")))
     if upgrade:
         append(b"Connection: upgrade\r\n")
     if chunked:

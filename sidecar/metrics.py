@@ -49,6 +49,10 @@ JOBS_ROUTE = "_jobs"  # the job status API (jobs.path)
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE",
                       "CONNECT"})
 _CLASSES = ("0xx", "1xx", "2xx", "3xx", "4xx", "5xx")
+# A request's count key is its method's code plus its status (statuses have three digits).
+_METHOD_STEP = 1000
+_METHOD_NAMES = ("other", *sorted(_METHODS))
+_METHOD_CODES = {name: i * _METHOD_STEP for i, name in enumerate(_METHOD_NAMES) if i}
 _BREAKER_STATE = {"closed": 0, "half_open": 1, "open": 2}
 _DEDUP_ROLE = {"leader": "leader", "idempotency_leader": "leader", "follower": "follower",
                "replay": "replay", "conflict": "conflict", "mismatch": "conflict"}
@@ -129,23 +133,20 @@ class Recorder:
 
     def __init__(self, config: Config) -> None:
         self.inflight = 0
-        self._by_route: dict[str, dict[str, dict[int, int]]] = {}
+        self._by_route: dict[str, dict[int, int]] = {}  # route -> method code + status -> n
         self.durations: dict[str, Histogram] = {}
         self.upstream: dict[tuple[str, str], int] = {}
         self.upstream_durations: dict[str, Histogram] = {}
         # route -> (its counts by method, its histogram): one lookup per request for both
-        self._cells: dict[str, tuple[dict[str, dict[int, int]], Histogram]] = {}
+        self._cells: dict[str, tuple[dict[int, int], Histogram]] = {}
         self.configure(config)
 
     def configure(self, config: Config) -> None:
         metrics = config.metrics
         self.enabled = metrics.enabled
         self.server_timing = metrics.server_timing
-        by_code = metrics.status_label == "code"
-        if by_code != getattr(self, "by_code", by_code):
-            self._by_route.clear()  # the other kind of status label: those series start again
-            self._cells.clear()
-        self.by_code = by_code
+        # Counted by exact code either way; the label (code or class) is made when read.
+        self.by_code = metrics.status_label == "code"
         self._upstream_labels: dict[tuple[str, int | None], tuple[str, str]] = {}
         bounds = tuple(metrics.buckets)
         if self.durations and next(iter(self.durations.values())).bounds != bounds:
@@ -161,24 +162,18 @@ class Recorder:
         return _CLASSES[index] if 0 <= index < 6 else "other"
 
     def request(self, route: str, method: str, status: int, seconds: float) -> None:
-        # Nested dicts, not a tuple key: a tuple per request is garbage the cyclic collector
-        # has to visit (tuples are tracked), which showed up in the cache-hit benchmark.
+        # One int key per (method, status) in a dict per route: no tuple per request (tuples
+        # are garbage the cyclic collector visits), one dict probe per count.
         cell = self._cells.get(route)
         if cell is None:
             cell = self._cell(route)
         counts, histogram = cell
-        by_status = counts.get(method)
-        if by_status is None:
-            name = method if method in _METHODS else "other"
-            by_status = counts.get(name)
-            if by_status is None:
-                by_status = counts[name] = {}
-        key = status if self.by_code else status // 100
-        by_status[key] = by_status.get(key, 0) + 1
+        key = _METHOD_CODES.get(method, 0) + status
+        counts[key] = counts.get(key, 0) + 1
         histogram.counts[bisect_left(histogram.bounds, seconds)] += 1
         histogram.sum += seconds
 
-    def _cell(self, route: str) -> tuple[dict[str, dict[int, int]], Histogram]:
+    def _cell(self, route: str) -> tuple[dict[int, int], Histogram]:
         counts = self._by_route.get(route)
         if counts is None:
             counts = self._by_route[route] = {}
@@ -192,12 +187,11 @@ class Recorder:
     def requests(self) -> dict[tuple[str, str, str], int]:
         """(route, method, status label) -> count."""
         out: dict[tuple[str, str, str], int] = {}
-        for route, by_method in self._by_route.items():
-            for method, by_status in by_method.items():
-                for key, n in by_status.items():
-                    label = (str(key) if self.by_code else
-                             _CLASSES[key] if 0 <= key < 6 else "other")
-                    out[(route, method, label)] = out.get((route, method, label), 0) + n
+        for route, counts in self._by_route.items():
+            for key, n in counts.items():
+                method, status = divmod(key, _METHOD_STEP)
+                labels = (route, _METHOD_NAMES[method], self.status_label(status))
+                out[labels] = out.get(labels, 0) + n
         return out
 
     def upstream_call(self, upstream: str, status: int | None, seconds: float) -> None:

@@ -62,6 +62,8 @@ _METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELE
 # Pipelined heads waiting behind the request being served: past this many, stop reading.
 _MAX_QUEUED = 16
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# Fields that make a head more than the usual bodiless request (on_headers_complete).
+_BODY_OR_UPGRADE = frozenset({b"content-length", b"transfer-encoding", b"upgrade"})
 # httptools' error messages, for the refusal's detail (the messages quote the client's bytes).
 _LABELS: tuple[tuple[type[Exception], str], ...] = (
     (httptools.HttpParserInvalidMethodError, "invalid method"),
@@ -246,18 +248,30 @@ class EdgeProtocol(asyncio.Protocol):
         parser = self.parser
         assert parser is not None
         first = self._first
-        exchange = self._exchange(parser, first)
-        if exchange.error is not None:
-            self._queue.append(exchange)
-            self._stop_reading()
-            self._wake()
-            raise _Stop  # nothing after a refused head is read
-        body = exchange.body
-        if body is not None:
-            self._parsing = exchange
-            self._body_time = self.loop.time()
-            expect = first.get(b"expect")
-            exchange.expect_continue = expect is not None and expect.lower() == b"100-continue"
+        url = self._url
+        method = _METHODS.get(parser.get_method())
+        if (method is not None and url[:1] == b"/" and b"host" in first
+                and first.keys().isdisjoint(_BODY_OR_UPGRADE)
+                and parser.get_http_version() == "1.1"):
+            # The usual request (origin-form, HTTP/1.1, Host, no body, no upgrade): nothing in
+            # it to refuse, so none of _exchange's questions.
+            exchange = Exchange(RequestHead(
+                method, url.decode("utf-8", "surrogateescape"), Headers(self._headers, first),
+                True, self.client, "http", parser.should_keep_alive()), None)
+        else:
+            exchange = self._exchange(parser, first)
+            if exchange.error is not None:
+                self._queue.append(exchange)
+                self._stop_reading()
+                self._wake()
+                raise _Stop  # nothing after a refused head is read
+            body = exchange.body
+            if body is not None:
+                self._parsing = exchange
+                self._body_time = self.loop.time()
+                expect = first.get(b"expect")
+                exchange.expect_continue = (expect is not None
+                                            and expect.lower() == b"100-continue")
         queue = self._queue
         queue.append(exchange)
         if len(queue) > _MAX_QUEUED:
@@ -463,8 +477,10 @@ class EdgeProtocol(asyncio.Protocol):
                 return
             finally:
                 self._current = None
-            if not self._finished(exchange):
-                return
+            if (exchange.close or exchange.body is not None or self.transport is None
+                    or self._tunnel is not None or self.closing or not exchange.head.keep_alive
+                    or exchange is self._upgrading) and not self._finished(exchange):
+                return  # (else the usual case: _finished would say go on)
 
     def _finished(self, exchange: Exchange) -> bool:
         """After a response: whether the connection carries on."""

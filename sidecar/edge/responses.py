@@ -61,20 +61,24 @@ _SPECIAL = HOP_BY_HOP | {b"via", b"date", b"content-length", b"x-request-id"}
 
 def response_head(status: int, reason: str, raw: RawHeaders, request_id: str, via: bytes, *,
                   length: int | None, keep_length: bool = False, extra: bytes = b"",
-                  framing: bytes = b"", upgrade: bool = False) -> bytes:
+                  framing: bytes = b"", upgrade: bool = False,
+                  named: frozenset[bytes] | None = None) -> bytes:
     """A response head for the client from the upstream's raw headers: hop-by-hop fields and
     those its Connection names dropped, `Date` added when missing, `Via` appended to, our
     `X-Request-ID`. `length` sets Content-Length; `keep_length` keeps the upstream's instead
     (a streamed body framed by it, or HEAD); `framing` adds the connection's own lines
-    (`Transfer-Encoding: chunked`, `Connection: close`); `upgrade` keeps Upgrade (a 101)."""
+    (`Transfer-Encoding: chunked`, `Connection: close`); `upgrade` keeps Upgrade (a 101).
+    `named`: the fields the upstream's Connection header names (found by a first pass)."""
     out = [status_line(status, reason)]
-    append = out.append
+    special = _SPECIAL if named is None else _SPECIAL | named
     connection: bytes | None = None
     via_seen: bytes | None = None
     has_date = False
     for name, value in raw:
         lname = name.lower()
-        if lname in _SPECIAL:
+        if lname in special:
+            if named is not None and lname in named:
+                continue
             if lname == b"connection":
                 if value not in _PLAIN_CONNECTION:
                     connection = value if connection is None else connection + b"," + value
@@ -87,25 +91,27 @@ def response_head(status: int, reason: str, raw: RawHeaders, request_id: str, vi
             elif not ((lname == b"content-length" and keep_length)
                       or (lname == b"upgrade" and upgrade)):
                 continue
-        append(name + b": " + value + b"\r\n")
-    if connection:
-        named = connection_tokens(connection.decode("latin-1"))
+        out += (name, b": ", value, b"\r\n")  # no joined temporaries: one join at the end
+    if connection and named is None:
+        # The upstream's Connection names fields of its own (rare): they go too.
+        tokens = connection_tokens(connection.decode("latin-1"))
         if upgrade:
-            named -= {b"upgrade"}
-        out = [out[0]] + [line for line in out[1:]
-                          if line.split(b":", 1)[0].lower() not in named]
-        append = out.append
+            tokens -= {b"upgrade"}
+        if tokens:
+            return response_head(status, reason, raw, request_id, via, length=length,
+                                 keep_length=keep_length, extra=extra, framing=framing,
+                                 upgrade=upgrade, named=tokens)
     if not has_date:
-        append(b"Date: " + http_date_now() + b"\r\n")
+        out += (b"Date: ", http_date_now(), b"\r\n")
     if length is not None:
-        append(b"Content-Length: %d\r\n" % length)
+        out.append(b"Content-Length: %d\r\n" % length)
     if extra:
-        append(extra)
-    append(b"Via: " + (via_seen + b", " + via if via_seen else via) + b"\r\n")
-    append(b"X-Request-ID: " + request_id.encode("latin-1") + b"\r\n")
+        out.append(extra)
+    out += (b"Via: ", via_seen + b", " + via if via_seen else via, b"\r\nX-Request-ID: ",
+            request_id.encode("latin-1"), b"\r\n")
     if framing:
-        append(framing)
-    append(b"\r\n")
+        out.append(framing)
+    out.append(b"\r\n")
     return b"".join(out)
 
 
