@@ -83,9 +83,8 @@ def _upstream_handler(pool: UpstreamPool, recorder: Recorder, *,
                                    request.chunked, upgrade=True)
                 if upgrade else request.upstream_head)
         try:
-            response = await pool.request(head, request.body, chunked=request.chunked,
-                                          timeout=request.timeout,
-                                          is_head=request.method == "HEAD", upgrade=upgrade)
+            response = await pool.request(head, request.body, request.chunked, request.timeout,
+                                          request.method == "HEAD", upgrade)
         except UpstreamError:
             recorder.upstream_call(name, None, time.perf_counter() - started)
             raise

@@ -135,10 +135,11 @@ class Recorder:
         self.inflight = 0
         self._by_route: dict[str, dict[int, int]] = {}  # route -> method code + status -> n
         self.durations: dict[str, Histogram] = {}
-        self.upstream: dict[tuple[str, str], int] = {}
+        self._by_upstream: dict[str, dict[int, int]] = {}  # upstream -> status (0: none) -> n
         self.upstream_durations: dict[str, Histogram] = {}
         # route -> (its counts by method, its histogram): one lookup per request for both
         self._cells: dict[str, tuple[dict[int, int], Histogram]] = {}
+        self._upstream_cells: dict[str, tuple[dict[int, int], Histogram]] = {}
         self.configure(config)
 
     def configure(self, config: Config) -> None:
@@ -147,12 +148,12 @@ class Recorder:
         self.server_timing = metrics.server_timing
         # Counted by exact code either way; the label (code or class) is made when read.
         self.by_code = metrics.status_label == "code"
-        self._upstream_labels: dict[tuple[str, int | None], tuple[str, str]] = {}
         bounds = tuple(metrics.buckets)
         if self.durations and next(iter(self.durations.values())).bounds != bounds:
             self.durations.clear()  # new buckets: their series start again
             self.upstream_durations.clear()
             self._cells.clear()
+            self._upstream_cells.clear()
         self.bounds = bounds
 
     def status_label(self, status: int) -> str:
@@ -195,17 +196,34 @@ class Recorder:
         return out
 
     def upstream_call(self, upstream: str, status: int | None, seconds: float) -> None:
-        # One label tuple per (upstream, status), not one per call.
-        labels = self._upstream_labels.get((upstream, status))
-        if labels is None:
-            labels = (upstream, "error" if status is None else self.status_label(status))
-            if len(self._upstream_labels) < 4096:  # statuses come from upstreams: bounded
-                self._upstream_labels[(upstream, status)] = labels
-        self.upstream[labels] = self.upstream.get(labels, 0) + 1
+        cell = self._upstream_cells.get(upstream)
+        if cell is None:
+            cell = self._upstream_cell(upstream)
+        counts, histogram = cell
+        key = 0 if status is None else status  # 0: no response came back
+        counts[key] = counts.get(key, 0) + 1
+        histogram.counts[bisect_left(histogram.bounds, seconds)] += 1
+        histogram.sum += seconds
+
+    def _upstream_cell(self, upstream: str) -> tuple[dict[int, int], Histogram]:
+        counts = self._by_upstream.get(upstream)
+        if counts is None:
+            counts = self._by_upstream[upstream] = {}
         histogram = self.upstream_durations.get(upstream)
         if histogram is None:
             histogram = self.upstream_durations[upstream] = Histogram(self.bounds)
-        histogram.observe(seconds)
+        cell = self._upstream_cells[upstream] = (counts, histogram)
+        return cell
+
+    @property
+    def upstream(self) -> dict[tuple[str, str], int]:
+        """(upstream, status label or 'error') -> count."""
+        out: dict[tuple[str, str], int] = {}
+        for upstream, counts in self._by_upstream.items():
+            for status, n in counts.items():
+                labels = (upstream, self.status_label(status) if status else "error")
+                out[labels] = out.get(labels, 0) + n
+        return out
 
 
 # -- one process's figures, as plain data --------------------------------------------------------

@@ -114,11 +114,6 @@ class UpstreamResponse:
         if conn is not None:
             conn.abort()
 
-    def _feed(self, data: bytes) -> None:
-        self._chunks.append(data)
-        self._size += len(data)
-        self._wake()
-
     def _finish(self) -> None:
         self.complete = True
         self._conn = None
@@ -321,7 +316,10 @@ class _Connection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         response = self._response
         if response is not None and not self._head_request:
-            response._feed(body)
+            response._chunks.append(body)
+            response._size += len(body)
+            if response._waiter is not None:
+                response._wake()
             if response._size > _HIGH_WATER:
                 self.pause_reading()
 
@@ -356,12 +354,16 @@ class _Connection(asyncio.Protocol):
             return
         keep_alive = response.keep_alive
         self._answer(response)
-        response._finish()
+        response.complete = True  # response._finish(), inline: once per request
+        response._conn = None
+        if response._waiter is not None:
+            response._wake()
         self._response = None
         if self._request_sent and keep_alive and not self.closed:
             # The read that ended the body may also have paused reading (a slow client): the
             # response no longer needs the connection, and its next exchange must be read.
-            self.resume_reading()
+            if self.reading_paused:
+                self.resume_reading()
             self.pool._release(self)
         else:
             self.abort()
@@ -608,7 +610,7 @@ class UpstreamPool:
         self._closing = False
         self.deadlines = Deadlines(self.loop)  # response heads and body chunks awaited
 
-    async def request(self, head: bytes, body: Body = None, *, chunked: bool = False,
+    async def request(self, head: bytes, body: Body = None, chunked: bool = False,
                       timeout: float | None = None, is_head: bool = False,
                       upgrade: bool = False) -> UpstreamResponse:
         """Send one request; return once the response's status and headers have arrived.
@@ -700,7 +702,8 @@ class UpstreamPool:
             return
         conn.idle_since = self.loop.time()
         self._idle.append(conn)
-        self._wake_one()
+        if self._waiters:
+            self._wake_one()
 
     def _forget(self, conn: _Connection) -> None:
         if conn.counted:

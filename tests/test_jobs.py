@@ -1072,7 +1072,11 @@ async def test_a_finished_job_expires_after_result_ttl(
     assert (await wait_for(client, sidecar, accepted))["status"] == "succeeded"
 
     async def expired() -> bool:
-        return (await result_of(client, sidecar, accepted)).status == 404
+        # The result and the job's record expire a few milliseconds apart (each from when it
+        # was written): wait for both.
+        return ((await result_of(client, sidecar, accepted)).status == 404
+                and (await call(client, "GET", sidecar.url + accepted["status_url"])).status
+                == 404)
 
     await until(expired, 10)
     status = await call(client, "GET", sidecar.url + accepted["status_url"])
