@@ -8,6 +8,7 @@ flight finish under the rules they started with.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import glob
 import logging
@@ -224,7 +225,7 @@ class Runtime:
         self.edge: EdgeServer | None = None
         self.reloads = {"ok": 0, "error": 0}
         self.last_reload_error: str | None = None
-        self._runners: list[web.BaseRunner] = []
+        self._stack = contextlib.AsyncExitStack()  # how to undo what start() started
         self._tasks: list[asyncio.Task[Any]] = []
         self._stopped = asyncio.Event()
         self._reload_lock = asyncio.Lock()
@@ -244,14 +245,32 @@ class Runtime:
         return progress_base(self.config, self.admin_port)
 
     async def start(self) -> None:
+        """Build and start everything. A step that fails stops what the steps before it had
+        started, in reverse, and raises StartupError with a one-line reason: a half-started
+        worker leaves no listener, client or task behind."""
+        stack = contextlib.AsyncExitStack()
+        try:
+            await self._start(stack)
+        except BaseException:
+            await _unwind(stack)
+            raise
+        self._stack = stack
+
+    async def _start(self, stack: contextlib.AsyncExitStack) -> None:
+        """Each step registers how it is undone as soon as it has started: `stop()` (or a
+        failed start) undoes them in reverse, the last started first."""
         config = self.config
+        stack.callback(self.access_log.flush)
+        stack.push_async_callback(self._close_pools)
         self.redis = aioredis.Redis.from_url(
             self.redis_url, socket_connect_timeout=config.redis.connect_timeout,
             socket_timeout=max(config.redis.connect_timeout, 1.0), health_check_interval=0,
         )
+        stack.push_async_callback(self.redis.aclose)
         await self._check_redis()
         self.cache.attach(self.redis, aioredis.Redis.from_url(
             self.redis_url, socket_connect_timeout=config.redis.connect_timeout))
+        stack.push_async_callback(self.cache.close)
         # Dedup moves whole responses (up to dedup.max_body) through Redis: a read timeout
         # sized for small commands would turn a big, slow transfer into a second upstream call.
         self.dedup.attach(
@@ -262,27 +281,42 @@ class Runtime:
                 self.redis_url, socket_connect_timeout=config.redis.connect_timeout,
                 socket_timeout=max(config.redis.connect_timeout, 10.0), health_check_interval=0),
             command_timeout=max(config.redis.connect_timeout, 1.0))
+        stack.push_async_callback(self.dedup.close)
         self.breakers.attach(self.redis, aioredis.Redis.from_url(
             self.redis_url, socket_connect_timeout=config.redis.connect_timeout))
+        stack.push_async_callback(self.breakers.close)
         attach_jobs(self.jobs, self.redis_url, config)
+        stack.push_async_callback(self.jobs.close)
         edge = EdgeServer(EdgeHandler(self), config.server.limits,
                           keepalive_timeout=config.server.keepalive_timeout)
         listen = config.server.listen
-        self.public_port = await edge.start(listen.host, listen.port,
-                                            reuse_port=self.reuse_port)
+        try:
+            self.public_port = await edge.start(listen.host, listen.port,
+                                                reuse_port=self.reuse_port)
+        except OSError as exc:
+            raise StartupError(_cannot_listen(listen.host, listen.port, "server.listen",
+                                              exc)) from exc
         self.edge = edge
+        stack.push_async_callback(self._stop_edge)
         admin = web.AppRunner(build_admin_app(self), access_log=None, shutdown_timeout=2.0)
         await admin.setup()
+        stack.push_async_callback(admin.cleanup)
         address = config.server.admin_listen
         site = web.TCPSite(admin, address.host, address.port, reuse_port=self.reuse_port,
                            backlog=1024)
-        await site.start()
-        self._runners.append(admin)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise StartupError(_cannot_listen(address.host, address.port,
+                                              "server.admin_listen", exc)) from exc
         self.admin_port = _bound_port(admin)
+        if self.metrics_share is not None:
+            stack.callback(self.metrics_share.close, self)  # after its task has ended
         self._tasks = [
             asyncio.create_task(self.access_log.run(), name="access-log"),
             asyncio.create_task(self._watch_redis(), name="redis-health"),
         ]
+        stack.push_async_callback(cancel_and_wait, self._tasks)  # those appended below too
         if self.metrics_share is not None:
             self._tasks.append(asyncio.create_task(self.metrics_share.run(self), name="metrics"))
         if config.server.watch_config:
@@ -292,11 +326,21 @@ class Runtime:
 
             self.runner = JobRunner(self, self.jobs)
             await self.runner.start()
+            stack.push_async_callback(self.runner.stop)
         log.info("sidecar listening", extra={
             "listen": f"{config.server.listen.host}:{self.public_port}",
             "admin": f"{config.server.admin_listen.host}:{self.admin_port}",
             "worker": self.worker_id, "pid": os.getpid(), "version": __version__,
         })
+
+    async def _stop_edge(self) -> None:
+        if self.edge is not None:
+            await self.edge.stop(self.config.server.shutdown_grace)
+            self.edge = None
+
+    async def _close_pools(self) -> None:
+        for pool in self.state.pools.values():
+            await pool.close()
 
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
@@ -312,29 +356,13 @@ class Runtime:
         self._stopped.set()
 
     async def stop(self) -> None:
-        """Stop accepting, let requests in flight finish within server.shutdown_grace, close."""
+        """Stop accepting, let requests in flight finish within server.shutdown_grace, then
+        undo the rest of start-up in reverse."""
         log.info("shutting down", extra={"grace_s": self.config.server.shutdown_grace,
                                          "worker": self.worker_id})
-        if self.edge is not None:
-            await self.edge.stop(self.config.server.shutdown_grace)
-            self.edge = None
-        for runner in reversed(self._runners):
-            await runner.cleanup()
-        self._runners.clear()
-        if self.runner is not None:
-            await self.runner.stop()
-        await cancel_and_wait(self._tasks)
-        if self.metrics_share is not None:
-            self.metrics_share.close(self)
-        for pool in self.state.pools.values():
-            await pool.close()
-        await self.cache.close()
-        await self.dedup.close()
-        await self.breakers.close()
-        await self.jobs.close()
-        if self.redis is not None:
-            await self.redis.aclose()
-        self.access_log.flush()
+        await self._stop_edge()  # first: requests in flight finish with everything else up
+        stack, self._stack = self._stack, contextlib.AsyncExitStack()
+        await _unwind(stack)
 
     # -- reload ---------------------------------------------------------------------------------
 
@@ -436,6 +464,25 @@ def progress_base(config: Config, admin_port: int | None) -> str:
     if ":" in host:
         host = f"[{host}]"
     return f"http://{host}:{admin_port or config.server.admin_listen.port}"
+
+
+class StartupError(Exception):
+    """A worker could not start; the message is the one-line reason (what, where, why)."""
+
+
+def _cannot_listen(host: str, port: int, key: str, exc: OSError) -> str:
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    why = exc.strerror or str(exc) or type(exc).__name__
+    return f"cannot listen on {where} ({key}): {why}"
+
+
+async def _unwind(stack: contextlib.AsyncExitStack) -> None:
+    """Undo start-up steps in reverse. One that fails is logged and the others still run
+    (AsyncExitStack goes on past a failing callback and raises the last error at the end)."""
+    try:
+        await stack.aclose()
+    except Exception:
+        log.exception("a step of the shutdown failed; the others ran")
 
 
 def _bound_port(runner: web.BaseRunner) -> int | None:

@@ -32,7 +32,7 @@ def _load_or_report(path: str) -> LoadedConfig | None:
 
 def run_worker(loaded: LoadedConfig, redis_url: str, *, reuse_port: bool = False,
                worker_id: int = 0) -> int:
-    from .app import serve
+    from .app import StartupError, serve
 
     configure_logging(loaded.config.log)
     # A SIGHUP that arrives before the runtime's handler is installed must not kill the process
@@ -42,7 +42,7 @@ def run_worker(loaded: LoadedConfig, redis_url: str, *, reuse_port: bool = False
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(serve(loaded, redis_url, reuse_port=reuse_port, worker_id=worker_id))
-    except OSError as exc:
+    except (StartupError, OSError) as exc:
         log.critical("cannot start", extra={"error": str(exc)})
         return 1
     return 0

@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -595,3 +596,64 @@ def _async(check: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
         return check()
 
     return run
+
+
+# --- a start-up that fails halfway ---------------------------------------------------------
+
+
+async def _redis_clients(redis_url: str) -> int:
+    import redis.asyncio as aioredis
+
+    probe = aioredis.Redis.from_url(redis_url)
+    try:
+        return len(await probe.client_list())  # type: ignore[no-untyped-call]
+    finally:
+        await probe.aclose()
+
+
+async def test_a_start_that_fails_halfway_stops_what_it_started(
+        backend: Backend, redis_url: str, tmp_path: Path) -> None:
+    from sidecar.app import Runtime, StartupError
+    from sidecar.config import load_config
+
+    config = make_config(backend.url, redis_url, jobs={"workers": 1},
+                         queues={"q": {"concurrency": 1}})
+    public = int(config["server"]["listen"].rsplit(":", 1)[1])
+    admin = int(config["server"]["admin_listen"].rsplit(":", 1)[1])
+    before = await _redis_clients(redis_url)
+    loaded = load_config(write_config(tmp_path / "config.yaml", config))
+    runtime = Runtime(loaded, redis_url)
+    taken = await asyncio.start_server(lambda r, w: None, "127.0.0.1", admin)  # the admin port
+    try:
+        with pytest.raises(StartupError) as failure:
+            await runtime.start()
+    finally:
+        taken.close()
+        await taken.wait_closed()
+    reason = str(failure.value)
+    assert "\n" not in reason
+    assert f"127.0.0.1:{admin}" in reason and "server.admin_listen" in reason, reason
+    # The public listener had started: it is closed again, and so is every Redis client.
+    with contextlib.closing(socket.socket()) as probe:
+        probe.bind(("127.0.0.1", public))
+
+    async def redis_released() -> bool:
+        return await _redis_clients(redis_url) <= before
+
+    await wait_until(redis_released, 5, "the Redis clients closed")
+    assert runtime.edge is None
+
+
+def test_sidecar_run_with_its_admin_port_taken_exits_with_one_line(
+        sidecar_process: StartProcess, backend: Backend, redis_url: str) -> None:
+    config = make_config(backend.url, redis_url)
+    admin = int(config["server"]["admin_listen"].rsplit(":", 1)[1])
+    with contextlib.closing(socket.socket()) as taken:
+        taken.bind(("127.0.0.1", admin))
+        taken.listen()
+        proc = sidecar_process(config, wait=False)
+        assert proc.process.wait(20) == 1
+    lines = [line for line in proc.logs().splitlines() if "cannot start" in line]
+    assert len(lines) == 1, proc.logs()
+    assert f"127.0.0.1:{admin}" in lines[0] and "server.admin_listen" in lines[0], lines[0]
+    assert "Traceback" not in proc.logs()
