@@ -15,7 +15,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,14 +27,22 @@ from redis.exceptions import RedisError
 from . import __version__
 from .admin import build_admin_app
 from .aio import cancel_and_wait
-from .config import Config, ConfigError, LoadedConfig, RouteConfig, UpstreamConfig, load_config
+from .config import Config, ConfigError, LoadedConfig, RouteConfig, load_config
 from .edge.handler import EdgeHandler
 from .edge.protocol import EdgeServer
 from .errors import UpstreamError
 from .forwarding import build_request_head
 from .logs import AccessLog, configure_logging
 from .metrics import Recorder, Share, share_from_env
-from .pipeline import Handler, Policy, ProxyRequest, ProxyResponse, build_chain
+from .pipeline import (
+    CANONICAL_ORDER,
+    UPGRADE_POLICIES,
+    Handler,
+    Policy,
+    ProxyRequest,
+    ProxyResponse,
+    build_chain,
+)
 from .policies.breaker import BreakerPolicy
 from .policies.cache import CachePolicy
 from .policies.dedup import DedupPolicy
@@ -98,55 +106,91 @@ def _upstream_handler(pool: UpstreamPool, recorder: Recorder, *,
     return call_upstream
 
 
-def _breaker_policy(route: RouteConfig, upstream: UpstreamConfig,
-                    breakers: BreakerService) -> BreakerPolicy | None:
+@dataclass(frozen=True, slots=True)
+class Services:
+    """What policies are built with besides their config: the worker's shared services."""
+
+    cache: CacheService
+    dedup: DedupService
+    breakers: BreakerService
+    jobs: JobService
+
+
+PolicyBuilder = Callable[[RouteConfig, Config, Services], "Policy | None"]
+
+
+def _rate_limit(route: RouteConfig, config: Config, services: Services) -> Policy | None:
+    if route.rate_limit is None:
+        return None
+    return RateLimitPolicy(route.name, route.rate_limit, services.dedup)
+
+
+def _etag(route: RouteConfig, config: Config, services: Services) -> Policy | None:
+    return EtagPolicy() if route.etag else None
+
+
+def _idempotency(route: RouteConfig, config: Config, services: Services) -> Policy | None:
+    if route.idempotency is None:
+        return None
+    return IdempotencyPolicy(route.name, route.idempotency, services.dedup)
+
+
+def _cache(route: RouteConfig, config: Config, services: Services) -> Policy | None:
+    if route.cache is None:
+        return None
+    return CachePolicy(route.name, route.cache, services.cache, generate_etag=route.etag)
+
+
+def _dedup(route: RouteConfig, config: Config, services: Services) -> Policy | None:
+    if route.dedup is None:
+        return None
+    return DedupPolicy(route.name, route.dedup, services.dedup)
+
+
+def _offload(route: RouteConfig, config: Config, services: Services) -> Policy | None:
+    if route.offload is None:
+        return None
+    return OffloadPolicy(route.name, route.upstream, route.offload, services.jobs,
+                         config.jobs, config.queues[route.offload.queue])
+
+
+def _breaker(route: RouteConfig, config: Config, services: Services) -> Policy | None:
     """The route's own breaker, else its upstream's, if either is set."""
-    breaker = route.breaker or upstream.breaker
+    breaker = route.breaker or config.upstreams[route.upstream].breaker
     if breaker is None:
         return None
     name = f"route:{route.name}" if route.breaker else f"upstream:{route.upstream}"
-    return BreakerPolicy(name, route.upstream, breaker, breakers)
+    return BreakerPolicy(name, route.upstream, breaker, services.breakers)
 
 
-def build_upgrade_policies(route: RouteConfig, upstream: UpstreamConfig,
-                           breakers: BreakerService, dedup: DedupService) -> list[Policy]:
-    """What applies to an upgrade (WebSocket...): rate limit and breaker. Nothing that stores,
-    shares, replays or retries a response applies to a connection that changes protocol."""
+def _retry(route: RouteConfig, config: Config, services: Services) -> Policy | None:
+    """The route's own retry setting, else its upstream's."""
+    retry = route.retry or config.upstreams[route.upstream].retry
+    if retry is None or retry.attempts <= 0:
+        return None
+    return RetryPolicy(route.name, retry, services.dedup.counts)
+
+
+# How each policy of pipeline.CANONICAL_ORDER is built for a route (None: the route has none).
+# Chains follow CANONICAL_ORDER, never this table's order; tests/test_pipeline.py checks that
+# the two name the same policies.
+POLICY_BUILDERS: dict[str, PolicyBuilder] = {
+    "rate_limit": _rate_limit, "etag": _etag, "idempotency": _idempotency, "cache": _cache,
+    "dedup": _dedup, "offload": _offload, "breaker": _breaker, "retry": _retry,
+}
+
+
+def build_policies(route: RouteConfig, config: Config, services: Services, *,
+                   upgrade: bool = False) -> list[Policy]:
+    """The route's policies, outermost first, in pipeline.CANONICAL_ORDER. `upgrade`: for a
+    request that asks to switch protocols, only those of pipeline.UPGRADE_POLICIES."""
     policies: list[Policy] = []
-    if route.rate_limit is not None:
-        policies.append(RateLimitPolicy(route.name, route.rate_limit, dedup))
-    breaker = _breaker_policy(route, upstream, breakers)
-    if breaker is not None:
-        policies.append(breaker)
-    return policies
-
-
-def build_policies(route: RouteConfig, config: Config, cache: CacheService,
-                   dedup: DedupService, breakers: BreakerService,
-                   jobs: JobService) -> list[Policy]:
-    """The route's policies in the canonical order of pipeline.CANONICAL_ORDER. `breaker` and
-    `retry` may be set on the upstream; a route's own setting wins."""
-    upstream = config.upstreams[route.upstream]
-    policies: list[Policy] = []
-    if route.rate_limit is not None:
-        policies.append(RateLimitPolicy(route.name, route.rate_limit, dedup))
-    if route.etag:
-        policies.append(EtagPolicy())
-    if route.idempotency is not None:
-        policies.append(IdempotencyPolicy(route.name, route.idempotency, dedup))
-    if route.cache is not None:
-        policies.append(CachePolicy(route.name, route.cache, cache, generate_etag=route.etag))
-    if route.dedup is not None:
-        policies.append(DedupPolicy(route.name, route.dedup, dedup))
-    if route.offload is not None:
-        policies.append(OffloadPolicy(route.name, route.upstream, route.offload, jobs,
-                                      config.jobs, config.queues[route.offload.queue]))
-    breaker = _breaker_policy(route, upstream, breakers)
-    if breaker is not None:
-        policies.append(breaker)
-    retry = route.retry or upstream.retry
-    if retry is not None and retry.attempts > 0:
-        policies.append(RetryPolicy(route.name, retry, dedup.counts))
+    for name in CANONICAL_ORDER:
+        if upgrade and name not in UPGRADE_POLICIES:
+            continue
+        policy = POLICY_BUILDERS[name](route, config, services)
+        if policy is not None:
+            policies.append(policy)
     return policies
 
 
@@ -161,17 +205,15 @@ def build_state(loaded: LoadedConfig, previous: State | None, cache: CacheServic
         pools[name] = old if old is not None and old.config == upstream else UpstreamPool(
             name, upstream)
     routes = RouteTable(config)
+    services = Services(cache, dedup, breakers, jobs)
     chains = {
-        route.name: build_chain(
-            build_policies(route.config, config, cache, dedup, breakers, jobs),
-            _upstream_handler(pools[route.upstream], recorder))
+        route.name: build_chain(build_policies(route.config, config, services),
+                                _upstream_handler(pools[route.upstream], recorder))
         for route in routes.routes
     }
     upgrade_chains = {
-        route.name: build_chain(
-            build_upgrade_policies(route.config, config.upstreams[route.upstream], breakers,
-                                   dedup),
-            _upstream_handler(pools[route.upstream], recorder, upgrade=True))
+        route.name: build_chain(build_policies(route.config, config, services, upgrade=True),
+                                _upstream_handler(pools[route.upstream], recorder, upgrade=True))
         for route in routes.routes
     }
     return State(

@@ -7,11 +7,12 @@ Chains are built once per route when a config loads, never per request.
 
 The canonical order, outermost first (later policies slot into it; a config cannot reorder it):
 
-    metrics -> rate_limit -> etag -> idempotency -> cache -> dedup -> offload -> breaker
-    -> retry -> timeout -> upstream
+    rate_limit -> etag -> idempotency -> cache -> dedup -> offload -> breaker -> retry
+    -> upstream
 
-The cache sits outside dedup: a hit never waits for a flight; misses and revalidations are
-coalesced, and only the leader's response is stored.
+Around all of them the edge (edge/handler.py) records metrics and turns errors into HTTP;
+the upstream call itself applies the timeout. The cache sits outside dedup: a hit never waits
+for a flight; misses and revalidations are coalesced, and only the leader's response is stored.
 """
 
 from __future__ import annotations
@@ -29,10 +30,13 @@ if TYPE_CHECKING:
     from .routing import Route
     from .upstream import Body, UpstreamResponse, UpstreamTunnel
 
+# The one list of the order (app.POLICY_BUILDERS says how each is built for a route).
 CANONICAL_ORDER = (
-    "metrics", "rate_limit", "etag", "idempotency", "cache", "dedup", "offload", "breaker",
-    "retry", "timeout",
+    "rate_limit", "etag", "idempotency", "cache", "dedup", "offload", "breaker", "retry",
 )
+# What applies to a request asking to switch protocols (WebSocket...): nothing that stores,
+# shares, replays or retries a response applies to a connection that changes protocol.
+UPGRADE_POLICIES = frozenset({"rate_limit", "breaker"})
 
 
 class BodyStream(Protocol):
