@@ -136,15 +136,16 @@ def nginx(workdir: Path, name: str, http_block: str, core: int) -> Iterator[None
 
 @contextmanager
 def sidecar_process(workdir: Path, name: str, config: dict[str, Any],
-                    port: int) -> Iterator[None]:
+                    port: int, env: dict[str, str] | None = None) -> Iterator[None]:
     """`python -m sidecar run` on core 0 with `config` (written as JSON, which is YAML), until
-    it listens on `port`; its stderr goes to `<workdir>/<name>.log`."""
+    it listens on `port`; its stderr goes to `<workdir>/<name>.log`. `env`: added to the
+    environment."""
     conf = workdir / f"{name}.yaml"
     conf.write_text(json.dumps(config))
     process = subprocess.Popen(
         ["taskset", "-c", "0", sys.executable, "-m", "sidecar", "run", "-c", str(conf)],
         stdout=subprocess.DEVNULL, stderr=open(workdir / f"{name}.log", "wb"),  # noqa: SIM115
-        cwd=workdir, preexec_fn=die_with_parent)
+        cwd=workdir, preexec_fn=die_with_parent, env={**os.environ, **(env or {})})
     try:
         wait_for_port(port)
         yield
