@@ -165,7 +165,13 @@ class CachePolicy:
                                   self.trusted_key_headers if trusted else self.config.key.headers,
                                   self.config.key.cookies)
         now = time.time()
-        entry, known = self._l1_lookup(primary, headers) if self.l1 is not None else (None, False)
+        l1 = self.l1
+        variants = l1.get(primary) if l1 is not None else None
+        if variants and not variants[0].vary_names:  # one variant: the usual entry
+            entry: CachedResponse | None = variants[0]
+            known = True
+        else:
+            entry, known = self._l1_variant(variants, headers)
         if entry is not None and plain and not entry.freshness.no_cache:
             age = entry.freshness.age(now)
             if age < entry.freshness.lifetime:  # fresh: what verdict() says of it, sooner
@@ -202,16 +208,14 @@ class CachePolicy:
         target = normalize_target(raw_path, self.config.key.query)
         return target, primary_key(host, target, {}, (), ())
 
-    def _l1_lookup(self, primary: str, headers: Mapping[str, str]
-                   ) -> tuple[CachedResponse | None, bool]:
-        assert self.l1 is not None
-        variants = self.l1.get(primary)
+    @staticmethod
+    def _l1_variant(variants: list[CachedResponse] | None, headers: Mapping[str, str]
+                    ) -> tuple[CachedResponse | None, bool]:
+        """The variant of an L1 key that matches the request's Vary fields, and whether the
+        key is known at all."""
         if not variants:
             return None, False
-        first = variants[0]
-        if not first.vary_names:  # one variant only
-            return first, True
-        values = vary_values(first.vary_names, headers)
+        values = vary_values(variants[0].vary_names, headers)
         for entry in variants:
             if entry.vary_values == values:
                 return entry, True
