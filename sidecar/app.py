@@ -303,7 +303,6 @@ class Runtime:
         failed start) undoes them in reverse, the last started first."""
         config = self.config
         stack.callback(self.access_log.flush)
-        stack.push_async_callback(self._close_pools)
         self.redis = aioredis.Redis.from_url(
             self.redis_url, socket_connect_timeout=config.redis.connect_timeout,
             socket_timeout=max(config.redis.connect_timeout, 1.0), health_check_interval=0,
@@ -329,6 +328,7 @@ class Runtime:
         stack.push_async_callback(self.breakers.close)
         attach_jobs(self.jobs, self.redis_url, config)
         stack.push_async_callback(self.jobs.close)
+        stack.push_async_callback(self._close_pools)  # once the edge and the jobs are done
         edge = EdgeServer(EdgeHandler(self), config.server.limits,
                           keepalive_timeout=config.server.keepalive_timeout)
         listen = config.server.listen
