@@ -12,8 +12,9 @@ from pathlib import Path
 import uvloop
 
 from .config import ConfigError, LoadedConfig, load_config
-from .embedded_redis import EmbeddedRedis, EmbeddedRedisError
 from .logs import configure_logging
+from .process.embedded_redis import EmbeddedRedis, EmbeddedRedisError
+from .process.worker import run_worker
 
 log = logging.getLogger("sidecar")
 
@@ -28,24 +29,6 @@ def _load_or_report(path: str) -> LoadedConfig | None:
         print(f"{path}: {count} problem{'s' if count != 1 else ''}; nothing was started",
               file=sys.stderr)
         return None
-
-
-def run_worker(loaded: LoadedConfig, redis_url: str, *, reuse_port: bool = False,
-               worker_id: int = 0) -> int:
-    from .app import StartupError, serve
-
-    configure_logging(loaded.config.log)
-    # A SIGHUP that arrives before the runtime's handler is installed must not kill the process
-    # (its default action); the reload it asks for is moot, the config is being read anyway.
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
-    try:
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(serve(loaded, redis_url, reuse_port=reuse_port, worker_id=worker_id))
-    except (StartupError, OSError) as exc:
-        log.critical("cannot start", extra={"error": str(exc)})
-        return 1
-    return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -66,7 +49,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         if config.server.workers == 1:
             return run_worker(loaded, redis_url)
-        from .workers import Supervisor
+        from .process.supervisor import Supervisor
 
         return Supervisor(loaded, redis_url).run()
     finally:

@@ -10,9 +10,9 @@ import signal
 
 from .app import attach_jobs, progress_base
 from .config import Config, ConfigError, LoadedConfig, load_config
-from .embedded_redis import EmbeddedRedis
 from .jobrunner import JobRunner
 from .logs import configure_logging
+from .process.embedded_redis import EmbeddedRedis
 from .stores.jobs import JobService
 from .upstream import UpstreamPool
 

@@ -12,7 +12,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from .workers import die_with_parent
+from .parent import die_with_parent
 
 log = logging.getLogger("sidecar.redis")
 

@@ -7,7 +7,6 @@ workers, and restarts a worker that dies unexpectedly. It serves no traffic itse
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import logging
 import multiprocessing
@@ -19,22 +18,16 @@ import time
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 
-from .config import LoadedConfig, load_config
-from .metrics import METRICS_DIR_ENV
+from ..config import LoadedConfig, load_config
+from ..metrics import METRICS_DIR_ENV
+from .parent import die_with_parent
+from .worker import run_worker
 
 log = logging.getLogger("sidecar.workers")
 
 
-def die_with_parent(sig: int = signal.SIGTERM) -> None:
-    """Ask Linux to send `sig` to this process when its parent dies (PR_SET_PDEATHSIG), so a
-    killed supervisor never leaves orphans holding the port."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, sig)
-
-
 def _worker_main(loaded: LoadedConfig, redis_url: str, worker_id: int) -> None:
     die_with_parent()
-    from .cli import run_worker
 
     raise SystemExit(run_worker(loaded, redis_url, reuse_port=True, worker_id=worker_id))
 
