@@ -7,7 +7,7 @@ import hmac
 import os
 import re
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 from aiohttp import web
@@ -18,12 +18,34 @@ from . import __version__
 from .core.jobs import CANCELLED, FAILED, TERMINAL, JobId, parse_progress, public_status
 from .edge.responses import error_body, new_request_id
 from .errors import SidecarError, UnauthorizedError
-from .jobsapi import find_job, view
-from .metrics import render
+from .jobsapi import JobsHost, find_job, view
+from .metrics import MetricsHost, render
 from .stores.subscriber import REDIS_ERRORS
 
 if TYPE_CHECKING:
-    from .app import Runtime
+    from .edge.protocol import EdgeServer
+    from .jobrunner import JobRunner
+    from .state import State
+
+
+class AdminHost(MetricsHost, JobsHost, Protocol):
+    """What the admin API reads and acts on: the worker (app.Runtime)."""
+
+    @property
+    def state(self) -> State: ...
+
+    @property
+    def edge(self) -> EdgeServer | None: ...
+
+    @property
+    def runner(self) -> JobRunner | None: ...
+
+    @property
+    def last_reload_error(self) -> str | None: ...
+
+    @property
+    def worker_id(self) -> int: ...
+
 
 RUNTIME = web.AppKey("runtime", object)
 KNOWN_LANES = web.AppKey("known_lanes", set[str])
@@ -35,7 +57,7 @@ async def require_token(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
     """Bearer token on everything but health probes, when admin.token is set."""
-    runtime: Runtime = request.app[RUNTIME]  # type: ignore[assignment]
+    runtime: AdminHost = request.app[RUNTIME]  # type: ignore[assignment]
     token = runtime.config.admin.token
     # Progress reports carry their job's own secret instead (the upstream has no admin token).
     if (token and request.path not in _OPEN_PATHS and not request.path.startswith("/internal/")
@@ -59,7 +81,7 @@ def _bearer_matches(lines: list[str], token: str) -> bool:
 
 async def healthz(request: web.Request) -> web.Response:
     """Liveness: the process answers."""
-    runtime: Runtime = request.app[RUNTIME]  # type: ignore[assignment]
+    runtime: AdminHost = request.app[RUNTIME]  # type: ignore[assignment]
     return web.json_response({"status": "ok", "pid": os.getpid(), "worker": runtime.worker_id,
                               "version": __version__})
 
@@ -67,7 +89,7 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     """Readiness: 200 while requests can be proxied. Redis down degrades features (shared
     cache, cluster-wide state) but not proxying, so it is reported, not failed."""
-    runtime: Runtime = request.app[RUNTIME]  # type: ignore[assignment]
+    runtime: AdminHost = request.app[RUNTIME]  # type: ignore[assignment]
     body = {
         "status": "ready" if runtime.redis_up else "degraded",
         "redis": "up" if runtime.redis_up else "down",
@@ -82,7 +104,7 @@ async def purge(request: web.Request) -> web.Response:
     """POST {"key": "/api/products/42"} | {"prefix": "/api/products/"} | {"tag": "product-42"}.
 
     Returns once every instance listening on Redis has dropped its in-memory copies."""
-    runtime: Runtime = request.app[RUNTIME]  # type: ignore[assignment]
+    runtime: AdminHost = request.app[RUNTIME]  # type: ignore[assignment]
     try:
         body = await request.json(loads=orjson.loads)
     except ValueError:
@@ -103,7 +125,7 @@ async def purge(request: web.Request) -> web.Response:
 
 async def stats(request: web.Request) -> web.Response:
     """A JSON snapshot of what each subsystem counts (this worker)."""
-    runtime: Runtime = request.app[RUNTIME]  # type: ignore[assignment]
+    runtime: AdminHost = request.app[RUNTIME]  # type: ignore[assignment]
     return web.json_response({"pid": os.getpid(), "worker": runtime.worker_id,
                               "cache": await runtime.cache.stats(),
                               "dedup": runtime.dedup.stats(),
@@ -112,7 +134,7 @@ async def stats(request: web.Request) -> web.Response:
                               "jobs": await _job_stats(runtime)})
 
 
-def _request_stats(runtime: Runtime) -> dict[str, object]:
+def _request_stats(runtime: AdminHost) -> dict[str, object]:
     recorder = runtime.metrics
     return {
         "in_flight": recorder.inflight,
@@ -126,7 +148,7 @@ def _request_stats(runtime: Runtime) -> dict[str, object]:
     }
 
 
-async def _job_stats(runtime: Runtime) -> dict[str, object]:
+async def _job_stats(runtime: AdminHost) -> dict[str, object]:
     """Per queue, across the cluster: depth, running, outcomes, durations."""
     stats: dict[str, object] = {
         "running_here": runtime.runner.running if runtime.runner is not None else 0}
@@ -140,14 +162,14 @@ async def _job_stats(runtime: Runtime) -> dict[str, object]:
 
 async def breakers(request: web.Request) -> web.Response:
     """Every circuit breaker of this worker: state, failures counted, when it half-opens."""
-    runtime: Runtime = request.app[RUNTIME]  # type: ignore[assignment]
+    runtime: AdminHost = request.app[RUNTIME]  # type: ignore[assignment]
     return web.json_response({"pid": os.getpid(), "worker": runtime.worker_id,
                               "breakers": runtime.breakers.stats()})
 
 
 async def reset_breaker(request: web.Request) -> web.Response:
     """Close a breaker now (cluster-scoped ones close on every instance)."""
-    runtime: Runtime = request.app[RUNTIME]  # type: ignore[assignment]
+    runtime: AdminHost = request.app[RUNTIME]  # type: ignore[assignment]
     name = request.match_info["name"]
     if not runtime.breakers.reset(name):
         known = sorted(runtime.breakers.breakers)
@@ -165,7 +187,7 @@ _LIBRARY_STATES = {
 }
 
 
-def _admin_view(runtime: Runtime, job: Job) -> dict[str, object]:
+def _admin_view(runtime: AdminHost, job: Job) -> dict[str, object]:
     spec = job.kwargs or {}
     found = view(job, {}, runtime.config.jobs.path)
     found.update({
@@ -195,7 +217,7 @@ def _json_error(status: int, error: str, detail: str) -> web.Response:
 
 
 async def _find_job(request: web.Request) -> tuple[Job | None, dict[bytes, bytes]]:
-    runtime: Runtime = request.app[RUNTIME]  # type: ignore[assignment]
+    runtime: AdminHost = request.app[RUNTIME]  # type: ignore[assignment]
     job_id = JobId.parse(request.match_info["id"])
     if job_id is None:
         return None, {}
@@ -204,7 +226,7 @@ async def _find_job(request: web.Request) -> tuple[Job | None, dict[bytes, bytes
 
 async def jobs_list(request: web.Request) -> web.Response:
     """GET /admin/jobs?status=failed[&queue=reports][&limit=100]"""
-    runtime: Runtime = request.app[RUNTIME]  # type: ignore[assignment]
+    runtime: AdminHost = request.app[RUNTIME]  # type: ignore[assignment]
     status = request.query.get("status", "failed")
     if status not in _LIBRARY_STATES:
         return _json_error(400, "bad_request", f"status is one of {', '.join(_LIBRARY_STATES)}")
@@ -230,7 +252,7 @@ async def jobs_list(request: web.Request) -> web.Response:
 
 
 async def job_detail(request: web.Request) -> web.Response:
-    runtime: Runtime = request.app[RUNTIME]  # type: ignore[assignment]
+    runtime: AdminHost = request.app[RUNTIME]  # type: ignore[assignment]
     try:
         job, progress = await _find_job(request)
     except REDIS_ERRORS as exc:
@@ -244,7 +266,7 @@ async def job_detail(request: web.Request) -> web.Response:
 
 async def job_retry(request: web.Request) -> web.Response:
     """Run a failed or cancelled job again, from its first attempt."""
-    runtime: Runtime = request.app[RUNTIME]  # type: ignore[assignment]
+    runtime: AdminHost = request.app[RUNTIME]  # type: ignore[assignment]
     try:
         job, _ = await _find_job(request)
         if job is None:
@@ -264,7 +286,7 @@ async def job_retry(request: web.Request) -> web.Response:
 async def job_progress(request: web.Request) -> web.Response:
     """POST /internal/jobs/{id}/progress?token=... {"progress": 40, "message": "..."}: what an
     upstream reports while it works on a job (the URL comes in X-Sidecar-Progress-URL)."""
-    runtime: Runtime = request.app[RUNTIME]  # type: ignore[assignment]
+    runtime: AdminHost = request.app[RUNTIME]  # type: ignore[assignment]
     try:
         # orjson: nesting past 1024 levels is a JSONDecodeError, not a RecursionError (500)
         payload = await request.json(loads=orjson.loads)
@@ -289,7 +311,7 @@ async def job_progress(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus text format: every worker's figures added up (sidecar/metrics.py)."""
-    runtime: Runtime = request.app[RUNTIME]  # type: ignore[assignment]
+    runtime: AdminHost = request.app[RUNTIME]  # type: ignore[assignment]
     if not runtime.config.metrics.enabled:
         return _json_error(404, "metrics_disabled", "metrics.enabled is false in the config")
     body = await render(runtime)
@@ -320,7 +342,7 @@ _URL_PASSWORD = re.compile(r"(://[^/@:]*:)[^/@]*@")
 
 async def config_view(request: web.Request) -> web.Response:
     """The config in effect (defaults filled in), secrets redacted."""
-    runtime: Runtime = request.app[RUNTIME]  # type: ignore[assignment]
+    runtime: AdminHost = request.app[RUNTIME]  # type: ignore[assignment]
     loaded = runtime.state.loaded
     return web.json_response({
         "file": str(loaded.path),
@@ -331,7 +353,7 @@ async def config_view(request: web.Request) -> web.Response:
     })
 
 
-def build_admin_app(runtime: Runtime) -> web.Application:
+def build_admin_app(runtime: AdminHost) -> web.Application:
     app = web.Application(middlewares=[require_token])
     app[RUNTIME] = runtime
     app[KNOWN_LANES] = set()

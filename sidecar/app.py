@@ -52,6 +52,7 @@ from .policies.offload import OffloadPolicy
 from .policies.ratelimit import RateLimitPolicy
 from .policies.retry import RetryPolicy
 from .routing import RouteTable
+from .state import State
 from .stores.breakers import BreakerService
 from .stores.dedup import DedupService
 from .stores.jobs import JobService
@@ -62,21 +63,6 @@ if TYPE_CHECKING:
     from .jobrunner import JobRunner
 
 log = logging.getLogger("sidecar")
-
-
-@dataclass(frozen=True, slots=True)
-class State:
-    """Everything one loaded config needs to serve, built once."""
-
-    loaded: LoadedConfig
-    config: Config
-    routes: RouteTable
-    pools: dict[str, UpstreamPool]
-    chains: dict[str, Handler]
-    upgrade_chains: dict[str, Handler]  # for requests that ask to switch protocols
-    via_response_bytes: bytes  # `1.1 <server.via>`, this hop in a response's Via
-    via_request_id: bytes  # `Via: 1.1 <server.via>\r\nX-Request-ID: `, ahead of the id
-    jobs_path: str
 
 
 def _upstream_handler(pool: UpstreamPool, recorder: Recorder, *,

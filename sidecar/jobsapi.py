@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import hmac
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import orjson
 from saq.job import Job, Status
@@ -47,7 +47,7 @@ from .stores.jobs import lanes_key
 from .stores.subscriber import REDIS_ERRORS
 
 if TYPE_CHECKING:
-    from .app import Runtime
+    from .config import Config
     from .http.headers import RawHeaders
     from .http.request import RequestHead
     from .stores.jobs import JobService
@@ -89,8 +89,18 @@ async def find_job(service: JobService, job_id: JobId, known_lanes: set[str]
     return await service.lookup(job_id)
 
 
+class JobsHost(Protocol):
+    """What the job status API needs of the worker it runs in (app.Runtime)."""
+
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def jobs(self) -> JobService: ...
+
+
 class JobsEndpoint:
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: JobsHost) -> None:
         self.runtime = runtime
         self.known_lanes: set[str] = set()
 

@@ -23,7 +23,7 @@ from bisect import bisect_left
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -39,8 +39,11 @@ from .core.jobs import DURATION_BUCKETS as JOB_BUCKETS
 from .stores.subscriber import REDIS_ERRORS
 
 if TYPE_CHECKING:
-    from .app import Runtime
     from .config import Config
+    from .stores.breakers import BreakerService
+    from .stores.dedup import DedupService
+    from .stores.jobs import JobService
+    from .stores.tiered import CacheService
 
 METRICS_DIR_ENV = "SIDECAR_METRICS_DIR"
 FLUSH_INTERVAL = 1.0
@@ -226,12 +229,43 @@ class Recorder:
         return out
 
 
+class MetricsHost(Protocol):
+    """What the figures are read from: the worker (app.Runtime)."""
+
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def metrics(self) -> Recorder: ...
+
+    @property
+    def metrics_share(self) -> Share | None: ...
+
+    @property
+    def cache(self) -> CacheService: ...
+
+    @property
+    def dedup(self) -> DedupService: ...
+
+    @property
+    def breakers(self) -> BreakerService: ...
+
+    @property
+    def jobs(self) -> JobService: ...
+
+    @property
+    def redis_up(self) -> bool: ...
+
+    @property
+    def reloads(self) -> dict[str, int]: ...
+
+
 # -- one process's figures, as plain data --------------------------------------------------------
 
 Snapshot = dict[str, Any]  # {"pid", "counters": {name: [[*labels, value]]}, "gauges", "histograms"}
 
 
-def snapshot(runtime: Runtime) -> Snapshot:
+def snapshot(runtime: MetricsHost) -> Snapshot:
     """Every per-process figure, in a form that can be written to a file and added up."""
     recorder = runtime.metrics
     counters: dict[str, list[list[Any]]] = {
@@ -371,13 +405,13 @@ class Share:
                 found.append(json.loads(path.read_text()))
         return found
 
-    async def run(self, runtime: Runtime) -> None:
+    async def run(self, runtime: MetricsHost) -> None:
         while True:
             await asyncio.sleep(FLUSH_INTERVAL)
             with contextlib.suppress(OSError):  # the directory went away: the supervisor stops
                 self.write(snapshot(runtime))
 
-    def close(self, runtime: Runtime) -> None:
+    def close(self, runtime: MetricsHost) -> None:
         with contextlib.suppress(OSError):
             self.write(snapshot(runtime))  # the last figures of a worker that stops
 
@@ -400,7 +434,7 @@ def share_from_env() -> Share | None:
 # -- the scrape ---------------------------------------------------------------------------------
 
 
-async def render(runtime: Runtime) -> bytes:
+async def render(runtime: MetricsHost) -> bytes:
     """The /metrics page: this process's figures, the other workers', the cluster's."""
     own = snapshot(runtime)
     snaps = [own]
@@ -421,7 +455,7 @@ async def render(runtime: Runtime) -> bytes:
     return generate_latest(registry)
 
 
-async def _cluster_figures(runtime: Runtime) -> dict[str, Any]:
+async def _cluster_figures(runtime: MetricsHost) -> dict[str, Any]:
     """What lives in Redis: the L2 cache's size and the job queues."""
     figures: dict[str, Any] = {"queues": {}, "l2": None}
     if not runtime.redis_up:

@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from ..errors import RequestBodyTooLargeError
 
-if TYPE_CHECKING:
-    from .protocol import EdgeProtocol
-
 HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
+
+
+class FlowControl(Protocol):
+    """What a body needs of its connection (edge/protocol.py): to stop and resume reading."""
+
+    def pause_for_body(self) -> None: ...
+
+    def resume_for_body(self) -> None: ...
 
 
 class ClientGone(ConnectionResetError):
@@ -27,7 +32,7 @@ class ClientGone(ConnectionResetError):
 class RequestBody:
     __slots__ = ("_chunks", "_conn", "_error", "_limit", "_size", "_waiter", "done", "received")
 
-    def __init__(self, conn: EdgeProtocol, limit: int) -> None:
+    def __init__(self, conn: FlowControl, limit: int) -> None:
         self._conn = conn
         self._chunks: deque[bytes] = deque()
         self._size = 0  # buffered, not yet read

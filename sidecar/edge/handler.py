@@ -13,10 +13,10 @@ import contextlib
 import logging
 import re
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import NoRouteError, SidecarError, UpstreamError
-from ..jobsapi import JobsEndpoint, under
+from ..jobsapi import JobsEndpoint, JobsHost, under
 from ..metrics import JOBS_ROUTE, NO_ROUTE
 from ..pipeline import ProxyRequest, ProxyResponse
 from .body import ClientGone
@@ -24,9 +24,11 @@ from .responses import error_response, new_request_id, response_head, status_lin
 from .upgrade import Tunnel
 
 if TYPE_CHECKING:
-    from ..app import Runtime, State
     from ..http.request import RequestHead
+    from ..logs import AccessLog
+    from ..metrics import Recorder
     from ..routing import Route
+    from ..state import State
     from ..upstream import Body
     from .protocol import EdgeProtocol, Exchange
 
@@ -42,10 +44,25 @@ _CHUNKED = b"Transfer-Encoding: chunked\r\n"
 _NO_BODY_STATUS = frozenset({204, 304})
 
 
+class EdgeHost(JobsHost, Protocol):
+    """What the handler needs of the worker it serves (app.Runtime)."""
+
+    @property
+    def state(self) -> State:
+        """The config in force: read once per request."""
+        ...
+
+    @property
+    def metrics(self) -> Recorder: ...
+
+    @property
+    def access_log(self) -> AccessLog: ...
+
+
 class EdgeHandler:
     """The public listener's one handler (see the module's docstring)."""
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: EdgeHost) -> None:
         self.runtime = runtime
         self.jobs = JobsEndpoint(runtime)
 

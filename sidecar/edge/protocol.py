@@ -30,7 +30,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import httptools
 
@@ -52,7 +52,6 @@ from .responses import error_response, new_request_id
 
 if TYPE_CHECKING:
     from ..config import LimitsConfig
-    from .handler import EdgeHandler
     from .upgrade import Tunnel
 
 log = logging.getLogger("sidecar.connection")
@@ -667,11 +666,22 @@ class _Stop(Exception):
     """Raised from a parser callback: a refusal is queued; parse nothing more."""
 
 
+class RequestHandler(Protocol):
+    """What answers the requests (edge/handler.py's EdgeHandler)."""
+
+    @property
+    def max_body(self) -> int:
+        """server.limits.max_body of the config in force."""
+        ...
+
+    async def serve(self, exchange: Exchange, conn: EdgeProtocol) -> None: ...
+
+
 class EdgeServer:
     """The public listener: an EdgeProtocol per connection, the sweep of their timers, and a
     graceful stop."""
 
-    def __init__(self, handler: EdgeHandler, limits: LimitsConfig, *,
+    def __init__(self, handler: RequestHandler, limits: LimitsConfig, *,
                  keepalive_timeout: float) -> None:
         self.handler = handler
         self.limits = limits

@@ -5,19 +5,30 @@ read), and passes on half-closes and closes."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import asyncio
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from ..upstream import UpstreamTunnel
-    from .protocol import EdgeProtocol
+
+
+class ClientSide(Protocol):
+    """What a tunnel needs of the client's connection (edge/protocol.py)."""
+
+    client: str  # the peer's address, for logs
+    transport: asyncio.Transport | None
+
+    def start_tunnel(self, tunnel: Tunnel) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class Tunnel:
-    """Joins an EdgeProtocol (the client) and an UpstreamTunnel (the upstream)."""
+    """Joins the client's connection (an EdgeProtocol) and an UpstreamTunnel (the upstream)."""
 
     __slots__ = ("client", "client_done", "closed", "upstream", "upstream_done")
 
-    def __init__(self, client: EdgeProtocol, upstream: UpstreamTunnel) -> None:
+    def __init__(self, client: ClientSide, upstream: UpstreamTunnel) -> None:
         self.client = client
         self.upstream = upstream
         self.closed = False
