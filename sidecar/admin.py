@@ -18,13 +18,13 @@ from . import __version__
 from .core.jobs import CANCELLED, FAILED, TERMINAL, JobId, parse_progress, public_status
 from .edge.responses import error_body, new_request_id
 from .errors import SidecarError, UnauthorizedError
-from .jobsapi import JobsHost, find_job, view
+from .jobs.api import JobsHost, find_job, view
 from .metrics import MetricsHost, render
 from .stores.subscriber import REDIS_ERRORS
 
 if TYPE_CHECKING:
     from .edge.protocol import EdgeServer
-    from .jobrunner import JobRunner
+    from .jobs.runner import JobRunner
     from .state import State
 
 

@@ -32,6 +32,7 @@ from .edge.handler import EdgeHandler
 from .edge.protocol import EdgeServer
 from .errors import UpstreamError
 from .forwarding import build_request_head
+from .jobs.queue import JobService
 from .logs import AccessLog, configure_logging
 from .metrics import Recorder, Share, share_from_env
 from .pipeline import (
@@ -55,12 +56,11 @@ from .routing import RouteTable
 from .state import State
 from .stores.breakers import BreakerService
 from .stores.dedup import DedupService
-from .stores.jobs import JobService
 from .stores.tiered import CacheService
 from .upstream import UpstreamPool
 
 if TYPE_CHECKING:
-    from .jobrunner import JobRunner
+    from .jobs.runner import JobRunner
 
 log = logging.getLogger("sidecar")
 
@@ -350,7 +350,7 @@ class Runtime:
         if config.server.watch_config:
             self._tasks.append(asyncio.create_task(self._watch_config(), name="config-watch"))
         if config.jobs.workers:
-            from .jobrunner import JobRunner
+            from .jobs.runner import JobRunner
 
             self.runner = JobRunner(self, self.jobs)
             await self.runner.start()

@@ -58,7 +58,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from .jobworker import StandaloneWorker, embedded_url
+    from .jobs.worker import StandaloneWorker, embedded_url
 
     loaded = _load_or_report(args.config)
     if loaded is None:

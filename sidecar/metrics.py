@@ -40,9 +40,9 @@ from .stores.subscriber import REDIS_ERRORS
 
 if TYPE_CHECKING:
     from .config import Config
+    from .jobs.queue import JobService
     from .stores.breakers import BreakerService
     from .stores.dedup import DedupService
-    from .stores.jobs import JobService
     from .stores.tiered import CacheService
 
 METRICS_DIR_ENV = "SIDECAR_METRICS_DIR"

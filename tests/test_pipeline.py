@@ -9,6 +9,7 @@ from support import make_config, write_config
 
 from sidecar.app import POLICY_BUILDERS, Services, build_policies
 from sidecar.config import Config, load_config
+from sidecar.jobs.queue import JobService
 from sidecar.pipeline import CANONICAL_ORDER, UPGRADE_POLICIES
 from sidecar.policies.breaker import BreakerPolicy
 from sidecar.policies.cache import CachePolicy
@@ -19,7 +20,6 @@ from sidecar.policies.ratelimit import RateLimitPolicy
 from sidecar.policies.retry import RetryPolicy
 from sidecar.stores.breakers import BreakerService
 from sidecar.stores.dedup import DedupService
-from sidecar.stores.jobs import JobService
 from sidecar.stores.tiered import CacheService
 
 

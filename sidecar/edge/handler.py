@@ -16,7 +16,7 @@ import time
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import NoRouteError, SidecarError, UpstreamError
-from ..jobsapi import JobsEndpoint, JobsHost, under
+from ..jobs.api import JobsEndpoint, JobsHost, under
 from ..metrics import JOBS_ROUTE, NO_ROUTE
 from ..pipeline import ProxyRequest, ProxyResponse
 from .body import ClientGone

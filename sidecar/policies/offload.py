@@ -1,5 +1,5 @@
 """`offload`: answer a long-running request at once with `202 Accepted` and a job to poll; a
-worker replays it to the upstream in the background (jobrunner.py, docs/jobs.md).
+worker replays it to the upstream in the background (jobs/runner.py, docs/jobs.md).
 
 `mode: prefer` offloads only requests that ask for it (`Prefer: respond-async`). With
 `Prefer: wait=N` the client is willing to wait: the policy waits up to N seconds (at most
@@ -29,7 +29,7 @@ from ..stores.subscriber import REDIS_ERRORS
 
 if TYPE_CHECKING:
     from ..config import JobsConfig, OffloadConfig, QueueConfig
-    from ..stores.jobs import JobService
+    from ..jobs.queue import JobService
 
 RETRY_AFTER = 2  # seconds: what a 202 suggests between polls
 

@@ -146,7 +146,7 @@ def test_parse_progress_refuses(payload: object) -> None:
 
 def test_client_error_is_the_last_line_without_the_exception_class() -> None:
     trace = ("Traceback (most recent call last):\n  File \"x\", line 1\n"
-             "sidecar.jobrunner.JobFailure: upstream answered 503 Service Unavailable\n")
+             "sidecar.jobs.runner.JobFailure: upstream answered 503 Service Unavailable\n")
     assert client_error("failed", trace) == "upstream answered 503 Service Unavailable"
     assert client_error("failed", "Traceback...\nTimeoutError\n") == (
         "the attempt timed out (offload.timeout)")
@@ -172,7 +172,7 @@ def test_status_view() -> None:
                        progress=60.0, message=None, urls=urls)
     assert done["progress"] == 100
     assert done["finished_at"] is not None
-    failed = status_view("x", "failed", "a\nsidecar.jobrunner.JobFailure: upstream answered 502",
+    failed = status_view("x", "failed", "a\nsidecar.jobs.runner.JobFailure: upstream answered 502",
                          attempts=3, queued=1, started=2, completed=3, progress=10.0,
                          message=None, urls=urls)
     assert failed["error"] == "upstream answered 502"

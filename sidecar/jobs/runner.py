@@ -2,7 +2,7 @@
 
 Runs inside `sidecar run` (unless `jobs.workers: false`) and as `sidecar worker`, on any
 number of machines sharing Redis. Per configured queue a process keeps `concurrency` loops;
-each loop takes a cluster-wide slot (stores/jobs.py), then lets saq's Worker.process() take the
+each loop takes a cluster-wide slot (jobs/queue.py), then lets saq's Worker.process() take the
 next job from the lowest priority lane that has one and run it: saq does the dequeue, status
 updates, the attempt timeout, retries with exponential backoff and jitter, and aborts; its
 upkeep re-queues jobs whose worker stopped heart-beating (crash recovery).
@@ -23,17 +23,17 @@ from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 from saq.job import Job, Status
 from saq.worker import Worker
 
-from .aio import cancel_and_wait
-from .core.jobs import SWEPT_ERROR, client_error, lane, replay_head
-from .errors import UpstreamError
-from .pipeline import ProxyResponse
-from .stores.dedup import SharedResult
-from .stores.jobs import CANCELLED_BY_CLIENT, REPLAY, JobService, SidecarQueue
-from .stores.subscriber import REDIS_ERRORS
+from ..aio import cancel_and_wait
+from ..core.jobs import SWEPT_ERROR, client_error, lane, replay_head
+from ..errors import UpstreamError
+from ..pipeline import ProxyResponse
+from ..stores.dedup import SharedResult
+from ..stores.subscriber import REDIS_ERRORS
+from .queue import CANCELLED_BY_CLIENT, REPLAY, JobService, SidecarQueue
 
 if TYPE_CHECKING:
-    from .config import Config
-    from .upstream import UpstreamPool
+    from ..config import Config
+    from ..upstream import UpstreamPool
 
 log = logging.getLogger("sidecar.jobs")
 

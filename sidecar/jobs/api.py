@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 import orjson
 from saq.job import Job, Status
 
-from .core.etag import none_match
-from .core.jobs import (
+from ..core.etag import none_match
+from ..core.jobs import (
     CANCELLED,
     FAILED,
     SUCCEEDED,
@@ -34,23 +34,23 @@ from .core.jobs import (
     status_view,
     view_etag,
 )
-from .errors import (
+from ..errors import (
     JobFinishedError,
     JobNotFinishedError,
     JobNotFoundError,
     JobQueueUnavailableError,
     MethodNotAllowedError,
 )
-from .pipeline import ProxyResponse
-from .policies.offload import RETRY_AFTER, job_urls
-from .stores.jobs import lanes_key
-from .stores.subscriber import REDIS_ERRORS
+from ..pipeline import ProxyResponse
+from ..policies.offload import RETRY_AFTER, job_urls
+from ..stores.subscriber import REDIS_ERRORS
+from .queue import lanes_key
 
 if TYPE_CHECKING:
-    from .config import Config
-    from .http.headers import RawHeaders
-    from .http.request import RequestHead
-    from .stores.jobs import JobService
+    from ..config import Config
+    from ..http.headers import RawHeaders
+    from ..http.request import RequestHead
+    from .queue import JobService
 
 KEEPALIVE = 15.0  # an SSE comment this often keeps proxies from closing an idle stream
 RECHECK = 2.0  # an SSE stream re-reads the job this often even without a notification

@@ -30,8 +30,8 @@ from saq.job import Job, Status
 from saq.queue.redis import RedisQueue
 
 from ..core.jobs import DURATION_BUCKETS, SWEPT_ERROR, JobId, duration_bucket, lane
-from .dedup import SharedResult
-from .subscriber import REDIS_ERRORS, Subscriber
+from ..stores.dedup import SharedResult
+from ..stores.subscriber import REDIS_ERRORS, Subscriber
 
 if TYPE_CHECKING:
     from ..config import OffloadConfig

@@ -8,13 +8,13 @@ import logging
 import os
 import signal
 
-from .app import attach_jobs, progress_base
-from .config import Config, ConfigError, LoadedConfig, load_config
-from .jobrunner import JobRunner
-from .logs import configure_logging
-from .process.embedded_redis import EmbeddedRedis
-from .stores.jobs import JobService
-from .upstream import UpstreamPool
+from ..app import attach_jobs, progress_base
+from ..config import Config, ConfigError, LoadedConfig, load_config
+from ..logs import configure_logging
+from ..process.embedded_redis import EmbeddedRedis
+from ..upstream import UpstreamPool
+from .queue import JobService
+from .runner import JobRunner
 
 log = logging.getLogger("sidecar")
 
