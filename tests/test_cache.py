@@ -132,6 +132,50 @@ async def test_expires_in_the_past_is_stale(sidecar_factory, origin, redis_url, 
     assert origin.calls["/e"] == 2
 
 
+@pytest.mark.parametrize("form", [
+    "%a, %d %b %Y %H:%M:%S AEST",  # a zone other than GMT (once read as GMT)
+    "%a %d %b %Y %H:%M:%S GMT",    # no comma
+    "%a, %d-%b-%Y %H:%M:%S GMT",   # dashes in an IMF-fixdate
+])
+async def test_an_invalid_expires_is_already_expired(sidecar_factory, origin, redis_url, client,
+                                                     form):
+    # RFC 9111 §5.3: the dates are an hour ahead, but not in a form RFC 9110 §5.6.7 allows.
+    expires = time.strftime(form, time.gmtime(time.time() + 3600))
+    origin.reply("/bad-expires", headers={"Expires": expires})
+    sidecar = await start(sidecar_factory, origin, redis_url, ttl="1h")
+    await fetch(client, sidecar.url + "/bad-expires")
+    again = await fetch(client, sidecar.url + "/bad-expires")
+    assert not again.hit and origin.calls["/bad-expires"] == 2, again.cache_status
+
+
+async def test_fields_the_upstream_connection_names_are_neither_relayed_nor_stored(
+        sidecar_factory, redis_url, client):
+    # RFC 9110 §7.6.1: X-Hop belongs to the upstream's hop. A raw upstream, since aiohttp's
+    # server writes its own Connection header.
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await reader.readuntil(b"\r\n\r\n"):
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nCache-Control: max-age=60\r\n"
+                         b"Connection: keep-alive, X-Hop\r\nX-Hop: secret\r\nX-Kept: 1\r\n\r\nok")
+            await writer.drain()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        routes = [{"name": "cached", "match": {"path": "/c/**"}, "upstream": "app",
+                   "cache": {"ttl": "60s"}},
+                  {"name": "plain", "match": {"path": "/**"}, "upstream": "app"}]
+        sidecar = await sidecar_factory(
+            make_config(f"http://127.0.0.1:{port}", redis_url, routes=routes))
+        first = await fetch(client, sidecar.url + "/c/hop")
+        hit = await fetch(client, sidecar.url + "/c/hop")
+        plain = await fetch(client, sidecar.url + "/plain")
+        assert hit.hit
+        for response in (first, hit, plain):
+            assert "X-Hop" not in response.headers and response.headers["X-Kept"] == "1"
+    finally:
+        server.close()
+
+
 async def test_expires_without_date_counts_from_arrival(sidecar_factory, redis_url, client):
     # aiohttp always sends Date, so this upstream speaks raw HTTP/1.1
     calls = 0

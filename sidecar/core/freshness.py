@@ -6,7 +6,10 @@ the request path without I/O, and the tests can be exhaustive without sockets or
 
 from __future__ import annotations
 
+import calendar
 import enum
+import re
+import time
 from dataclasses import dataclass
 from datetime import UTC
 from email.utils import parsedate_to_datetime
@@ -87,6 +90,45 @@ def http_date(value: str | None) -> float | None:
     if parsed.tzinfo is None:  # asctime-date carries no zone; every HTTP-date is GMT
         parsed = parsed.replace(tzinfo=UTC)
     return parsed.timestamp()
+
+
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+_MONTH = "(" + "|".join(_MONTHS) + ")"
+_DAY = "(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun)"
+_TIME = "([0-9]{2}):([0-9]{2}):([0-9]{2})"
+# RFC 9110 §5.6.7, to the letter: IMF-fixdate, the obsolete RFC 850 form, asctime.
+_IMF_FIXDATE = re.compile(_DAY + ", ([0-9]{2}) " + _MONTH + " ([0-9]{4}) " + _TIME + " GMT")
+_RFC850 = re.compile("(?:Monday|Tuesday|Wednesday|Thursday|Friday|Saturday|Sunday), "
+                     "([0-9]{2})-" + _MONTH + "-([0-9]{2}) " + _TIME + " GMT")
+_ASCTIME = re.compile(_DAY + " " + _MONTH + " ([0-9]{2}| [0-9]) " + _TIME + " ([0-9]{4})")
+
+
+def strict_http_date(value: str | None, *, now: float) -> float | None:
+    """An HTTP-date in exactly one of the three forms of RFC 9110 §5.6.7, as a timestamp; None
+    for anything else (another zone than GMT, a missing comma, a one-digit hour, doubled
+    spaces, two values joined by a comma...). For `Expires`, where an invalid date means
+    already expired (RFC 9111 §5.3), not a guess. `now` places an RFC 850 two-digit year: one
+    more than 50 years ahead is the most recent past year with those digits."""
+    if not value:
+        return None
+    if match := _IMF_FIXDATE.fullmatch(value):
+        day, month, year, hour, minute, second = match.groups()
+    elif match := _RFC850.fullmatch(value):
+        day, month, short, hour, minute, second = match.groups()
+        this_year = time.gmtime(now).tm_year
+        year_n = this_year - this_year % 100 + int(short)
+        if year_n > this_year + 50:
+            year_n -= 100
+        year = str(year_n)
+    elif match := _ASCTIME.fullmatch(value):
+        month, day, hour, minute, second, year = match.groups()
+    else:
+        return None
+    y, m, d = int(year), _MONTHS.index(month) + 1, int(day)
+    if not (1 <= d <= calendar.monthrange(y, m)[1] and int(hour) <= 23 and int(minute) <= 59
+            and int(second) <= 60):  # 60: a leap second
+        return None
+    return float(calendar.timegm((y, m, d, int(hour), int(minute), int(second), 0, 0, 0)))
 
 
 def not_storable_reason(

@@ -33,11 +33,12 @@ from ..core.freshness import (
     initial_age,
     not_storable_reason,
     parse_cache_control,
+    strict_http_date,
     verdict,
 )
 from ..errors import UpstreamError
 from ..http.dates import http_date_now
-from ..http.headers import RawHeaders
+from ..http.headers import RawHeaders, connection_tokens
 from ..pipeline import Handler, ProxyRequest, ProxyResponse
 from ..stores.entry import CachedResponse
 from ..stores.memory import MemoryStore
@@ -74,6 +75,13 @@ def get_header(headers: Sequence[tuple[bytes, bytes]], lname: bytes) -> str | No
     if not values:
         return None
     return ", ".join(v.decode("latin-1") for v in values)
+
+
+def connection_named(raw: Sequence[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    """The fields the upstream's Connection header names (RFC 9110 §7.6.1): this hop's, so
+    neither stored nor handed to a client."""
+    connection = get_header(raw, b"connection")
+    return connection_tokens(connection) if connection else frozenset()
 
 
 def withheld_fields(response_cc: Directives) -> frozenset[bytes]:
@@ -300,7 +308,8 @@ class CachePolicy:
     def _own_fields(response: ProxyResponse) -> RawHeaders:
         raw = response.headers
         withheld = withheld_fields(parse_cache_control(get_header(raw, b"cache-control")))
-        return [(n, v) for n, v in raw if n.lower() in withheld]
+        named = connection_named(raw)
+        return [(n, v) for n, v in raw if n.lower() in withheld and n.lower() not in named]
 
     async def _fetch(self, request: ProxyRequest, call_next: Handler, primary: str, target: str,
                      fwd: str, request_cc: Directives) -> ProxyResponse:
@@ -433,9 +442,8 @@ class CachePolicy:
                expires_raw: str | None, vary: str | None, request_time: float,
                response_time: float) -> CachedResponse:
         config = self.config
-        withheld = withheld_fields(response_cc)
-        headers = [(n, v) for n, v in raw
-                   if n.lower() not in _NOT_STORED and n.lower() not in withheld]
+        dropped = _NOT_STORED | withheld_fields(response_cc) | connection_named(raw)
+        headers = [(n, v) for n, v in raw if n.lower() not in dropped]
         etag = get_header(raw, b"etag")
         if etag is None and self.generate_etag and status == 200:
             etag = generate_strong_etag(body)
@@ -447,7 +455,8 @@ class CachePolicy:
         if date is None:  # the Date just added is "now": Expires counts from it
             date = response_time
         lifetime = freshness_lifetime(
-            response_cc=response_cc, expires=http_date(expires_raw), date=date,
+            response_cc=response_cc, expires=strict_http_date(expires_raw, now=response_time),
+            date=date,
             expires_present=expires_raw is not None, status=status, default_ttl=config.ttl,
             override=config.override)
         swr_directive = delta_seconds(response_cc, "stale-while-revalidate")
@@ -480,8 +489,10 @@ class CachePolicy:
     def _refreshed(self, entry: CachedResponse, response: ProxyResponse,
                    request_time: float) -> CachedResponse:
         """A 304 updates the stored headers (RFC 9111 §4.3.4) and restarts freshness."""
+        named = connection_named(response.headers)
         updates = {n.lower(): (n, v) for n, v in response.headers
-                   if n.lower() not in _NOT_STORED and n.lower() != b"content-type"}
+                   if n.lower() not in _NOT_STORED and n.lower() != b"content-type"
+                   and n.lower() not in named}
         merged = [updates.pop(n.lower(), (n, v)) for n, v in entry.headers
                   if n.lower() != b"content-length"]
         merged += updates.values()
@@ -497,7 +508,8 @@ class CachePolicy:
         config = self.config
         date = http_date(get_header(headers, b"date"))
         lifetime = freshness_lifetime(
-            response_cc=response_cc, expires=http_date(expires_raw), date=date,
+            response_cc=response_cc, expires=strict_http_date(expires_raw, now=response_time),
+            date=date,
             expires_present=expires_raw is not None, status=entry.status,
             default_ttl=config.ttl, override=config.override)
         f = entry.freshness

@@ -16,6 +16,7 @@ from sidecar.core.freshness import (
     initial_age,
     not_storable_reason,
     parse_cache_control,
+    strict_http_date,
     verdict,
 )
 
@@ -71,6 +72,50 @@ def test_parse_cache_control(value: str | None, expected: dict[str, str | None])
 def test_http_date_accepts_the_three_formats(value: str) -> None:
     # RFC 9110 §5.6.7: a recipient MUST accept all three formats.
     assert http_date(value) == T
+
+
+# Expires is read strictly (RFC 9111 §5.3: an invalid date means already expired).
+NOW_2026 = 1796515200.0  # 2026-12-06
+
+
+@pytest.mark.parametrize("value", [IMF_DATE, "Sunday, 06-Nov-94 08:49:37 GMT",
+                                   "Sun Nov  6 08:49:37 1994"])
+def test_strict_http_date_accepts_the_three_formats(value: str) -> None:
+    assert strict_http_date(value, now=NOW_2026) == T
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "Sun, 06 Nov 1994 08:49:37 AEST",    # a zone other than GMT
+        "Sun, 06 Nov 1994 08:49:37 +0000",
+        "Sun, 06 Nov 1994 08:49:37 gmt",     # HTTP-date is case-sensitive
+        "Sun 06 Nov 1994 08:49:37 GMT",      # missing comma
+        "Sun, 06-Nov-1994 08:49:37 GMT",     # dashes in an IMF-fixdate
+        "Sunday, 06 Nov 94 08:49:37 GMT",    # spaces in an RFC 850 date
+        "Sun, 06.Nov.1994 08:49:37 GMT",     # dots
+        "Sunday, 06-Nov-1994 08:49:37 GMT",  # four digits where RFC 850 has two
+        "Sun, 06 Nov 94 08:49:37 GMT",       # two digits where IMF-fixdate has four
+        "Sun, 06 Nov 1994 8:49:37 GMT",      # a one-digit hour
+        "Sun,  06 Nov 1994 08:49:37 GMT",    # doubled space
+        "Sun Nov 6 08:49:37 1994",           # asctime's day is padded with a space
+        "Sun, 06 Nov 1994 08:49:37 GMT, Mon, 07 Nov 1994 08:49:37 GMT",  # two Expires lines
+        "Sun, 31 Feb 1994 08:49:37 GMT",     # no such day
+        "Sun, 06 Nov 1994 24:00:00 GMT",
+        "0",
+        "",
+        None,
+    ],
+)
+def test_strict_http_date_refuses_everything_else(value: str | None) -> None:
+    assert strict_http_date(value, now=NOW_2026) is None
+
+
+def test_an_rfc850_year_over_50_years_ahead_is_in_the_past() -> None:
+    assert time.gmtime(strict_http_date("Sunday, 06-Nov-76 08:49:37 GMT",
+                                        now=NOW_2026)).tm_year == 2076
+    assert time.gmtime(strict_http_date("Sunday, 06-Nov-77 08:49:37 GMT",
+                                        now=NOW_2026)).tm_year == 1977
 
 
 @pytest.fixture
