@@ -508,6 +508,36 @@ async def test_successful_unsafe_method_invalidates_uri_and_location(sidecar_fac
     assert (await fetch(client, sidecar.url + "/items/1")).hit
 
 
+@pytest.mark.parametrize("method", ["PROPPATCH", "PURGE", "MKCOL"])
+async def test_a_method_of_unknown_safety_invalidates_too(sidecar_factory, origin, redis_url,
+                                                          client, method):
+    # RFC 9111 §4.4: not only POST, PUT, PATCH and DELETE.
+    origin.reply("/dav", headers={"Cache-Control": "max-age=60"})
+    sidecar = await start(sidecar_factory, origin, redis_url)
+    await fetch(client, sidecar.url + "/dav")
+    assert (await fetch(client, sidecar.url + "/dav")).hit
+    assert (await fetch(client, sidecar.url + "/dav", method=method)).status == 200
+    assert not (await fetch(client, sidecar.url + "/dav")).hit
+    # and a safe one does not
+    assert (await fetch(client, sidecar.url + "/dav", method="OPTIONS")).status == 200
+    assert (await fetch(client, sidecar.url + "/dav")).hit
+
+
+@pytest.mark.parametrize("status", [299, 418, 599])
+async def test_a_status_the_cache_does_not_know_is_stored_with_explicit_freshness(
+        sidecar_factory, origin, redis_url, client, status):
+    # RFC 9111 §3: stored on the upstream's word, served while fresh; not on the route's ttl.
+    origin.reply("/odd", status=status, headers={"Cache-Control": "max-age=60"})
+    origin.reply("/odd-plain", status=status)
+    sidecar = await start(sidecar_factory, origin, redis_url, ttl="1h")
+    await fetch(client, sidecar.url + "/odd")
+    hit = await fetch(client, sidecar.url + "/odd")
+    assert hit.hit and hit.status == status and origin.calls["/odd"] == 1
+    await fetch(client, sidecar.url + "/odd-plain")
+    again = await fetch(client, sidecar.url + "/odd-plain")
+    assert not again.hit and origin.calls["/odd-plain"] == 2
+
+
 async def test_failed_unsafe_method_does_not_invalidate(sidecar_factory, origin, redis_url,
                                                         client):
     origin.reply("/keep", headers={"Cache-Control": "max-age=60"})

@@ -19,6 +19,9 @@ Directives = dict[str, str | None]
 # RFC 9110 §15.1: statuses cacheable by default (heuristic freshness allowed). 206 is left out:
 # the sidecar does not store partial content.
 HEURISTIC_STATUSES = frozenset({200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501})
+# Statuses whose reuse needs rules the sidecar does not implement (partial content, a 304 as
+# such): never stored, whatever the response says.
+_NEVER_STORED = frozenset({206, 304})
 # Final statuses a response may be stored for when it carries explicit freshness.
 UNDERSTOOD_STATUSES = HEURISTIC_STATUSES | frozenset({302, 303, 307, 400, 403, 500, 502, 503,
                                                       504})
@@ -144,7 +147,11 @@ def not_storable_reason(
     page personalised by that cookie."""
     if method != "GET":
         return "method"
-    if status not in UNDERSTOOD_STATUSES:
+    if status not in UNDERSTOOD_STATUSES and (
+            status < 200 or status in _NEVER_STORED
+            or not (explicit_freshness or "public" in response_cc)):
+        # A status the cache does not know is stored only on the upstream's word (§3); an
+        # interim one never, nor those a cache must understand to reuse (206, 304).
         return "status"
     if "no-store" in request_cc or "no-store" in response_cc:
         return "no-store"

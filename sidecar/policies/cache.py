@@ -47,7 +47,9 @@ from .breaker import BreakerOpenError
 
 log = logging.getLogger("sidecar.cache")
 
-UNSAFE = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+# RFC 9110 §9.2.1's safe methods. Any other one invalidates what the cache holds for its target
+# once it succeeds, including methods of unknown safety (RFC 9111 §4.4): PROPPATCH, PURGE...
+SAFE = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 # Not stored with an entry: connection-level, recomputed per response, or per request.
 _NOT_STORED = frozenset({
     b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
@@ -145,7 +147,7 @@ class CachePolicy:
         method = request.method
         if method != "GET" and method != "HEAD":
             response = await call_next(request)
-            if method in UNSAFE and 200 <= response.status < 400:
+            if method not in SAFE and 200 <= response.status < 400:
                 await self._invalidate(request, response)
             return response
         head = request.head

@@ -178,11 +178,21 @@ def test_only_get_responses_are_stored(method: str) -> None:
     assert reason(method=method, response="max-age=60") == "method"
 
 
-@pytest.mark.parametrize("status", [100, 201, 202, 206, 304, 401, 418, 429])
-def test_statuses_not_understood_are_not_stored(status: int) -> None:
-    # 206 (partial) and 304 need special handling a cache must understand (RFC 9111 §3);
-    # the others are outside the set the sidecar knows how to reuse.
+@pytest.mark.parametrize("status", [100, 103, 206, 304])
+def test_interim_partial_and_304_responses_are_not_stored(status: int) -> None:
+    # 206 (partial) and 304 need special handling a cache must understand (RFC 9111 §3); an
+    # interim response is not final.
     assert reason(status=status, response="max-age=60, public") == "status"
+
+
+@pytest.mark.parametrize("status", [201, 202, 401, 418, 429, 299, 599])
+def test_statuses_not_understood_are_stored_on_the_upstreams_word(status: int) -> None:
+    # RFC 9111 §3: any final status, with explicit freshness or `public`; never on the route's
+    # own ttl.
+    assert reason(status=status) == "status"
+    assert reason(status=status, response="max-age=60") is None
+    assert reason(status=status, response="public") is None
+    assert reason(status=status, expires=IMF_DATE) is None
 
 
 @pytest.mark.parametrize("status", [200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501])
