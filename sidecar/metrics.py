@@ -178,13 +178,20 @@ class Recorder:
         histogram.sum += seconds
 
     def _cell(self, route: str) -> tuple[dict[int, int], Histogram]:
-        counts = self._by_route.get(route)
+        return self._new_cell(route, self._by_route, self.durations, self._cells)
+
+    def _new_cell(self, name: str, counts_by: dict[str, dict[int, int]],
+                  histograms: dict[str, Histogram],
+                  cells: dict[str, tuple[dict[int, int], Histogram]]
+                  ) -> tuple[dict[int, int], Histogram]:
+        """A route's (or an upstream's) counts and histogram, made on its first request."""
+        counts = counts_by.get(name)
         if counts is None:
-            counts = self._by_route[route] = {}
-        histogram = self.durations.get(route)
+            counts = counts_by[name] = {}
+        histogram = histograms.get(name)
         if histogram is None:
-            histogram = self.durations[route] = Histogram(self.bounds)
-        cell = self._cells[route] = (counts, histogram)
+            histogram = histograms[name] = Histogram(self.bounds)
+        cell = cells[name] = (counts, histogram)
         return cell
 
     @property
@@ -209,14 +216,8 @@ class Recorder:
         histogram.sum += seconds
 
     def _upstream_cell(self, upstream: str) -> tuple[dict[int, int], Histogram]:
-        counts = self._by_upstream.get(upstream)
-        if counts is None:
-            counts = self._by_upstream[upstream] = {}
-        histogram = self.upstream_durations.get(upstream)
-        if histogram is None:
-            histogram = self.upstream_durations[upstream] = Histogram(self.bounds)
-        cell = self._upstream_cells[upstream] = (counts, histogram)
-        return cell
+        return self._new_cell(upstream, self._by_upstream, self.upstream_durations,
+                              self._upstream_cells)
 
     @property
     def upstream(self) -> dict[tuple[str, str], int]:
