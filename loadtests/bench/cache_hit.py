@@ -52,6 +52,7 @@ from common import (
     nginx,
     on_signal,
     redis_server,
+    shared_hash_seed,
     sidecar_cpu,
     sidecar_process,
     wait_for_port,
@@ -157,7 +158,8 @@ def run(duration: float, connections: int, rounds: int, nginx_bin: str | None,
         }
         stack.enter_context(redis_server(redis_bin, workdir, redis))
         stack.enter_context(log_on_failure("sidecar", workdir / "sidecar.log"))
-        stack.enter_context(sidecar_process(workdir, "sidecar", config, side))
+        seed = shared_hash_seed()  # the two sidecars compared share one
+        stack.enter_context(sidecar_process(workdir, "sidecar", config, side, env=seed))
         extra[SIDECAR_CASE] = {"warm": warm(side, "Cache-Status",
                                             lambda v: v.startswith("sidecar; hit"))}
         cases.append((SIDECAR_CASE, side))
@@ -167,7 +169,8 @@ def run(duration: float, connections: int, rounds: int, nginx_bin: str | None,
                                   "admin_listen": f"127.0.0.1:{bare_admin}",
                                   "state_dir": str(workdir / "sidecar-bare-state")}}
         stack.enter_context(log_on_failure("sidecar-bare", workdir / "sidecar-bare.log"))
-        stack.enter_context(sidecar_process(workdir, "sidecar-bare", bare_config, bare))
+        stack.enter_context(sidecar_process(workdir, "sidecar-bare", bare_config, bare,
+                                            env=seed))
         extra[BARE_CASE] = {"warm": warm(bare, "Cache-Status",
                                          lambda v: v.startswith("sidecar; hit"))}
         cases.append((BARE_CASE, bare))

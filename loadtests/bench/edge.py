@@ -26,8 +26,7 @@ a shared machine's slow spells then fall on all alike. For the sidecar cases the
 process used during the measured run (after wrk's 2 s warm-up; `/proc/<pid>/stat`, the pid from
 /admin/stats) is divided by its requests (req/s x duration): metrics on against off is compared
 by CPU per request, far steadier than req/s on a machine with neighbours. Both sidecars get the
-same PYTHONHASHSEED (drawn per run): two processes with seeds of their own differ by several
-percent whatever their config.
+same PYTHONHASHSEED, drawn per run (common.shared_hash_seed).
 
 The servers under test (nginx proxy, both sidecars, the bare server) run on core 0 (`taskset -c
 0`), each idle while another is measured; wrk and the origin share core 1. Prints a table and
@@ -71,6 +70,7 @@ from common import (
     nginx,
     on_signal,
     redis_server,
+    shared_hash_seed,
     sidecar_cpu,
     sidecar_process,
     wait_for_port,
@@ -268,14 +268,10 @@ def run(duration: float, connections: int, rounds: int, redis_bin: str
         check(proxy, PASS_PATH)
         extra[NGINX_PASS] = {}
 
-        # The two sidecars, metrics on (the default) and off, sharing one redis-server, and one
-        # hash seed: with seeds of their own, two sidecars of the same config differed by up to
-        # 6% in CPU per hit (dict layouts follow the seed), more than the metrics' budget; with
-        # the same seed, by 0.7%. The seed is drawn per run, so no run's figures rest on a
-        # hand-picked one.
+        # The two sidecars, metrics on (the default) and off, sharing one redis-server and one
+        # hash seed (common.shared_hash_seed says why).
         stack.enter_context(redis_server(redis_bin, workdir, redis, core=1))
-        seed = {"PYTHONHASHSEED": str(int.from_bytes(os.urandom(4), "big"))}
-        print(f"sidecars' PYTHONHASHSEED: {seed['PYTHONHASHSEED']}", file=sys.stderr)
+        seed = shared_hash_seed()
         admins: dict[str, int] = {}
         for name, port, admin, metrics, hit_case, pass_case in (
                 ("sidecar", side, side_admin, True, SIDE_HIT, SIDE_PASS),
