@@ -538,6 +538,19 @@ async def test_a_status_the_cache_does_not_know_is_stored_with_explicit_freshnes
     assert not again.hit and origin.calls["/odd-plain"] == 2
 
 
+async def test_must_understand_is_stored_for_a_known_status_only(sidecar_factory, origin,
+                                                               redis_url, client):
+    # RFC 9111 §5.2.2.3
+    both = {"Cache-Control": "max-age=60, must-understand, no-store"}
+    origin.reply("/mu", headers=both)
+    origin.reply("/mu-odd", status=418, headers=both)
+    sidecar = await start(sidecar_factory, origin, redis_url)
+    for path in ("/mu", "/mu-odd"):
+        await fetch(client, sidecar.url + path)
+        await fetch(client, sidecar.url + path)
+    assert origin.calls["/mu"] == 1 and origin.calls["/mu-odd"] == 2
+
+
 async def test_failed_unsafe_method_does_not_invalidate(sidecar_factory, origin, redis_url,
                                                         client):
     origin.reply("/keep", headers={"Cache-Control": "max-age=60"})

@@ -147,13 +147,16 @@ def not_storable_reason(
     page personalised by that cookie."""
     if method != "GET":
         return "method"
+    # must-understand (§5.2.2.3): stored only by a cache that knows the status, which then
+    # ignores the no-store sent along for caches that do not.
+    must_understand = "must-understand" in response_cc
     if status not in UNDERSTOOD_STATUSES and (
-            status < 200 or status in _NEVER_STORED
+            must_understand or status < 200 or status in _NEVER_STORED
             or not (explicit_freshness or "public" in response_cc)):
         # A status the cache does not know is stored only on the upstream's word (§3); an
         # interim one never, nor those a cache must understand to reuse (206, 304).
         return "status"
-    if "no-store" in request_cc or "no-store" in response_cc:
+    if "no-store" in request_cc or ("no-store" in response_cc and not must_understand):
         return "no-store"
     if "private" in response_cc and response_cc["private"] is None:
         return "private"

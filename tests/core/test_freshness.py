@@ -195,6 +195,17 @@ def test_statuses_not_understood_are_stored_on_the_upstreams_word(status: int) -
     assert reason(status=status, expires=IMF_DATE) is None
 
 
+def test_must_understand_stores_only_statuses_the_cache_knows() -> None:
+    # RFC 9111 §5.2.2.3: the no-store sent along is for caches that do not understand.
+    both = "max-age=60, must-understand, no-store"
+    assert reason(status=200, response=both) is None
+    assert reason(status=404, response=both) is None
+    assert reason(status=418, response=both) == "status"
+    assert reason(status=418, response="max-age=60, must-understand") == "status"
+    assert reason(status=200, response="max-age=60, no-store") == "no-store"
+    assert reason(status=200, response=both, request="no-store") == "no-store"
+
+
 @pytest.mark.parametrize("status", [200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501])
 def test_heuristically_cacheable_statuses_need_no_explicit_freshness(status: int) -> None:
     assert reason(status=status) is None
