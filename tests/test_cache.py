@@ -551,6 +551,25 @@ async def test_must_understand_is_stored_for_a_known_status_only(sidecar_factory
     assert origin.calls["/mu"] == 1 and origin.calls["/mu-odd"] == 2
 
 
+async def test_if_modified_since_without_last_modified_is_answered_by_date(
+        sidecar_factory, origin, redis_url, client):
+    # RFC 9111 §4.3.2: the stored Date stands in for a missing Last-Modified.
+    origin.reply("/nolm", headers={"Cache-Control": "max-age=60"})
+    sidecar = await start(sidecar_factory, origin, redis_url)
+    first = await fetch(client, sidecar.url + "/nolm")
+    assert "Last-Modified" not in first.headers and "ETag" not in first.headers
+
+    def ims(offset: float) -> dict[str, str]:
+        when = time.gmtime(time.time() + offset)
+        return {"If-Modified-Since": time.strftime("%a, %d %b %Y %H:%M:%S GMT", when)}
+
+    later = await fetch(client, sidecar.url + "/nolm", headers=ims(10))
+    assert later.status == 304 and later.body == ""
+    earlier = await fetch(client, sidecar.url + "/nolm", headers=ims(-86400))
+    assert earlier.status == 200 and earlier.body == first.body
+    assert origin.calls["/nolm"] == 1
+
+
 async def test_failed_unsafe_method_does_not_invalidate(sidecar_factory, origin, redis_url,
                                                         client):
     origin.reply("/keep", headers={"Cache-Control": "max-age=60"})

@@ -86,6 +86,12 @@ def connection_named(raw: Sequence[tuple[bytes, bytes]]) -> frozenset[bytes]:
     return connection_tokens(connection) if connection else frozenset()
 
 
+def _last_modified(stored: RawHeaders) -> float | None:
+    """What a client's If-Modified-Since is compared with (RFC 9111 §4.3.2): the stored
+    Last-Modified, else the stored Date (the upstream's, or when the response arrived)."""
+    return http_date(get_header(stored, b"last-modified") or get_header(stored, b"date"))
+
+
 def withheld_fields(response_cc: Directives) -> frozenset[bytes]:
     """Response fields never stored: Set-Cookie (one client's session, which hits would hand
     to everybody) and those a qualified `private="..."` names (RFC 9111 §5.2.2.7). The client
@@ -484,7 +490,7 @@ class CachePolicy:
             key=primary, uri=target, status=status, reason=reason, headers=headers, body=body,
             freshness=freshness, vary_names=names,
             vary_values=vary_values(names, request.head.headers), etag=etag,
-            last_modified=http_date(get_header(raw, b"last-modified")),
+            last_modified=_last_modified(headers),
             tags=tuple(tags_raw.split()) if tags_raw else (),
         )
 
@@ -528,7 +534,7 @@ class CachePolicy:
             headers=headers, body=entry.body, freshness=freshness,
             vary_names=entry.vary_names, vary_values=entry.vary_values,
             etag=get_header(headers, b"etag") or entry.etag,
-            last_modified=http_date(get_header(headers, b"last-modified")),
+            last_modified=_last_modified(headers),
             tags=entry.tags)
 
     def _put(self, entry: CachedResponse) -> None:
