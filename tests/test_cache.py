@@ -310,6 +310,31 @@ async def test_vary_stores_one_variant_per_header_value(sidecar_factory, origin,
     assert origin.calls["/v"] == 2
 
 
+async def test_vary_on_a_list_field_ignores_item_order_and_case(sidecar_factory, origin,
+                                                                 redis_url, client):
+    async def answer(request: web.Request, n: int) -> web.Response:
+        return web.Response(text=f"lang={request.headers.get('Accept-Language')} #{n}",
+                            headers={"Cache-Control": "max-age=60", "Vary": "Accept-Language"})
+
+    origin.script("/vl", answer)
+    a = await start(sidecar_factory, origin, redis_url, name="a.yaml")
+    first = await fetch(client, a.url + "/vl", headers={**SHOP, "Accept-Language": "en-US, fr"})
+    assert "stored" in first.cache_status
+    same = await fetch(client, a.url + "/vl", headers={**SHOP, "Accept-Language": "fr,en-us"})
+    assert same.hit and same.body == first.body == "lang=en-US, fr #1"
+    other = await fetch(client, a.url + "/vl", headers={**SHOP, "Accept-Language": "en-GB, fr"})
+    assert "vary-miss" in other.cache_status and other.body == "lang=en-GB, fr #2"
+
+    # the stored variant is found by the same normalised values in Redis, from another instance
+    async def in_l2() -> bool:
+        return await l2_entries(redis_url) == 1
+    await until(in_l2)
+    b = await start(sidecar_factory, origin, redis_url, name="b.yaml")
+    from_l2 = await fetch(client, b.url + "/vl", headers={**SHOP, "Accept-Language": " FR ,EN-us"})
+    assert from_l2.hit and from_l2.body == "lang=en-US, fr #1"
+    assert origin.calls["/vl"] == 2
+
+
 async def test_vary_star_is_never_served_from_cache(sidecar_factory, origin, redis_url, client):
     origin.reply("/vs", headers={"Cache-Control": "max-age=60", "Vary": "*"})
     sidecar = await start(sidecar_factory, origin, redis_url)

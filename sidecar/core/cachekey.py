@@ -87,9 +87,19 @@ def vary_names(vary: str | None) -> tuple[str, ...]:
     return tuple(sorted({v.strip().lower() for v in vary.split(",") if v.strip()}))
 
 
-def vary_values(names: Sequence[str], headers: Mapping[str, str]) -> tuple[str | None, ...]:
-    """The request's values for the Vary'd fields, whitespace-normalised (RFC 9111 §4.1).
+# Vary'd request fields that are comma-separated lists of case-insensitive items (RFC 9110
+# §12.5): content codings, language ranges, charsets, and media ranges up to their parameters.
+# Their items are compared as a set of lower-cased items, so the order a browser lists them in
+# and its spelling do not make a variant of their own. Any other field is compared as sent.
+_CASELESS_LISTS = frozenset({"accept-encoding", "accept-language", "accept-charset"})
+_MEDIA_LISTS = frozenset({"accept"})
 
+
+def vary_values(names: Sequence[str], headers: Mapping[str, str]) -> tuple[str | None, ...]:
+    """The request's values for the Vary'd fields, normalised (RFC 9111 §4.1).
+
+    Whitespace is collapsed in every field; list fields of case-insensitive items
+    (`_CASELESS_LISTS`, `_MEDIA_LISTS`) also lose item order, case and empty items.
     Repeated field lines count combined, as the upstream sees them: `getall` of a multidict.
     """
     getall = getattr(headers, "getall", None)
@@ -100,5 +110,34 @@ def vary_values(names: Sequence[str], headers: Mapping[str, str]) -> tuple[str |
             value = ", ".join(lines) if lines else None
         else:
             value = headers.get(name)
-        out.append(None if value is None else " ".join(value.split()))
+        if value is None:
+            out.append(None)
+        elif name in _CASELESS_LISTS or name in _MEDIA_LISTS:
+            out.append(normalize_list(value, media=name in _MEDIA_LISTS))
+        else:
+            out.append(" ".join(value.split()))
     return tuple(out)
+
+
+def normalize_list(value: str, *, media: bool) -> str:
+    """`fr, en-US;q=0.8` and `en-us ; q=0.8,fr` -> `en-us;q=0.8,fr`: items sorted, lower-cased,
+    without the optional whitespace around commas and semicolons (RFC 9110 §5.6.1, §5.6.6).
+
+    `media`: only the media range before the first `;` is lower-cased, since a media type's
+    parameter values may be case-sensitive (RFC 9110 §8.3.1). A value with a quoted string is
+    only whitespace-collapsed: a comma or semicolon inside the quotes is not a separator, and
+    telling so is not worth a parser here.
+    """
+    if '"' in value:
+        return " ".join(value.split())
+    items = []
+    for item in value.split(","):
+        parts = [part.strip() for part in item.split(";")]
+        if not parts[0]:
+            continue  # an empty list element, which recipients ignore (RFC 9110 §5.6.1)
+        if media:
+            parts[0] = parts[0].lower()
+            items.append(";".join(" ".join(part.split()) for part in parts))
+        else:
+            items.append(";".join(" ".join(part.split()) for part in parts).lower())
+    return ",".join(sorted(items))

@@ -8,7 +8,13 @@ import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar.config import CacheKeyConfig
-from sidecar.core.cachekey import normalize_target, primary_key, vary_names, vary_values
+from sidecar.core.cachekey import (
+    normalize_list,
+    normalize_target,
+    primary_key,
+    vary_names,
+    vary_values,
+)
 
 
 def headers(*pairs: tuple[str, str]) -> CIMultiDictProxy[str]:
@@ -214,5 +220,57 @@ def test_vary_values_follow_the_order_of_the_names() -> None:
 
 def test_vary_values_on_a_plain_mapping() -> None:
     # a mapping without repeated lines works too (lookups are then as the mapping does them)
-    assert vary_values(("accept-encoding",), {"accept-encoding": " gzip,\tbr "}) == ("gzip, br",)
+    assert vary_values(("x-flavour",), {"x-flavour": " b,\ta "}) == ("b, a",)
+    assert vary_values(("accept-encoding",), {"accept-encoding": " gzip,\tbr "}) == ("br,gzip",)
     assert vary_values(("accept-encoding",), {}) == (None,)
+
+
+@pytest.mark.parametrize(
+    ("name", "a", "b", "match"),
+    [
+        # item order, case and the whitespace around items do not make a variant
+        ("Accept-Language", "en-US, fr", "fr,en-us", True),
+        ("Accept-Language", "en-US;q=0.8 , fr", "FR, en-us ; q=0.8", True),
+        ("Accept-Encoding", "gzip, br", "BR,\tGZIP", True),
+        ("Accept-Charset", "utf-8, iso-8859-1;q=0.5", "ISO-8859-1;q=0.5,UTF-8", True),
+        # empty list elements are ignored (RFC 9110 §5.6.1)
+        ("Accept-Encoding", "gzip,, br,", "br, gzip", True),
+        # ...but different items, or a different weight, still do
+        ("Accept-Language", "en-US, fr", "en-GB, fr", False),
+        ("Accept-Language", "en;q=0.8, fr", "en;q=0.9, fr", False),
+        ("Accept-Encoding", "gzip", "gzip, br", False),
+        # a repeated item is kept: no more is assumed of the list than its order not mattering
+        ("Accept-Encoding", "gzip, gzip", "gzip", False),
+        # Accept: the media range is case-insensitive, a parameter's value may not be
+        ("Accept", "text/html, application/json", "Application/JSON,TEXT/HTML", True),
+        ("Accept", "text/html; level=1", "text/html;level=1", True),
+        ("Accept", "text/html;level=A", "text/html;level=a", False),
+        # a quoted string may hold a comma: such a value is only whitespace-collapsed
+        ("Accept", 'text/plain;x="a,b", text/html', 'text/plain;x="a,b",  text/html', True),
+        ("Accept", 'text/plain;x="a,b", text/html', 'text/html, text/plain;x="a,b"', False),
+        # other fields are compared as sent, whitespace collapsed: their case may matter
+        ("User-Agent", "Agent/1 (X11)", "agent/1 (x11)", False),
+        ("X-Flavour", "b, a", "a, b", False),
+        ("X-Flavour", "a,  b", "a, b", True),
+    ],
+)
+def test_vary_values_of_list_fields_ignore_order_and_case(name: str, a: str, b: str,
+                                                          match: bool) -> None:
+    names = vary_names(name)
+    assert (vary_values(names, headers((name, a))) == vary_values(names, headers((name, b)))
+            ) is match
+
+
+def test_list_fields_combine_repeated_lines_before_sorting() -> None:
+    names = vary_names("Accept-Language")
+    split = headers(("Accept-Language", "fr"), ("Accept-Language", "en-US"))
+    assert vary_values(names, split) == vary_values(names, headers(("Accept-Language",
+                                                                    "en-us, fr")))
+
+
+def test_normalize_list_is_idempotent_and_order_free() -> None:
+    value = normalize_list(" fr-CH ,en;q=0.5 , de ", media=False)
+    assert value == "de,en;q=0.5,fr-ch"
+    assert normalize_list(value, media=False) == value
+    assert normalize_list("", media=False) == ""
+    assert normalize_list("Text/HTML;Level=1", media=True) == "text/html;Level=1"
