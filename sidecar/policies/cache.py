@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import time
 from collections.abc import Mapping, Sequence
 
 from ..config import CacheConfig
@@ -180,7 +179,7 @@ class CachePolicy:
             primary = primary_key(head.host, target, headers,
                                   self.trusted_key_headers if trusted else self.config.key.headers,
                                   self.config.key.cookies)
-        now = time.time()
+        now = self.service.clock()
         l1 = self.l1
         variants = l1.get(primary) if l1 is not None else None
         if variants and not variants[0].vary_names:  # one variant: the usual entry
@@ -321,14 +320,14 @@ class CachePolicy:
 
     async def _fetch(self, request: ProxyRequest, call_next: Handler, primary: str, target: str,
                      fwd: str, request_cc: Directives) -> ProxyResponse:
-        request_time = time.time()
+        request_time = self.service.clock()
         response = await call_next(self._forwarded(request))
         entry, detail = await self._store(request, response, primary, target, request_cc,
                                           request_time)
         status = f"fwd={fwd}; fwd-status={response.status}; " + (
             "stored" if entry is not None else f"detail={detail}")
         if entry is not None:
-            return _timed(self._answer(request, entry, time.time(), status, _MISS,
+            return _timed(self._answer(request, entry, self.service.clock(), status, _MISS,
                                        self._own_fields(response)), response)
         response.headers.append((b"Cache-Status", b"sidecar; " + status.encode()))
         response.cache = _MISS
@@ -337,38 +336,38 @@ class CachePolicy:
     async def _revalidate(self, request: ProxyRequest, call_next: Handler,
                           entry: CachedResponse, primary: str, target: str,
                           request_cc: Directives) -> ProxyResponse:
-        request_time = time.time()
+        request_time = self.service.clock()
         try:
             response = await call_next(self._forwarded(request, self._validators(entry)))
         except BreakerOpenError as exc:
             f = entry.freshness
             if exc.serve_stale and not (f.must_revalidate or f.no_cache):
                 self.counts[(self.route, "-", "stale")] += 1
-                return self._answer(request, entry, time.time(),
+                return self._answer(request, entry, self.service.clock(),
                                     "fwd=stale; detail=breaker-open", _STALE)
-            if f.usable_for_error(time.time()):
+            if f.usable_for_error(self.service.clock()):
                 self.counts[(self.route, "-", "stale")] += 1
-                return self._answer(request, entry, time.time(),
+                return self._answer(request, entry, self.service.clock(),
                                     "fwd=stale; detail=stale-if-error", _STALE)
             raise
         except UpstreamError:
-            if entry.freshness.usable_for_error(time.time()):
+            if entry.freshness.usable_for_error(self.service.clock()):
                 self.counts[(self.route, "-", "stale")] += 1
-                return self._answer(request, entry, time.time(),
+                return self._answer(request, entry, self.service.clock(),
                                     "fwd=stale; detail=stale-if-error", _STALE)
             raise
-        if response.status >= 500 and entry.freshness.usable_for_error(time.time()):
+        if response.status >= 500 and entry.freshness.usable_for_error(self.service.clock()):
             if response.stream is not None:
                 response.stream.close()
             self.counts[(self.route, "-", "stale")] += 1
-            return self._answer(request, entry, time.time(),
+            return self._answer(request, entry, self.service.clock(),
                                 f"fwd=stale; fwd-status={response.status}; "
                                 "detail=stale-if-error", _STALE)
         self.counts[(self.route, "-", "revalidate")] += 1
         if response.status == 304:
             refreshed = self._refreshed(entry, response, request_time)
             self._put(refreshed)
-            return _timed(self._answer(request, refreshed, time.time(),
+            return _timed(self._answer(request, refreshed, self.service.clock(),
                                        "fwd=stale; fwd-status=304", _REVALIDATED,
                                        self._own_fields(response)), response)
         new, detail = await self._store(request, response, primary, target, request_cc,
@@ -376,7 +375,7 @@ class CachePolicy:
         status = f"fwd=stale; fwd-status={response.status}; " + (
             "stored" if new is not None else f"detail={detail}")
         if new is not None:
-            return _timed(self._answer(request, new, time.time(), status, _REVALIDATED,
+            return _timed(self._answer(request, new, self.service.clock(), status, _REVALIDATED,
                                        self._own_fields(response)), response)
         response.headers.append((b"Cache-Status", b"sidecar; " + status.encode()))
         response.cache = _REVALIDATED
@@ -386,7 +385,7 @@ class CachePolicy:
                        primary: str, target: str) -> None:
         """stale-while-revalidate: bring the entry up to date behind the client's back."""
         try:
-            request_time = time.time()
+            request_time = self.service.clock()
             response = await call_next(self._forwarded(request, self._validators(entry)))
             if response.status == 304:
                 self._put(self._refreshed(entry, response, request_time))
@@ -439,7 +438,7 @@ class CachePolicy:
         body = await response.read_whole(self.max_entry)
         if body is None:
             return None, "too-large"
-        response_time = time.time()
+        response_time = self.service.clock()
         entry = self._entry(request, response.status, response.reason, raw, body, primary,
                             target, response_cc, expires_raw, vary, request_time, response_time)
         self._put(entry)
@@ -512,7 +511,7 @@ class CachePolicy:
 
     def _entry_from(self, entry: CachedResponse, headers: RawHeaders, response_cc: Directives,
                     expires_raw: str | None, request_time: float) -> CachedResponse:
-        response_time = time.time()
+        response_time = self.service.clock()
         config = self.config
         date = http_date(get_header(headers, b"date"))
         lifetime = freshness_lifetime(

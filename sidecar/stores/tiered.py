@@ -7,7 +7,9 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections import Counter
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -36,6 +38,9 @@ class CacheService(Subscriber):
         self.counts: Counter[tuple[str, str, str]] = Counter()  # (route, layer, result)
         self._refreshing: set[str] = set()
         self._connected_before = False
+        # The cache's wall clock, read by its policies for ages, expiries and the time an
+        # entry has spent in L1: a test moves it forward instead of sleeping.
+        self.clock: Callable[[], float] = time.time
 
     # -- lifecycle ------------------------------------------------------------------------------
 
