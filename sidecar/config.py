@@ -41,6 +41,7 @@ def _optional(parse: typing.Callable[[object], Any]) -> typing.Callable[[object]
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 OptionalDuration = Annotated[float | None, BeforeValidator(_optional(parse_duration))]
 Size = Annotated[int, BeforeValidator(parse_size)]
+Percent = Annotated[float, BeforeValidator(parse_percent)]
 
 
 class Address(NamedTuple):
@@ -299,6 +300,10 @@ class CacheConfig(_Model):
     redis: RedisLayerConfig = RedisLayerConfig()
     stale_while_revalidate: Duration = 0.0
     stale_if_error: Duration = 0.0
+    # RFC 9111 §4.2.2: for a response without freshness of its own but with a Last-Modified,
+    # this fraction of the time since, at most heuristic_max, instead of ttl. 0: ttl only.
+    heuristic: Percent = 0.0
+    heuristic_max: Duration = 86400.0
     key: CacheKeyConfig = CacheKeyConfig()
     # false: ignore clients' Cache-Control: no-cache / max-age=0 (reload buttons) and serve hits.
     honor_client_no_cache: bool = True
@@ -310,6 +315,14 @@ class CacheConfig(_Model):
         "X-Original-URL", "X-Rewrite-URL", "X-HTTP-Method-Override", "X-HTTP-Method",
         "X-Method-Override", "X-Forwarded-Scheme", "X-Forwarded-Server", "X-Host",
     ]
+
+    @field_validator("heuristic_max")
+    @classmethod
+    def _check_heuristic_max(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError("a heuristic capped at 0s gives no freshness: give a duration "
+                             "like '1d', or set heuristic: 0% to use ttl alone")
+        return value
 
 
 class DedupKeyConfig(_Model):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from email.utils import formatdate
 from typing import Any
 
 import aiohttp
@@ -219,6 +220,59 @@ async def test_policy_ttl_applies_without_upstream_freshness(sidecar_factory, or
     await fetch(client, sidecar.url + "/plain")
     hit = await fetch(client, sidecar.url + "/plain")
     assert hit.hit and 28 <= int(hit.cache_status.split("ttl=")[1]) <= 30
+
+
+def ttl_of(reply: Reply) -> int:
+    return int(reply.cache_status.split("ttl=")[1].split(";")[0])
+
+
+async def test_heuristic_freshness_from_last_modified(sidecar_factory, origin, redis_url, client):
+    def unchanged_for(seconds: float) -> Callable[[web.Request, int], Awaitable[web.Response]]:
+        last_modified = formatdate(time.time() - seconds, usegmt=True)
+
+        async def answer(request: web.Request, n: int) -> web.Response:
+            headers = {"Date": formatdate(time.time(), usegmt=True),
+                       "Last-Modified": last_modified}
+            if request.headers.get("If-Modified-Since") == last_modified:
+                return web.Response(status=304, headers=headers)
+            return web.Response(text=f"#{n}", headers=headers)
+        return answer
+
+    origin.script("/recent", unchanged_for(1000))  # 10% of it: 100 s
+    origin.script("/old", unchanged_for(30 * 86400))  # 3 days, capped at 1 h
+    origin.reply("/undated")  # no Last-Modified: the route's ttl
+    origin.reply("/explicit", headers={"Cache-Control": "max-age=5",
+                                       "Last-Modified": "Sun, 06 Nov 1994 08:49:37 GMT"})
+    sidecar = await start(sidecar_factory, origin, redis_url, ttl="60s", heuristic="10%",
+                          heuristic_max="1h")
+    for path in ("/recent", "/old", "/undated", "/explicit"):
+        assert "stored" in (await fetch(client, sidecar.url + path)).cache_status
+    recent, old, undated, explicit = [await fetch(client, sidecar.url + path)
+                                      for path in ("/recent", "/old", "/undated", "/explicit")]
+    assert all(reply.hit for reply in (recent, old, undated, explicit))
+    assert 98 <= ttl_of(recent) <= 100
+    assert 3598 <= ttl_of(old) <= 3600
+    assert 58 <= ttl_of(undated) <= 60
+    assert ttl_of(explicit) <= 5
+
+    move_clock(sidecar, 101)  # past the heuristic lifetime, not past the 1 h cap
+    revalidated = await fetch(client, sidecar.url + "/recent")
+    assert "fwd=stale; fwd-status=304" in revalidated.cache_status
+    assert revalidated.body == "#1" and origin.seen["/recent"]["If-Modified-Since"]
+    assert (await fetch(client, sidecar.url + "/old")).hit
+    assert origin.calls["/recent"] == 2 and origin.calls["/old"] == 1
+
+
+async def test_heuristic_freshness_stores_without_a_ttl(sidecar_factory, origin, redis_url,
+                                                        client):
+    origin.reply("/lm", headers={"Last-Modified": "Sun, 06 Nov 1994 08:49:37 GMT"})
+    origin.reply("/nolm")
+    sidecar = await start(sidecar_factory, origin, redis_url, ttl="0s", heuristic="10%")
+    await fetch(client, sidecar.url + "/lm")
+    hit = await fetch(client, sidecar.url + "/lm")
+    assert hit.hit and 86398 <= ttl_of(hit) <= 86400  # heuristic_max's default, 1d
+    first = await fetch(client, sidecar.url + "/nolm")
+    assert "detail=no-freshness" in first.cache_status
 
 
 async def test_override_ignores_upstream_freshness(sidecar_factory, origin, redis_url, client):

@@ -108,6 +108,15 @@ BAD: dict[str, Case] = {
                "expected client_ip, route or header:<Name>, got 'ip'"),)),
     "bad_retry_budget": Case(edit(BASE, l16="    retry: {budget: 120%}"), (
         Expect(16, ROUTE0 + r"\.retry\.budget", "between 0% and 100%"),)),
+    "bad_cache_heuristic": Case(edit(BASE, l16="    cache: {heuristic: 150%}"), (
+        Expect(16, ROUTE0 + r"\.cache\.heuristic", "between 0% and 100%, got '150%'"),)),
+    "bare_number_cache_heuristic": Case(edit(BASE, l16="    cache: {heuristic: 10}"), (
+        Expect(16, ROUTE0 + r"\.cache\.heuristic", "expected a percentage like '20%', got 10"),)),
+    "zero_cache_heuristic_max": Case(
+        edit(BASE, l16="    cache: {heuristic: 10%, heuristic_max: 0s}"), (
+            Expect(16, ROUTE0 + r"\.cache\.heuristic_max",
+                   "a heuristic capped at 0s gives no freshness: give a duration like '1d', "
+                   "or set heuristic: 0% to use ttl alone"),)),
     "bad_retry_on": Case(edit(BASE, l16="    retry: {on: [connect, 404]}"), (
         Expect(16, ROUTE0 + r"\.retry\.on", "5xx statuses like '503', got '404'"),)),
     "bad_breaker_scope": Case(edit(BASE, l9="    breaker: {scope: global}"), (
@@ -235,7 +244,8 @@ IN_PROCESS = frozenset({
     "policy_file_not_a_mapping", "missing_required_section", "bad_method", "relative_path_pattern",
     "admin_shares_public_address", "bad_redis_url", "wrong_type", "not_a_mapping",
     "several_problems_at_once", "route_uses_invalid_bundle", "admin_elsewhere_with_token",
-    "env_default", "env_set", "no_bundles",
+    "env_default", "env_set", "no_bundles", "bad_cache_heuristic", "bare_number_cache_heuristic",
+    "zero_cache_heuristic_max",
 })
 
 
@@ -376,3 +386,17 @@ def test_resilience_keys_parse_as_the_issue_writes_them(tmp_path: Path) -> None:
     assert retry.budget == pytest.approx(0.2) and retry.backoff == pytest.approx(0.1)
     limit = config.routes[0].rate_limit
     assert limit is not None and limit.rate == pytest.approx(100.0) and limit.burst == 200
+
+
+def test_cache_keys_parse_as_documented(tmp_path: Path) -> None:
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "policies" / "a.yaml").write_text(POLICY_A)
+    path = tmp_path / "config.yaml"
+    path.write_text(edit(BASE, l16="    cache: {heuristic: 10%, heuristic_max: 12h}"))
+    config = load_config(path).config
+    cache = config.routes[0].cache
+    assert cache is not None
+    assert cache.heuristic == pytest.approx(0.1) and cache.heuristic_max == 12 * 3600
+    path.write_text(edit(BASE, l16="    cache: {ttl: 30s}"))
+    cache = load_config(path).config.routes[0].cache
+    assert cache is not None and cache.heuristic == 0 and cache.heuristic_max == 86400

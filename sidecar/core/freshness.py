@@ -203,6 +203,23 @@ def freshness_lifetime(
     return 0.0
 
 
+def default_lifetime(*, ttl: float, heuristic: float, heuristic_max: float,
+                     last_modified: float | None, date: float | None, now: float) -> float:
+    """The freshness of a response that carries none of its own (RFC 9111 §4.2.2).
+
+    With `heuristic` (a fraction, 0 for none) and a Last-Modified: that fraction of how long
+    the resource had gone unchanged when the response was generated (its `date`, else `now`,
+    when it arrived), at most `heuristic_max`: a resource untouched for a year is unlikely to
+    change within the hour, one edited a minute ago may change again. Otherwise the route's
+    `ttl`. A Last-Modified later than the Date gives no freshness: the clocks disagree, and
+    nothing is known of how long the resource stays as it is.
+    """
+    if heuristic <= 0 or last_modified is None:
+        return ttl
+    generated = date if date is not None else now
+    return min(heuristic_max, heuristic * max(0.0, generated - last_modified))
+
+
 def initial_age(*, age_header: str | None, date: float | None, request_time: float,
                 response_time: float) -> float:
     """corrected_initial_age of RFC 9111 §4.2.3; current age = this + time resident.

@@ -25,6 +25,7 @@ from ..core.freshness import (
     Directives,
     Freshness,
     Verdict,
+    default_lifetime,
     delta_seconds,
     freshness_lifetime,
     has_explicit_freshness,
@@ -421,6 +422,7 @@ class CachePolicy:
         expires_raw = get_header(raw, b"expires")
         vary = get_header(raw, b"vary")
         config = self.config
+        default = self._default_lifetime(raw, self.service.clock())
         reason = not_storable_reason(
             method=request.method, status=response.status, request_cc=request_cc,
             response_cc=response_cc,
@@ -431,7 +433,7 @@ class CachePolicy:
             store_set_cookie=config.store_set_cookie, vary=vary,
             explicit_freshness=config.override or has_explicit_freshness(response_cc,
                                                                          expires_raw),
-            default_ttl=config.ttl,
+            default_ttl=default,
         )
         if reason is not None:
             return None, reason
@@ -440,14 +442,27 @@ class CachePolicy:
             return None, "too-large"
         response_time = self.service.clock()
         entry = self._entry(request, response.status, response.reason, raw, body, primary,
-                            target, response_cc, expires_raw, vary, request_time, response_time)
+                            target, response_cc, expires_raw, vary, default, request_time,
+                            response_time)
         self._put(entry)
         return entry, "stored"
 
+    def _default_lifetime(self, headers: RawHeaders, now: float) -> float:
+        """The freshness this route gives a response without its own: `ttl`, or with
+        `heuristic` and a Last-Modified the heuristic lifetime; `ttl` whatever the response
+        says with `override`."""
+        config = self.config
+        if config.override or config.heuristic <= 0:
+            return config.ttl
+        return default_lifetime(
+            ttl=config.ttl, heuristic=config.heuristic, heuristic_max=config.heuristic_max,
+            last_modified=http_date(get_header(headers, b"last-modified")),
+            date=http_date(get_header(headers, b"date")), now=now)
+
     def _entry(self, request: ProxyRequest, status: int, reason: str, raw: RawHeaders,
                body: bytes, primary: str, target: str, response_cc: Directives,
-               expires_raw: str | None, vary: str | None, request_time: float,
-               response_time: float) -> CachedResponse:
+               expires_raw: str | None, vary: str | None, default: float,
+               request_time: float, response_time: float) -> CachedResponse:
         config = self.config
         dropped = _NOT_STORED | withheld_fields(response_cc) | connection_named(raw)
         headers = [(n, v) for n, v in raw if n.lower() not in dropped]
@@ -464,7 +479,7 @@ class CachePolicy:
         lifetime = freshness_lifetime(
             response_cc=response_cc, expires=strict_http_date(expires_raw, now=response_time),
             date=date,
-            expires_present=expires_raw is not None, status=status, default_ttl=config.ttl,
+            expires_present=expires_raw is not None, status=status, default_ttl=default,
             override=config.override)
         swr_directive = delta_seconds(response_cc, "stale-while-revalidate")
         sie_directive = delta_seconds(response_cc, "stale-if-error")
@@ -518,7 +533,8 @@ class CachePolicy:
             response_cc=response_cc, expires=strict_http_date(expires_raw, now=response_time),
             date=date,
             expires_present=expires_raw is not None, status=entry.status,
-            default_ttl=config.ttl, override=config.override)
+            default_ttl=self._default_lifetime(headers, response_time),
+            override=config.override)
         f = entry.freshness
         freshness = Freshness(
             lifetime=lifetime,

@@ -10,6 +10,7 @@ import pytest
 from sidecar.core.freshness import (
     Freshness,
     Verdict,
+    default_lifetime,
     freshness_lifetime,
     has_explicit_freshness,
     http_date,
@@ -404,6 +405,59 @@ def test_no_heuristic_when_an_explicit_lifetime_is_present() -> None:
 def test_override_uses_the_policy_ttl(cache_control: str) -> None:
     assert lifetime(cache_control, expires=EXPIRES_IN_1000, status=500, override=True,
                     default_ttl=42.0) == 42.0
+
+
+# -- default_lifetime ----------------------------------------------------------------------
+
+DAY = 86400.0
+DATE = 784111777.0  # IMF_DATE
+
+
+def fallback(*, last_modified: float | None, date: float | None = DATE, now: float = 0.0,
+             heuristic: float = 0.1, heuristic_max: float = DAY, ttl: float = 60.0) -> float:
+    return default_lifetime(ttl=ttl, heuristic=heuristic, heuristic_max=heuristic_max,
+                            last_modified=last_modified, date=date, now=now)
+
+
+@pytest.mark.parametrize(
+    ("unchanged_for", "expected"),
+    [
+        (1000.0, 100.0),  # 10% of the time since Last-Modified (RFC 9111 §4.2.2)
+        (1.0, 0.1),
+        (0.0, 0.0),  # just modified: nothing is known of how long it stays so
+        (-30.0, 0.0),  # a Last-Modified after the Date
+        (9 * DAY, 0.9 * DAY),
+        (10 * DAY, DAY),
+        (365 * DAY, DAY),  # at most heuristic_max
+    ],
+)
+def test_heuristic_is_a_fraction_of_the_time_since_last_modified(unchanged_for: float,
+                                                                 expected: float) -> None:
+    assert fallback(last_modified=DATE - unchanged_for) == pytest.approx(expected)
+
+
+def test_heuristic_counts_from_the_date_else_from_now() -> None:
+    assert fallback(last_modified=DATE - 500, date=DATE, now=DATE + 10_000) == 50.0
+    assert fallback(last_modified=DATE - 500, date=None, now=DATE + 500) == 100.0
+
+
+def test_heuristic_off_or_without_last_modified_is_the_ttl() -> None:
+    assert fallback(last_modified=DATE - 1000, heuristic=0.0) == 60.0
+    assert fallback(last_modified=None) == 60.0
+    assert fallback(last_modified=None, ttl=0.0) == 0.0
+    # the ttl is no bound on the heuristic, nor the heuristic on the ttl
+    assert fallback(last_modified=DATE - 10_000, ttl=60.0) == 1000.0
+    assert fallback(last_modified=DATE - 100, ttl=60.0) == 10.0
+
+
+def test_heuristic_lifetime_makes_a_response_storable_without_a_ttl() -> None:
+    lifetime_ = fallback(last_modified=DATE - 1000, ttl=0.0)
+    assert lifetime_ == 100.0
+    assert reason(default_ttl=lifetime_) is None
+    assert reason(default_ttl=fallback(last_modified=DATE, ttl=0.0)) == "no-freshness"
+    assert lifetime(default_ttl=lifetime_) == 100.0
+    assert lifetime("max-age=5", default_ttl=lifetime_) == 5.0  # explicit freshness wins
+    assert lifetime(status=302, default_ttl=lifetime_) == 0.0  # not heuristically cacheable
 
 
 # -- initial_age -----------------------------------------------------------------------------
