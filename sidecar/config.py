@@ -286,6 +286,17 @@ class CacheKeyConfig(_Model):
 class MemoryLayerConfig(_Model):
     max_bytes: Size = 64 * 1024**2
     max_entry: Size = 1024**2
+    # How long a worker keeps an entry in memory before it reads Redis again; None: for as long
+    # as the entry is fresh.
+    max_ttl: OptionalDuration = None
+
+    @field_validator("max_ttl")
+    @classmethod
+    def _check_max_ttl(cls, value: float | None) -> float | None:
+        if value is not None and value <= 0:
+            raise ValueError("an L1 that keeps entries for 0s keeps none: give a duration "
+                             "like '5s', or leave memory out of layers")
+        return value
 
 
 class RedisLayerConfig(_Model):

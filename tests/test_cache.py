@@ -16,6 +16,8 @@ from aiohttp import web
 from multidict import CIMultiDictProxy
 from support import InProcessSidecar, Origin, RedisServer, make_config, until
 
+from sidecar.stores.entry import CachedResponse
+
 Factory = Callable[..., Awaitable[InProcessSidecar]]
 SHOP = {"Host": "shop.example"}  # instances behind one load balancer see one Host
 
@@ -766,6 +768,62 @@ async def test_l1_evicts_least_recently_used_by_bytes(sidecar_factory, origin, r
     assert memory["evictions"] >= 10 and memory["entries"] < 20
     assert (await fetch(client, sidecar.url + "/big/19")).hit
     assert not (await fetch(client, sidecar.url + "/big/0")).hit
+
+
+async def rewrite_l2_bodies(redis_url: str, body: bytes) -> None:
+    """What another instance storing a new version would do: every entry in Redis gets `body`."""
+    redis = aioredis.Redis.from_url(redis_url)
+    try:
+        for name in await redis.keys("sidecar:cache:e:*"):
+            for field, packed in (await redis.hgetall(name)).items():
+                entry = CachedResponse.unpack(packed)
+                entry.body = body
+                entry.headers = [(n, str(len(body)).encode() if n == b"Content-Length" else v)
+                                 for n, v in entry.headers]
+                await redis.hset(name, field, entry.pack())
+    finally:
+        await redis.aclose()
+
+
+async def test_memory_max_ttl_bounds_l1_then_l2_is_read(sidecar_factory, origin, redis_url,
+                                                        client):
+    origin.reply("/short-l1", headers={"Cache-Control": "max-age=3600"})
+    sidecar = await start(sidecar_factory, origin, redis_url, memory={"max_ttl": "10s"})
+    assert "stored" in (await fetch(client, sidecar.url + "/short-l1")).cache_status
+
+    async def in_l2() -> bool:
+        return await l2_entries(redis_url) == 1
+    await until(in_l2)
+    await rewrite_l2_bodies(redis_url, b"from redis")
+    within = await fetch(client, sidecar.url + "/short-l1")
+    assert within.hit and within.body == "/short-l1 #1"  # L1, not read from Redis
+    assert counted(await stats(client, sidecar), "redis", "hit") == 0
+
+    move_clock(sidecar, 11)  # past max_ttl, still fresh
+    past = await fetch(client, sidecar.url + "/short-l1")
+    assert past.hit and past.body == "from redis"
+    assert past.headers["Content-Length"] == str(len("from redis"))
+    again = await fetch(client, sidecar.url + "/short-l1")  # L1 holds Redis's version now
+    assert again.hit and again.body == "from redis"
+    counts = await stats(client, sidecar)
+    assert counted(counts, "redis", "hit") == 1 and counted(counts, "memory", "hit") == 2
+    assert origin.calls["/short-l1"] == 1
+
+
+async def test_without_memory_max_ttl_l1_serves_while_fresh(sidecar_factory, origin,
+                                                            redis_url, client):
+    origin.reply("/long-l1", headers={"Cache-Control": "max-age=3600"})
+    sidecar = await start(sidecar_factory, origin, redis_url)
+    await fetch(client, sidecar.url + "/long-l1")
+
+    async def in_l2() -> bool:
+        return await l2_entries(redis_url) == 1
+    await until(in_l2)
+    await rewrite_l2_bodies(redis_url, b"from redis")
+    move_clock(sidecar, 3000)
+    late = await fetch(client, sidecar.url + "/long-l1")
+    assert late.hit and late.body == "/long-l1 #1"
+    assert counted(await stats(client, sidecar), "redis", "hit") == 0
 
 
 async def test_entries_larger_than_max_entry_pass_unstored(sidecar_factory, origin, redis_url,

@@ -117,6 +117,12 @@ BAD: dict[str, Case] = {
             Expect(16, ROUTE0 + r"\.cache\.heuristic_max",
                    "a heuristic capped at 0s gives no freshness: give a duration like '1d', "
                    "or set heuristic: 0% to use ttl alone"),)),
+    "zero_cache_memory_max_ttl": Case(edit(BASE, l16="    cache: {memory: {max_ttl: 0s}}"), (
+        Expect(16, ROUTE0 + r"\.cache\.memory\.max_ttl",
+               "an L1 that keeps entries for 0s keeps none: give a duration like '5s', "
+               "or leave memory out of layers"),)),
+    "bad_cache_memory_max_ttl": Case(edit(BASE, l16="    cache: {memory: {max_ttl: short}}"), (
+        Expect(16, ROUTE0 + r"\.cache\.memory\.max_ttl", "expected a duration like '30s'"),)),
     "bad_retry_on": Case(edit(BASE, l16="    retry: {on: [connect, 404]}"), (
         Expect(16, ROUTE0 + r"\.retry\.on", "5xx statuses like '503', got '404'"),)),
     "bad_breaker_scope": Case(edit(BASE, l9="    breaker: {scope: global}"), (
@@ -245,7 +251,7 @@ IN_PROCESS = frozenset({
     "admin_shares_public_address", "bad_redis_url", "wrong_type", "not_a_mapping",
     "several_problems_at_once", "route_uses_invalid_bundle", "admin_elsewhere_with_token",
     "env_default", "env_set", "no_bundles", "bad_cache_heuristic", "bare_number_cache_heuristic",
-    "zero_cache_heuristic_max",
+    "zero_cache_heuristic_max", "zero_cache_memory_max_ttl", "bad_cache_memory_max_ttl",
 })
 
 
@@ -392,11 +398,14 @@ def test_cache_keys_parse_as_documented(tmp_path: Path) -> None:
     (tmp_path / "policies").mkdir()
     (tmp_path / "policies" / "a.yaml").write_text(POLICY_A)
     path = tmp_path / "config.yaml"
-    path.write_text(edit(BASE, l16="    cache: {heuristic: 10%, heuristic_max: 12h}"))
+    path.write_text(edit(BASE, l16="    cache: {heuristic: 10%, heuristic_max: 12h, "
+                                   "memory: {max_ttl: 5s}}"))
     config = load_config(path).config
     cache = config.routes[0].cache
     assert cache is not None
     assert cache.heuristic == pytest.approx(0.1) and cache.heuristic_max == 12 * 3600
+    assert cache.memory.max_ttl == 5.0
     path.write_text(edit(BASE, l16="    cache: {ttl: 30s}"))
     cache = load_config(path).config.routes[0].cache
     assert cache is not None and cache.heuristic == 0 and cache.heuristic_max == 86400
+    assert cache.memory.max_ttl is None

@@ -182,7 +182,7 @@ class CachePolicy:
                                   self.config.key.cookies)
         now = self.service.clock()
         l1 = self.l1
-        variants = l1.get(primary) if l1 is not None else None
+        variants = l1.get(primary, now) if l1 is not None else None
         if variants and not variants[0].vary_names:  # one variant: the usual entry
             entry: CachedResponse | None = variants[0]
             known = True
@@ -196,7 +196,7 @@ class CachePolicy:
         layer = "memory"
         if entry is None and self.use_l2:
             layer = "redis"
-            entry, known_l2 = await self._l2_lookup(primary, headers)
+            entry, known_l2 = await self._l2_lookup(primary, headers, now)
             known = known or known_l2
         if entry is not None:
             decision = verdict(entry.freshness, request_cc, now,
@@ -237,7 +237,7 @@ class CachePolicy:
                 return entry, True
         return None, True
 
-    async def _l2_lookup(self, primary: str, headers: Mapping[str, str]
+    async def _l2_lookup(self, primary: str, headers: Mapping[str, str], now: float
                          ) -> tuple[CachedResponse | None, bool]:
         variants = await self.service.l2_get(primary)
         if not variants:
@@ -246,7 +246,7 @@ class CachePolicy:
         for entry in variants:
             if entry.vary_values == values:
                 if self.l1 is not None:
-                    self.l1.put(entry)
+                    self.l1.put(entry, now)
                 return entry, True
         return None, True
 
@@ -554,7 +554,7 @@ class CachePolicy:
 
     def _put(self, entry: CachedResponse) -> None:
         if self.l1 is not None and entry.size <= self.config.memory.max_entry:
-            self.l1.put(entry)
+            self.l1.put(entry, self.service.clock())
             self.counts[(self.route, "memory", "store")] += 1
         if self.use_l2 and len(entry.body) <= self.config.redis.max_entry:
             self.counts[(self.route, "redis", "store")] += 1

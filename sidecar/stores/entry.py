@@ -26,6 +26,7 @@ class CachedResponse:
     last_modified: float | None
     tags: tuple[str, ...]
     wire: bytes = b""  # `headers` serialized once, for hits (not stored in Redis)
+    filled_at: float = 0.0  # when this worker's L1 took it (MemoryStore.put; not in Redis)
     # The last fresh hit's Age and TTL (whole seconds) and its fields and wire built from
     # them: every hit within the same second reuses them (CachePolicy._hit).
     hit: tuple[int, int, RawHeaders, bytes] | None = None

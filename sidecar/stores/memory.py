@@ -18,24 +18,41 @@ MAX_VARIANTS = 32
 
 
 class MemoryStore:
-    def __init__(self, max_bytes: int, max_entry: int) -> None:
+    """`max_ttl`: how long an entry stays once put, whatever its freshness; None for as long as
+    it is fresh. A short L1 in front of a longer L2: past it, the worker reads Redis again and
+    sees what another instance stored there meanwhile."""
+
+    def __init__(self, max_bytes: int, max_entry: int, max_ttl: float | None = None) -> None:
         self.max_bytes = max_bytes
         self.max_entry = max_entry
+        self.max_ttl = max_ttl
         self._data: OrderedDict[str, list[CachedResponse]] = OrderedDict()
         self.bytes = 0
         self.entries = 0
         self.evictions = 0
 
-    def get(self, key: str) -> list[CachedResponse] | None:
+    def get(self, key: str, now: float) -> list[CachedResponse] | None:
+        """The key's variants put less than `max_ttl` before `now`; the others are dropped."""
         variants = self._data.get(key)
-        if variants is not None:
-            self._data.move_to_end(key)
+        if variants is None:
+            return None
+        max_ttl = self.max_ttl
+        if max_ttl is not None and any(now - e.filled_at >= max_ttl for e in variants):
+            for old in [e for e in variants if now - e.filled_at >= max_ttl]:
+                variants.remove(old)
+                self.bytes -= old.size
+                self.entries -= 1
+            if not variants:
+                del self._data[key]
+                return None
+        self._data.move_to_end(key)
         return variants
 
-    def put(self, entry: CachedResponse) -> bool:
+    def put(self, entry: CachedResponse, now: float) -> bool:
         size = entry.size
         if size > self.max_entry or size > self.max_bytes:
             return False
+        entry.filled_at = now
         variants = self._data.get(entry.key)
         if variants is None:
             self._data[entry.key] = [entry]
@@ -83,5 +100,6 @@ class MemoryStore:
         return sum(self._drop(key) for key in doomed)
 
     def __repr__(self) -> str:
+        max_ttl = "" if self.max_ttl is None else f" max_ttl={self.max_ttl:g}s"
         return (f"<MemoryStore {self.entries} entries {self.bytes}/{self.max_bytes} bytes "
-                f"evictions={self.evictions}>")
+                f"evictions={self.evictions}{max_ttl}>")

@@ -51,10 +51,11 @@ class CacheService(Subscriber):
 
     def memory_for(self, route: str, config: CacheConfig) -> MemoryStore:
         """The route's L1, kept across reloads unless its bounds change."""
+        memory = config.memory
         store = self.memory.get(route)
-        if store is None or (store.max_bytes, store.max_entry) != (
-                config.memory.max_bytes, config.memory.max_entry):
-            store = MemoryStore(config.memory.max_bytes, config.memory.max_entry)
+        if store is None or (store.max_bytes, store.max_entry, store.max_ttl) != (
+                memory.max_bytes, memory.max_entry, memory.max_ttl):
+            store = MemoryStore(memory.max_bytes, memory.max_entry, memory.max_ttl)
             self.memory[route] = store
         return store
 
