@@ -1,5 +1,5 @@
 """The cache policy end to end: a real upstream scripted per test, real Redis, a real client.
-One test per rule of docs/caching.md."""
+One test per rule of docs/caching.md (ranges: test_cache_ranges.py)."""
 
 from __future__ import annotations
 
@@ -279,14 +279,6 @@ async def test_head_is_answered_from_a_stored_get(sidecar_factory, origin, redis
     assert head.status == 200 and head.hit and head.body == ""
     assert head.headers["Content-Length"] == str(len("/h #1"))
     assert origin.calls["/h"] == 1
-
-
-async def test_range_requests_bypass_the_cache(sidecar_factory, origin, redis_url, client):
-    origin.reply("/r", headers={"Cache-Control": "max-age=60"})
-    sidecar = await start(sidecar_factory, origin, redis_url)
-    await fetch(client, sidecar.url + "/r")
-    ranged = await fetch(client, sidecar.url + "/r", headers={"Range": "bytes=0-1"})
-    assert "fwd=bypass" in ranged.cache_status and origin.calls["/r"] == 2
 
 
 # -- what varies the key ----------------------------------------------------------------------
