@@ -38,6 +38,7 @@ from ..core.freshness import (
     verdict,
 )
 from ..core.ranges import Part, parse_range, range_answer
+from ..core.targeted import Controls, select_controls
 from ..errors import UpstreamError
 from ..http.dates import http_date_now
 from ..http.headers import RawHeaders, connection_tokens
@@ -142,6 +143,7 @@ class CachePolicy:
         self.trusted_key_headers = (
             *config.key.headers, *(h for h in TRUSTED_FORWARDING if h.lower() not in keyed))
         self.tag_header = config.tag_header.lower().encode("latin-1")
+        self.targeted = tuple((name, name.lower().encode("latin-1")) for name in config.targeted)
         self.counts = service.counts
         self._hit_keys = {layer: (route, layer, "hit") for layer in ("memory", "redis")}
         self._memory_hit = self._hit_keys["memory"]
@@ -360,10 +362,16 @@ class CachePolicy:
         return request.with_upstream_head(rewrite_head(request.upstream_head, self.strip_untrusted,
                                                            add))
 
-    @staticmethod
-    def _own_fields(response: ProxyResponse) -> RawHeaders:
+    def _controls(self, raw: RawHeaders) -> Controls:
+        """The directives this cache goes by for a response: its first targeted field present
+        and valid (config `targeted`, RFC 9213), else Cache-Control and Expires. The fields
+        themselves are stored and relayed as they came."""
+        return select_controls(get_header(raw, b"cache-control"), get_header(raw, b"expires"),
+                               [(name, get_header(raw, lname)) for name, lname in self.targeted])
+
+    def _own_fields(self, response: ProxyResponse) -> RawHeaders:
         raw = response.headers
-        withheld = withheld_fields(parse_cache_control(get_header(raw, b"cache-control")))
+        withheld = withheld_fields(self._controls(raw).directives)
         named = connection_named(raw)
         return [(n, v) for n, v in raw if n.lower() in withheld and n.lower() not in named]
 
@@ -466,8 +474,7 @@ class CachePolicy:
         raw = response.headers
         if get_header(raw, b"x-sidecar-dedup") is not None:
             return None, "coalesced"  # a copy of a flight's response: its leader stores it
-        response_cc = parse_cache_control(get_header(raw, b"cache-control"))
-        expires_raw = get_header(raw, b"expires")
+        response_cc, expires_raw, _ = self._controls(raw)
         vary = get_header(raw, b"vary")
         config = self.config
         reason = not_storable_reason(
@@ -552,10 +559,9 @@ class CachePolicy:
         merged = [updates.pop(n.lower(), (n, v)) for n, v in entry.headers
                   if n.lower() != b"content-length"]
         merged += updates.values()
-        response_cc = parse_cache_control(get_header(merged, b"cache-control"))
+        response_cc, expires_raw, _ = self._controls(merged)
         withheld = withheld_fields(response_cc)
         merged = [(n, v) for n, v in merged if n.lower() not in withheld]
-        expires_raw = get_header(merged, b"expires")
         return self._entry_from(entry, merged, response_cc, expires_raw, request_time)
 
     def _entry_from(self, entry: CachedResponse, headers: RawHeaders, response_cc: Directives,
