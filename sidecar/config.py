@@ -20,6 +20,7 @@ from typing import Annotated, Any, Literal, NamedTuple
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -303,6 +304,19 @@ class RedisLayerConfig(_Model):
     max_entry: Size = 8 * 1024**2
 
 
+def _targeted_name(name: str) -> str:
+    if not _TOKEN.match(name):
+        raise ValueError(f"expected a header field name like 'CDN-Cache-Control', got {name!r}")
+    if name.lower() == "cache-control":
+        raise ValueError("Cache-Control is the field a targeted one overrides: list others, "
+                         "like 'CDN-Cache-Control', or write [] to go by Cache-Control alone")
+    return name
+
+
+# A response field carrying Cache-Control directives for this cache (RFC 9213).
+TargetedField = Annotated[str, AfterValidator(_targeted_name)]
+
+
 class CacheConfig(_Model):
     ttl: Duration = 60.0
     override: bool = False
@@ -320,6 +334,9 @@ class CacheConfig(_Model):
     honor_client_no_cache: bool = True
     store_set_cookie: bool = False
     tag_header: str = "Surrogate-Key"
+    # Targeted fields whose directives replace Cache-Control and Expires for this cache's own
+    # decisions (RFC 9213); the first present and valid wins; [] goes by Cache-Control alone.
+    targeted: list[TargetedField] = ["CDN-Cache-Control"]
     # Request headers that some frameworks obey but that are not in the key: dropped before the
     # request reaches the upstream, so they cannot change what is stored for everyone.
     strip_unkeyed: list[str] = [
@@ -334,6 +351,17 @@ class CacheConfig(_Model):
             raise ValueError("a heuristic capped at 0s gives no freshness: give a duration "
                              "like '1d', or set heuristic: 0% to use ttl alone")
         return value
+
+    @field_validator("targeted")
+    @classmethod
+    def _distinct(cls, names: list[str]) -> list[str]:
+        seen: set[str] = set()
+        for name in names:
+            if name.lower() in seen:
+                raise ValueError(f"{name!r} is listed twice (field names are case-insensitive); "
+                                 "the first one always wins, remove the other")
+            seen.add(name.lower())
+        return names
 
 
 class DedupKeyConfig(_Model):

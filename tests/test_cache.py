@@ -1,5 +1,5 @@
 """The cache policy end to end: a real upstream scripted per test, real Redis, a real client.
-One test per rule of docs/caching.md."""
+One test per rule of docs/caching.md (ranges: test_cache_ranges.py)."""
 
 from __future__ import annotations
 
@@ -344,12 +344,84 @@ async def test_head_is_answered_from_a_stored_get(sidecar_factory, origin, redis
     assert origin.calls["/h"] == 1
 
 
-async def test_range_requests_bypass_the_cache(sidecar_factory, origin, redis_url, client):
-    origin.reply("/r", headers={"Cache-Control": "max-age=60"})
+# -- targeted cache control (RFC 9213) --------------------------------------------------------
+
+
+async def test_cdn_cache_control_lets_this_cache_store_what_cache_control_forbids(
+        sidecar_factory, origin, redis_url, client):
+    origin.reply("/cdn", headers={"Cache-Control": "no-store", "CDN-Cache-Control": "max-age=60"})
     sidecar = await start(sidecar_factory, origin, redis_url)
-    await fetch(client, sidecar.url + "/r")
-    ranged = await fetch(client, sidecar.url + "/r", headers={"Range": "bytes=0-1"})
-    assert "fwd=bypass" in ranged.cache_status and origin.calls["/r"] == 2
+    first = await fetch(client, sidecar.url + "/cdn")
+    assert first.cache_status == "sidecar; fwd=uri-miss; fwd-status=200; stored"
+    hit = await fetch(client, sidecar.url + "/cdn")
+    assert hit.hit and hit.body == "/cdn #1"
+    assert 58 <= int(hit.cache_status.split("ttl=")[1]) <= 60
+    for response in (first, hit):  # both fields reach the client as the upstream sent them
+        assert response.headers["Cache-Control"] == "no-store"
+        assert response.headers["CDN-Cache-Control"] == "max-age=60"
+    assert origin.calls["/cdn"] == 1
+
+
+async def test_cdn_cache_control_no_store_wins_over_cache_control(sidecar_factory, origin,
+                                                                  redis_url, client):
+    origin.reply("/cdn-ns", headers={"Cache-Control": "max-age=60",
+                                     "CDN-Cache-Control": "no-store"})
+    sidecar = await start(sidecar_factory, origin, redis_url)
+    first = await fetch(client, sidecar.url + "/cdn-ns")
+    assert first.cache_status.endswith("detail=no-store")
+    assert first.headers["Cache-Control"] == "max-age=60"
+    assert not (await fetch(client, sidecar.url + "/cdn-ns")).hit
+    assert origin.calls["/cdn-ns"] == 2
+
+
+async def test_a_targeted_field_replaces_expires_and_the_freshness_flags(sidecar_factory, origin,
+                                                                         redis_url, client):
+    # Expires long past, and Cache-Control says nothing: CDN-Cache-Control's max-age decides.
+    origin.reply("/cdn-exp", headers={"Expires": "Thu, 01 Jan 2015 00:00:00 GMT",
+                                      "CDN-Cache-Control": "max-age=60"})
+
+    async def answer(request: web.Request, n: int) -> web.Response:
+        headers = {"Cache-Control": "max-age=3600", "CDN-Cache-Control": "no-cache",
+                   "ETag": '"v1"'}
+        if request.headers.get("If-None-Match") == '"v1"':
+            return web.Response(status=304, headers=headers)
+        return web.Response(text="body", headers=headers)
+
+    origin.script("/cdn-nc", answer)
+    sidecar = await start(sidecar_factory, origin, redis_url)
+    await fetch(client, sidecar.url + "/cdn-exp")
+    assert (await fetch(client, sidecar.url + "/cdn-exp")).hit
+    # no-cache from the targeted field: stored, revalidated on every use, 304s included
+    await fetch(client, sidecar.url + "/cdn-nc")
+    for _ in range(2):
+        again = await fetch(client, sidecar.url + "/cdn-nc")
+        assert again.body == "body" and "fwd-status=304" in again.cache_status
+    assert origin.calls["/cdn-exp"] == 1 and origin.calls["/cdn-nc"] == 3
+
+
+async def test_the_first_targeted_field_listed_wins(sidecar_factory, origin, redis_url, client):
+    origin.reply("/own-ns", headers={"Sidecar-Cache-Control": "no-store",
+                                     "CDN-Cache-Control": "max-age=60"})
+    origin.reply("/own-ok", headers={"Sidecar-Cache-Control": "max-age=60",
+                                     "CDN-Cache-Control": "no-store", "Cache-Control": "private"})
+    # an invalid field (a Dictionary's keys are lower-case) is as if absent: the next decides
+    origin.reply("/own-bad", headers={"Sidecar-Cache-Control": "Max-Age=60",
+                                      "CDN-Cache-Control": "no-store"})
+    sidecar = await start(sidecar_factory, origin, redis_url,
+                          targeted=["Sidecar-Cache-Control", "CDN-Cache-Control"])
+    for path, stored in (("/own-ns", False), ("/own-ok", True), ("/own-bad", False)):
+        first = await fetch(client, sidecar.url + path)
+        assert ("stored" in first.cache_status) is stored, (path, first.cache_status)
+        assert (await fetch(client, sidecar.url + path)).hit is stored, path
+        assert origin.calls[path] == (1 if stored else 2), path
+
+
+async def test_targeted_fields_can_be_turned_off(sidecar_factory, origin, redis_url, client):
+    origin.reply("/off", headers={"Cache-Control": "no-store", "CDN-Cache-Control": "max-age=60"})
+    sidecar = await start(sidecar_factory, origin, redis_url, targeted=[])
+    assert (await fetch(client, sidecar.url + "/off")).cache_status.endswith("detail=no-store")
+    assert not (await fetch(client, sidecar.url + "/off")).hit
+    assert origin.calls["/off"] == 2
 
 
 # -- what varies the key ----------------------------------------------------------------------

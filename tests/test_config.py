@@ -190,6 +190,17 @@ BAD: dict[str, Case] = {
         Expect(3, r"server\.admin_listen", "must not share the public address"),)),
     "bad_redis_url": Case(BASE + "redis: {url: 'localhost:6379'}\n", (
         Expect(20, r"redis\.url", "expected 'embedded' or a URL like redis://"),)),
+    "bad_targeted_field": Case(
+        edit(BASE, l16='    cache: {targeted: [Sidecar-Cache-Control, "CDN Cache"]}'), (
+            Expect(16, ROUTE0 + r"\.cache\.targeted\[1\]",
+                   "expected a header field name like 'CDN-Cache-Control', got 'CDN Cache'"),)),
+    "targeted_cache_control": Case(edit(BASE, l16="    cache: {targeted: [Cache-Control]}"), (
+        Expect(16, ROUTE0 + r"\.cache\.targeted\[0\]",
+               "Cache-Control is the field a targeted one overrides"),)),
+    "targeted_listed_twice": Case(
+        edit(BASE, l16="    cache: {targeted: [CDN-Cache-Control, cdn-cache-control]}"), (
+            Expect(16, ROUTE0 + r"\.cache\.targeted",
+                   "'cdn-cache-control' is listed twice (field names are case-insensitive)"),)),
     "wrong_type": Case(edit(BASE, l5="log: {level: loud}"), (
         Expect(5, r"log\.level", "got 'loud'"),)),
     "not_a_mapping": Case("- a\n- list\n", (Expect(1, "", "the file must be a mapping"),)),
@@ -210,6 +221,7 @@ GOOD: dict[str, Case] = {
                     env={"SIDECAR_TEST_PORT": "9000"}),
     "no_bundles": Case(
         edit(BASE, l4="include: []", l19="    use: []"), (), policies={}),
+    "targeted_off": Case(edit(BASE, l16="    cache: {targeted: []}"), ()),
 }
 
 
@@ -252,6 +264,8 @@ IN_PROCESS = frozenset({
     "several_problems_at_once", "route_uses_invalid_bundle", "admin_elsewhere_with_token",
     "env_default", "env_set", "no_bundles", "bad_cache_heuristic", "bare_number_cache_heuristic",
     "zero_cache_heuristic_max", "zero_cache_memory_max_ttl", "bad_cache_memory_max_ttl",
+    "bad_targeted_field", "targeted_cache_control",
+    "targeted_listed_twice", "targeted_off",
 })
 
 

@@ -213,8 +213,12 @@ async def test_server_timing_says_what_the_cache_and_the_upstream_did(
     assert float(miss["upstream"].removeprefix("dur=")) > 0
     assert hit["cache"] == "desc=hit" and "upstream" not in hit
     assert float(hit["total"].removeprefix("dur=")) < float(miss["total"].removeprefix("dur="))
-    async with client.get(sidecar.url + "/cached/a", headers={"Range": "bytes=0-1"}) as response:
+    # a part of something not stored goes to the upstream as it came
+    async with client.get(sidecar.url + "/cached/b", headers={"Range": "bytes=0-1"}) as response:
         assert response.headers["Server-Timing"].startswith("cache;desc=bypass, upstream;dur=")
+    async with client.get(sidecar.url + "/cached/a", headers={"Range": "bytes=0-1"}) as response:
+        assert response.status == 206
+        assert response.headers["Server-Timing"].startswith("cache;desc=hit, total;dur=")
     async with client.get(sidecar.url + "/default/ok",
                           headers={"Connection": "close"}) as response:  # the header dict path
         parts = response.headers["Server-Timing"].split(", ")

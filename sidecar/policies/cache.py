@@ -1,9 +1,10 @@
 """`cache:` a shared HTTP cache (RFC 9111) in front of the route's upstream: L1 in this worker,
 L2 in Redis, revalidation with stored validators, stale-while-revalidate and stale-if-error,
-invalidation by unsafe methods. Every response it touches carries `Cache-Status` (RFC 9211).
+invalidation by unsafe methods, byte ranges from stored responses. Every response it touches
+carries `Cache-Status` (RFC 9211).
 
-The rules themselves live in sidecar/core/freshness.py, etag.py and cachekey.py; this module
-only acts on their answers.
+The rules themselves live in sidecar/core/freshness.py, etag.py, ranges.py and cachekey.py;
+this module only acts on their answers.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ from ..core.freshness import (
     strict_http_date,
     verdict,
 )
+from ..core.ranges import Part, parse_range, range_answer
+from ..core.targeted import Controls, select_controls
 from ..errors import UpstreamError
 from ..http.dates import http_date_now
 from ..http.headers import RawHeaders, connection_tokens
@@ -67,6 +70,8 @@ _CONDITIONALS = frozenset({b"if-none-match", b"if-modified-since", b"if-match",
 _FORGEABLE = frozenset({b"forwarded", b"x-forwarded-port", b"x-forwarded-prefix",
                         b"x-forwarded-for"})
 _SET_COOKIE = frozenset({b"set-cookie"})
+# What a 416 carries of the entry's fields, besides Content-Range: when, and which version.
+_416_HEADERS = frozenset({b"date", b"etag", b"last-modified", b"vary", b"via"})
 # Request fields that change what the cache does with a stored response.
 _REQUEST_CONTROLS = frozenset({b"range", b"cache-control", b"pragma", b"if-none-match",
                                b"if-modified-since"})
@@ -132,12 +137,13 @@ class CachePolicy:
         keyed = {h.lower() for h in config.key.headers}
         self.strip = frozenset(
             h.lower().encode() for h in config.strip_unkeyed if h.lower() not in keyed
-        ) | _CONDITIONALS
+        ) | _CONDITIONALS | {b"range"}  # what is stored is the whole response
         self.strip_untrusted = self.strip | {h for h in _FORGEABLE if h.decode() not in keyed}
         self.own_forwarded_for = "x-forwarded-for" not in keyed
         self.trusted_key_headers = (
             *config.key.headers, *(h for h in TRUSTED_FORWARDING if h.lower() not in keyed))
         self.tag_header = config.tag_header.lower().encode("latin-1")
+        self.targeted = tuple((name, name.lower().encode("latin-1")) for name in config.targeted)
         self.counts = service.counts
         self._hit_keys = {layer: (route, layer, "hit") for layer in ("memory", "redis")}
         self._memory_hit = self._hit_keys["memory"]
@@ -159,12 +165,6 @@ class CachePolicy:
         head = request.head
         headers = head.headers
         plain = not headers.has_any(_REQUEST_CONTROLS)  # the usual request: none of them
-        if not plain and "Range" in headers:
-            response = await call_next(request)
-            response.headers.append((b"Cache-Status", b"sidecar; fwd=bypass; detail=range"))
-            response.cache = _BYPASS
-            self.counts[(self.route, "-", "bypass")] += 1
-            return response
         request_cc: Directives = {}
         if not plain:
             cache_control = headers.get("Cache-Control")
@@ -213,8 +213,10 @@ class CachePolicy:
                 return self._answer(request, entry, now,
                                     b"hit; ttl=%d; detail=stale-while-revalidate" % ttl, _STALE)
             return await self._revalidate(request, call_next, entry, primary, target, request_cc)
-        self.counts[(self.route, "-", "miss")] += 1
         fwd = "vary-miss" if known else "uri-miss"
+        if not plain and method == "GET" and _asks_for_part(headers.get("Range")):
+            return await self._pass_range(request, call_next, fwd)
+        self.counts[(self.route, "-", "miss")] += 1
         return await self._fetch(request, call_next, primary, target, fwd, request_cc)
 
     # -- lookup -------------------------------------------------------------------------------
@@ -291,6 +293,12 @@ class CachePolicy:
                                      body=b"")
             response.cache = desc
             return response
+        if request.method == "GET" and entry.status == 200:
+            range_value = request.head.headers.get("Range")
+            if range_value is not None:
+                part = self._part(request, entry, headers, range_value, desc, now)
+                if part is not None:
+                    return part
         body = b"" if request.method == "HEAD" else entry.body
         stored = entry.wire
         if own:
@@ -301,7 +309,49 @@ class CachePolicy:
         response.cache = desc
         return response
 
+    def _part(self, request: ProxyRequest, entry: CachedResponse, headers: RawHeaders,
+              range_value: str, desc: bytes, now: float) -> ProxyResponse | None:
+        """A 206 or 416 from a stored 200 for a GET with `Range`, or None: the whole 200 is
+        the answer (a Range the cache ignores, an If-Range that does not hold)."""
+        stored = entry.headers
+        answer = range_answer(
+            range_value, request.head.headers.get("If-Range"), length=len(entry.body),
+            etag=entry.etag, last_modified=http_date(get_header(stored, b"last-modified")),
+            date=http_date(get_header(stored, b"date")), now=now)
+        if answer is None:
+            return None
+        if isinstance(answer, Part):
+            fields = [(n, v) for n, v in headers if n.lower() != b"content-length"]
+            body = answer.of(entry.body)
+            fields += ((b"Content-Range", answer.content_range),
+                       (b"Content-Length", b"%d" % len(body)))
+            response = ProxyResponse(206, "Partial Content", fields, body=body, etag=entry.etag)
+        else:
+            # The validators, for a client to see its copy is outdated; no Cache-Control or
+            # Expires, which could let a cache downstream keep the 416 as the URI's answer.
+            # `headers` is the entry's, then this client's own fields, Age and Cache-Status.
+            fields = [(n, v) for n, v in stored if n.lower() in _416_HEADERS]
+            fields += headers[len(stored):]
+            fields.append((b"Content-Range", answer.content_range))
+            response = ProxyResponse(416, "Range Not Satisfiable", fields, body=b"")
+        response.cache = desc
+        return response
+
     # -- going to the upstream ---------------------------------------------------------------
+
+    async def _pass_range(self, request: ProxyRequest, call_next: Handler,
+                          fwd: str) -> ProxyResponse:
+        """A part of something not stored: the request goes as it came, Range and If-Range
+        included, and the answer (a 206, or a 200 from an upstream without ranges) is not
+        stored. Fetching it whole instead could mean gigabytes for one seek in a video; the
+        next plain GET stores it, and ranges are answered from the cache from then on."""
+        response = await call_next(request)
+        response.headers.append(
+            (b"Cache-Status", b"sidecar; fwd=%s; fwd-status=%d; detail=range"
+             % (fwd.encode(), response.status)))
+        response.cache = _BYPASS
+        self.counts[(self.route, "-", "bypass")] += 1
+        return response
 
     def _forwarded(self, request: ProxyRequest, add: list[bytes] | None = None) -> ProxyRequest:
         add = list(add or ())
@@ -312,10 +362,16 @@ class CachePolicy:
         return request.with_upstream_head(rewrite_head(request.upstream_head, self.strip_untrusted,
                                                            add))
 
-    @staticmethod
-    def _own_fields(response: ProxyResponse) -> RawHeaders:
+    def _controls(self, raw: RawHeaders) -> Controls:
+        """The directives this cache goes by for a response: its first targeted field present
+        and valid (config `targeted`, RFC 9213), else Cache-Control and Expires. The fields
+        themselves are stored and relayed as they came."""
+        return select_controls(get_header(raw, b"cache-control"), get_header(raw, b"expires"),
+                               [(name, get_header(raw, lname)) for name, lname in self.targeted])
+
+    def _own_fields(self, response: ProxyResponse) -> RawHeaders:
         raw = response.headers
-        withheld = withheld_fields(parse_cache_control(get_header(raw, b"cache-control")))
+        withheld = withheld_fields(self._controls(raw).directives)
         named = connection_named(raw)
         return [(n, v) for n, v in raw if n.lower() in withheld and n.lower() not in named]
 
@@ -418,8 +474,7 @@ class CachePolicy:
         raw = response.headers
         if get_header(raw, b"x-sidecar-dedup") is not None:
             return None, "coalesced"  # a copy of a flight's response: its leader stores it
-        response_cc = parse_cache_control(get_header(raw, b"cache-control"))
-        expires_raw = get_header(raw, b"expires")
+        response_cc, expires_raw, _ = self._controls(raw)
         vary = get_header(raw, b"vary")
         config = self.config
         default = self._default_lifetime(raw, self.service.clock())
@@ -518,10 +573,9 @@ class CachePolicy:
         merged = [updates.pop(n.lower(), (n, v)) for n, v in entry.headers
                   if n.lower() != b"content-length"]
         merged += updates.values()
-        response_cc = parse_cache_control(get_header(merged, b"cache-control"))
+        response_cc, expires_raw, _ = self._controls(merged)
         withheld = withheld_fields(response_cc)
         merged = [(n, v) for n, v in merged if n.lower() not in withheld]
-        expires_raw = get_header(merged, b"expires")
         return self._entry_from(entry, merged, response_cc, expires_raw, request_time)
 
     def _entry_from(self, entry: CachedResponse, headers: RawHeaders, response_cc: Directives,
@@ -585,6 +639,15 @@ class CachePolicy:
         for uri in uris:
             await self.service.purge("key", uri, wait=0.0)
         self.counts[(self.route, "-", "invalidated")] += len(uris)
+
+
+def _asks_for_part(range_value: str | None) -> bool:
+    """Whether a GET's Range asks for less than the whole: `bytes=0-` and the Ranges the cache
+    ignores are answered by a full response, which a miss can fetch and store."""
+    if range_value is None:
+        return False
+    spec = parse_range(range_value)
+    return spec is not None and not spec.whole
 
 
 def _timed(answer: ProxyResponse, upstream: ProxyResponse) -> ProxyResponse:
