@@ -203,7 +203,9 @@ async def wait_exit(proc: SidecarProcess, timeout: float) -> tuple[int, float]:
 async def connection_refused(port: int) -> bool:
     try:
         _, writer = await asyncio.open_connection("127.0.0.1", port)
-    except ConnectionRefusedError:
+    except (ConnectionRefusedError, ConnectionResetError):
+        # Reset: the connection reached the backlog of a listener that closed before
+        # accepting it; closed all the same.
         return True
     writer.close()
     with contextlib.suppress(OSError):
