@@ -14,7 +14,7 @@ from aiohttp import web
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from saq.job import Job, Status
 
-from . import __version__
+from . import __version__, native
 from .core.jobs import CANCELLED, FAILED, TERMINAL, JobId, parse_progress, public_status
 from .edge.responses import error_body, new_request_id
 from .errors import SidecarError, UnauthorizedError
@@ -127,6 +127,7 @@ async def stats(request: web.Request) -> web.Response:
     """A JSON snapshot of what each subsystem counts (this worker)."""
     runtime: AdminHost = request.app[RUNTIME]  # type: ignore[assignment]
     return web.json_response({"pid": os.getpid(), "worker": runtime.worker_id,
+                              "compiled": native.compiled(),
                               "cache": await runtime.cache.stats(),
                               "dedup": runtime.dedup.stats(),
                               "requests": _request_stats(runtime),

@@ -24,7 +24,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from . import __version__
+from . import __version__, native
 from .admin import build_admin_app
 from .aio import cancel_and_wait
 from .config import Config, ConfigError, LoadedConfig, RouteConfig, load_config
@@ -359,7 +359,13 @@ class Runtime:
             "listen": f"{config.server.listen.host}:{self.public_port}",
             "admin": f"{config.server.admin_listen.host}:{self.admin_port}",
             "worker": self.worker_id, "pid": os.getpid(), "version": __version__,
+            "compiled": f"{len(native.compiled())}/{len(native.COMPILED)}",
         })
+        stale = native.stale()
+        if stale:
+            log.warning("compiled modules are older than their sources: the old code runs; "
+                        "rebuild with `make setup` (or `pip install -e .`)",
+                        extra={"modules": stale})
 
     async def _stop_edge(self) -> None:
         if self.edge is not None:

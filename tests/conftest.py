@@ -25,9 +25,19 @@ from support import (
     write_config,
 )
 
+from sidecar import native
 from sidecar.app import Runtime
 from sidecar.config import load_config
 from sidecar.examples.backend import build_app
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A compiled module older than its source would run the old code under the new tests.
+    stale = native.stale()
+    if stale:
+        pytest.exit(f"compiled modules older than their sources: {', '.join(stale)}; "
+                    "rebuild them with `make setup` (or SIDECAR_PURE=1 make setup for none)",
+                    returncode=4)
 
 
 @pytest.fixture(scope="session")

@@ -306,7 +306,9 @@ def run(duration: float, connections: int, rounds: int, redis_bin: str
                     extra[name].setdefault("cpu_us", []).append(cpu_us)
                 print(f"  {name:<34}{result.rps:>9.0f} req/s", file=sys.stderr, flush=True)
 
-        stats = json.loads(get(side_admin, "/admin/stats")[2]).get("cache", {})
+        all_stats = json.loads(get(side_admin, "/admin/stats")[2])
+        extra[SIDE_HIT]["compiled"] = len(all_stats.get("compiled", []))
+        stats = all_stats.get("cache", {})
         extra[SIDE_HIT]["cache_counts"] = {
             f"{c['layer']}/{c['result']}": c["count"]
             for c in stats.get("requests", []) if c.get("route") == "item"}
@@ -357,6 +359,8 @@ def report(results: list[Result], extra: dict[str, dict[str, Any]], checks: list
         cpu = f"{row['cpu_us_median']:.1f}" if "cpu_us_median" in row else "-"
         print(f"{r.name:<34}{r.rps:>10.0f}{r.p50_ms:>9.2f}{r.p99_ms:>9.2f}{r.errors:>8}"
               f"{cpu:>12}   {', '.join(str(x) for x in row['rounds_rps'])}")
+    print(f"sidecar modules compiled (sidecar/native.py): {extra[SIDE_HIT].get('compiled', 0)}"
+          + ("" if extra[SIDE_HIT].get("compiled") else " (pure Python)"))
     counts = extra[SIDE_HIT].get("cache_counts", {})
     if counts:
         print("sidecar cache counts, route item (warm-up included): "

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import re
 import time
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from ..errors import NoRouteError, SidecarError, UpstreamError
 from ..jobs.api import JobsEndpoint, JobsHost, under
@@ -366,8 +366,8 @@ def _access_fields(head: RequestHead, route: Route | None, status: int, request_
 class AccessLogClock:
     """A timestamp string per second, not per request: formatting time is not free."""
 
-    _second = 0
-    _text = ""
+    _second: ClassVar[int] = 0
+    _text: ClassVar[str] = ""
 
     @classmethod
     def now(cls) -> str:

@@ -30,7 +30,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import httptools
 
@@ -701,7 +701,10 @@ class EdgeServer:
             lambda: EdgeProtocol(self), host or None, port, reuse_port=reuse_port or None,
             backlog=1024)
         self._sweeper = self.loop.call_later(self._interval, self._sweep)
-        return int(self._server.sockets[0].getsockname()[1])
+        # Typed as asyncio.Server, whose `sockets` the stubs call a tuple; uvloop's is a list,
+        # which compiled code (sidecar/native.py) would refuse as a tuple.
+        server: Any = self._server
+        return int(server.sockets[0].getsockname()[1])
 
     def forget(self, conn: EdgeProtocol) -> None:
         self.connections.discard(conn)

@@ -8,7 +8,7 @@ into a dict of decoded strings per request.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import overload
 
 RawHeaders = list[tuple[bytes, bytes]]
@@ -73,7 +73,7 @@ class Headers(Mapping[str, str]):
         a policy that looks for several and usually finds none."""
         return not self._first.keys().isdisjoint(lnames)
 
-    def getall(self, name: str, default: tuple[str, ...] = ()) -> list[str]:
+    def getall(self, name: str, default: Iterable[str] = ()) -> list[str]:
         key = _lname(name)
         if key not in self._first:
             return list(default)
