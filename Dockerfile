@@ -1,4 +1,15 @@
 # sidecar: slim Python, Debian's redis-server for `redis.url: embedded`, non-root user.
+# The first stage compiles the request path to C (setup.py, sidecar/native.py) into a wheel, so
+# the image itself carries no compiler.
+FROM python:3.11-slim AS build
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY pyproject.toml setup.py mypyc.ini README.md ./
+COPY sidecar ./sidecar
+RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
+
 FROM python:3.11-slim
 
 RUN apt-get update \
@@ -6,9 +17,8 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /app
-COPY pyproject.toml README.md ./
-COPY sidecar ./sidecar
-RUN pip install --no-cache-dir .
+COPY --from=build /wheels /wheels
+RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
 
 COPY config.yaml ./config.yaml
 COPY policies ./policies
