@@ -29,7 +29,7 @@ from .errors import (
     UpstreamTimeoutError,
     UpstreamUnavailableError,
 )
-from .http.headers import RawHeaders
+from .http.headers import RawHeaders, response_codings
 
 # Pause reading from the upstream once this much response body waits for a slow client.
 _HIGH_WATER = 256 * 1024
@@ -199,6 +199,13 @@ class _Connection(asyncio.Protocol):
         tunnel = self.tunnel
         if tunnel is not None:
             return tunnel.eof()
+        if self._until_close:
+            # The upstream ended a body framed by the connection's close: that was all of it.
+            # (A reset or an abort is not an end: connection_lost fails the body then.)
+            response = self._response
+            if response is not None and not response.complete:
+                self._response = None
+                response._finish()
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -222,7 +229,7 @@ class _Connection(asyncio.Protocol):
             self._answer(None, error)
         response = self._response
         if response is not None and not response.complete:
-            if self._head_request or self._until_close:
+            if self._head_request:
                 self._response = None
                 response._finish()
             else:
@@ -293,15 +300,13 @@ class _Connection(asyncio.Protocol):
             self._informational = True
             return
         keep_alive = self.parser.should_keep_alive()
+        length = self._length
+        if (length is None and status != 204 and status != 304 and not self._head_request
+                and not self._unlengthed(keep_alive)):
+            return
         response = UpstreamResponse(self, status, self._reason, self._headers, keep_alive,
                                     self._timeout)
-        if not keep_alive:
-            # Without Content-Length or chunked framing the body ends when the connection does.
-            framed = any(name.lower() in (b"content-length", b"transfer-encoding")
-                         for name, _ in self._headers)
-            self._until_close = not framed and status not in (204, 304)
         self._response = response
-        length = self._length
         if (not self._head_request and length is not None and length.isdigit()
                 and int(length) <= _HIGH_WATER):
             # Hand the response over whole once its body is in (usually the same read or the
@@ -312,6 +317,23 @@ class _Connection(asyncio.Protocol):
             # A response to HEAD has no body whatever Content-Length says; httptools cannot be
             # told so, so the exchange ends here and the parser is replaced before reuse.
             self._message_done()
+
+    def _unlengthed(self, keep_alive: bool) -> bool:
+        """A body without Content-Length: chunked, or (RFC 9112 §6.3 rules 4 and 7) until the
+        connection closes, which the parser reads it as when chunked is not the final coding;
+        that connection is never reused. False (and the exchange failed) when a transfer coding
+        other than chunked is left on the body: the sidecar asks for none (it sends no TE),
+        cannot undo one, and may not pass it on (to an HTTP/1.0 client, to the cache)."""
+        chunked, codings = response_codings(
+            [value for name, value in self._headers
+             if len(name) == 17 and name.lower() == b"transfer-encoding"])
+        if codings:
+            self._error(UpstreamProtocolError(
+                self.pool.name, "response body in a transfer coding the sidecar did not ask "
+                f"for: {b', '.join(codings).decode('latin-1')[:100]}"))
+            return False
+        self._until_close = not chunked and not keep_alive
+        return True
 
     def on_body(self, body: bytes) -> None:
         response = self._response
