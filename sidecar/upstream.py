@@ -41,6 +41,13 @@ _MAX_HEAD = 64 * 1024
 Body = bytes | AsyncIterator[bytes] | None
 
 
+class Interim(Protocol):
+    """Who hears of the interim responses (1xx but 101) that come ahead of an answer: the
+    request they belong to (pipeline.ProxyRequest), which passes them on to its client."""
+
+    def interim(self, status: int, reason: str, headers: RawHeaders) -> None: ...
+
+
 class _StaleConnection(UpstreamConnectError):
     """A reused keep-alive connection closed before any response byte: safe to try anew."""
 
@@ -154,6 +161,7 @@ class _Connection(asyncio.Protocol):
         self._headers: RawHeaders = []
         self._reason = b""
         self._informational = False
+        self._interim: Interim | None = None
         self._head_request = False
         self._request_sent = False
         self._got_bytes = False
@@ -296,8 +304,12 @@ class _Connection(asyncio.Protocol):
                                               self._timeout)
             return
         if status < 200:
-            # 100 Continue, 103 Early Hints: informational, the real response follows.
+            # 100 Continue, 102 Processing, 103 Early Hints: interim, the answer follows. Passed
+            # on as it comes (a 101 nobody asked for is refused: HttpParserUpgrade).
             self._informational = True
+            interim = self._interim
+            if interim is not None and status != 101:
+                interim.interim(status, self._reason.decode("latin-1"), self._headers)
             return
         keep_alive = self.parser.should_keep_alive()
         length = self._length
@@ -405,6 +417,7 @@ class _Connection(asyncio.Protocol):
         if waiter is None:
             return False
         self._head_waiter = None
+        self._interim = None
         self.pool.deadlines.clear(self)
         if waiter.done():  # given up on by its caller (abandon() closes the connection)
             return False
@@ -433,10 +446,11 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
 
     def send(self, head: bytes, body: bytes | None, chunked: bool, timeout: float,
-             is_head: bool, upgrade: bool = False) -> asyncio.Future[UpstreamResponse]:
+             is_head: bool, upgrade: bool = False,
+             interim: Interim | None = None) -> asyncio.Future[UpstreamResponse]:
         """Write a whole request; the future gets the response head. Not a coroutine: the
         usual request costs no frame of its own here (see `UpstreamPool.request`)."""
-        waiter = self._begin(is_head, upgrade, timeout)
+        waiter = self._begin(is_head, upgrade, timeout, interim)
         transport = self.transport
         assert transport is not None
         if body is None:
@@ -450,11 +464,12 @@ class _Connection(asyncio.Protocol):
         return waiter
 
     async def send_streaming(self, head: bytes, body: AsyncIterator[bytes], chunked: bool,
-                             timeout: float, is_head: bool,
-                             upgrade: bool = False) -> asyncio.Future[UpstreamResponse]:
+                             timeout: float, is_head: bool, upgrade: bool = False,
+                             interim: Interim | None = None,
+                             ) -> asyncio.Future[UpstreamResponse]:
         """Write a request whose body streams from the client, with back-pressure; returns
         the future of the response head once the body is sent."""
-        waiter = self._begin(is_head, upgrade, timeout)
+        waiter = self._begin(is_head, upgrade, timeout, interim)
         transport = self.transport
         assert transport is not None
         transport.write(head)
@@ -462,11 +477,12 @@ class _Connection(asyncio.Protocol):
         self._sent(timeout)
         return waiter
 
-    def _begin(self, is_head: bool, upgrade: bool,
-               timeout: float) -> asyncio.Future[UpstreamResponse]:
+    def _begin(self, is_head: bool, upgrade: bool, timeout: float,
+               interim: Interim | None) -> asyncio.Future[UpstreamResponse]:
         if self._head_request:
             self.parser = httptools.HttpResponseParser(self)
         self._head_request = is_head
+        self._interim = interim
         self._upgrade = upgrade
         self._request_sent = False
         self._got_bytes = False
@@ -489,6 +505,7 @@ class _Connection(asyncio.Protocol):
                 or waiter.exception() is not None):
             # Nobody is to get this exchange's answer any more, not even its error.
             self._head_waiter = None
+            self._interim = None
             self.pool.deadlines.clear(self)
             self.abort()
 
@@ -634,10 +651,12 @@ class UpstreamPool:
 
     async def request(self, head: bytes, body: Body = None, chunked: bool = False,
                       timeout: float | None = None, is_head: bool = False,
-                      upgrade: bool = False) -> UpstreamResponse:
+                      upgrade: bool = False, interim: Interim | None = None,
+                      ) -> UpstreamResponse:
         """Send one request; return once the response's status and headers have arrived.
         `upgrade`: the head asks to switch protocols; a 101 answer comes with `tunnel` set,
-        the connection then belonging to the caller."""
+        the connection then belonging to the caller. `interim` hears of the 1xx responses
+        that come first, as they come; they are never part of the answer."""
         timeout = self.config.timeout if timeout is None else timeout
         replayable = body is None or isinstance(body, bytes)
         while True:
@@ -648,10 +667,10 @@ class UpstreamPool:
             try:
                 if replayable:
                     waiter = conn.send(head, body, chunked, timeout, is_head,  # type: ignore[arg-type]
-                                       upgrade)
+                                       upgrade, interim)
                 else:
                     waiter = await conn.send_streaming(head, body, chunked,  # type: ignore[arg-type]
-                                                       timeout, is_head, upgrade)
+                                                       timeout, is_head, upgrade, interim)
                 return await waiter
             except BaseException as exc:
                 conn.abandon(waiter)
