@@ -79,7 +79,7 @@ def _upstream_handler(pool: UpstreamPool, recorder: Recorder, *,
                 if upgrade else request.upstream_head)
         try:
             response = await pool.request(head, request.body, request.chunked, request.timeout,
-                                          request.method == "HEAD", upgrade)
+                                          request.method == "HEAD", upgrade, request)
         except UpstreamError:
             recorder.upstream_call(name, None, time.perf_counter() - started)
             raise

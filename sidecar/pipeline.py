@@ -48,18 +48,29 @@ class BodyStream(Protocol):
     def close(self) -> None: ...
 
 
+class InterimSink(Protocol):
+    """Where the interim responses (1xx) to a request go: the connection of the client that
+    sent it (edge/protocol.py), which writes them at once if that request is still the one it
+    is answering and nothing of the answer has gone out."""
+
+    def interim(self, request: ProxyRequest, status: int, reason: str,
+                headers: RawHeaders) -> None: ...
+
+
 class ProxyRequest:
     """What policies see of a request: built once by the edge, read-only by convention.
 
     `head` is the client's request (`RequestHead`); `upstream_head` the request line and
-    headers as the upstream is to get them, built on first use."""
+    headers as the upstream is to get them, built on first use. `sink` takes the 1xx responses
+    the upstream sends ahead of its answer: they go to the client beside the chain, never
+    through a policy (nothing stores, shares or replays them)."""
 
     __slots__ = ("_upstream_head", "body", "chunked", "head", "method", "request_id", "route",
-                 "timeout")
+                 "sink", "timeout")
 
     def __init__(self, head: RequestHead, route: Route, request_id: str, body: Body,
                  chunked: bool, timeout: float | None,
-                 upstream_head: bytes | None = None) -> None:
+                 upstream_head: bytes | None = None, sink: InterimSink | None = None) -> None:
         self.head = head
         self.method = head.method
         self.route = route
@@ -68,6 +79,13 @@ class ProxyRequest:
         self.chunked = chunked
         self.timeout = timeout
         self._upstream_head = upstream_head
+        self.sink = sink
+
+    def interim(self, status: int, reason: str, headers: RawHeaders) -> None:
+        """An interim response from the upstream (upstream.Interim): to the client, if any."""
+        sink = self.sink
+        if sink is not None:
+            sink.interim(self, status, reason, headers)
 
     @property
     def upstream_head(self) -> bytes:
@@ -82,12 +100,12 @@ class ProxyRequest:
     def with_upstream_head(self, upstream_head: bytes) -> ProxyRequest:
         """The same request, forwarded with other headers."""
         return ProxyRequest(self.head, self.route, self.request_id, self.body, self.chunked,
-                            self.timeout, upstream_head)
+                            self.timeout, upstream_head, self.sink)
 
     def with_body(self, body: bytes, upstream_head: bytes) -> ProxyRequest:
         """The same request with its body read whole (and the head framing it so)."""
         return ProxyRequest(self.head, self.route, self.request_id, body, False, self.timeout,
-                            upstream_head)
+                            upstream_head, self.sink)
 
 
 class BodyTooLarge(Exception):

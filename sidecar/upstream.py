@@ -29,7 +29,7 @@ from .errors import (
     UpstreamTimeoutError,
     UpstreamUnavailableError,
 )
-from .http.headers import RawHeaders
+from .http.headers import RawHeaders, response_codings
 
 # Pause reading from the upstream once this much response body waits for a slow client.
 _HIGH_WATER = 256 * 1024
@@ -39,6 +39,13 @@ _LOW_WATER = 64 * 1024
 _MAX_HEAD = 64 * 1024
 
 Body = bytes | AsyncIterator[bytes] | None
+
+
+class Interim(Protocol):
+    """Who hears of the interim responses (1xx but 101) that come ahead of an answer: the
+    request they belong to (pipeline.ProxyRequest), which passes them on to its client."""
+
+    def interim(self, status: int, reason: str, headers: RawHeaders) -> None: ...
 
 
 class _StaleConnection(UpstreamConnectError):
@@ -154,6 +161,7 @@ class _Connection(asyncio.Protocol):
         self._headers: RawHeaders = []
         self._reason = b""
         self._informational = False
+        self._interim: Interim | None = None
         self._head_request = False
         self._request_sent = False
         self._got_bytes = False
@@ -199,6 +207,13 @@ class _Connection(asyncio.Protocol):
         tunnel = self.tunnel
         if tunnel is not None:
             return tunnel.eof()
+        if self._until_close:
+            # The upstream ended a body framed by the connection's close: that was all of it.
+            # (A reset or an abort is not an end: connection_lost fails the body then.)
+            response = self._response
+            if response is not None and not response.complete:
+                self._response = None
+                response._finish()
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -222,7 +237,7 @@ class _Connection(asyncio.Protocol):
             self._answer(None, error)
         response = self._response
         if response is not None and not response.complete:
-            if self._head_request or self._until_close:
+            if self._head_request:
                 self._response = None
                 response._finish()
             else:
@@ -289,19 +304,21 @@ class _Connection(asyncio.Protocol):
                                               self._timeout)
             return
         if status < 200:
-            # 100 Continue, 103 Early Hints: informational, the real response follows.
+            # 100 Continue, 102 Processing, 103 Early Hints: interim, the answer follows. Passed
+            # on as it comes (a 101 nobody asked for is refused: HttpParserUpgrade).
             self._informational = True
+            interim = self._interim
+            if interim is not None and status != 101:
+                interim.interim(status, self._reason.decode("latin-1"), self._headers)
             return
         keep_alive = self.parser.should_keep_alive()
+        length = self._length
+        if (length is None and status != 204 and status != 304 and not self._head_request
+                and not self._unlengthed(keep_alive)):
+            return
         response = UpstreamResponse(self, status, self._reason, self._headers, keep_alive,
                                     self._timeout)
-        if not keep_alive:
-            # Without Content-Length or chunked framing the body ends when the connection does.
-            framed = any(name.lower() in (b"content-length", b"transfer-encoding")
-                         for name, _ in self._headers)
-            self._until_close = not framed and status not in (204, 304)
         self._response = response
-        length = self._length
         if (not self._head_request and length is not None and length.isdigit()
                 and int(length) <= _HIGH_WATER):
             # Hand the response over whole once its body is in (usually the same read or the
@@ -312,6 +329,23 @@ class _Connection(asyncio.Protocol):
             # A response to HEAD has no body whatever Content-Length says; httptools cannot be
             # told so, so the exchange ends here and the parser is replaced before reuse.
             self._message_done()
+
+    def _unlengthed(self, keep_alive: bool) -> bool:
+        """A body without Content-Length: chunked, or (RFC 9112 §6.3 rules 4 and 7) until the
+        connection closes, which the parser reads it as when chunked is not the final coding;
+        that connection is never reused. False (and the exchange failed) when a transfer coding
+        other than chunked is left on the body: the sidecar asks for none (it sends no TE),
+        cannot undo one, and may not pass it on (to an HTTP/1.0 client, to the cache)."""
+        chunked, codings = response_codings(
+            [value for name, value in self._headers
+             if len(name) == 17 and name.lower() == b"transfer-encoding"])
+        if codings:
+            self._error(UpstreamProtocolError(
+                self.pool.name, "response body in a transfer coding the sidecar did not ask "
+                f"for: {b', '.join(codings).decode('latin-1')[:100]}"))
+            return False
+        self._until_close = not chunked and not keep_alive
+        return True
 
     def on_body(self, body: bytes) -> None:
         response = self._response
@@ -383,6 +417,7 @@ class _Connection(asyncio.Protocol):
         if waiter is None:
             return False
         self._head_waiter = None
+        self._interim = None
         self.pool.deadlines.clear(self)
         if waiter.done():  # given up on by its caller (abandon() closes the connection)
             return False
@@ -411,10 +446,11 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
 
     def send(self, head: bytes, body: bytes | None, chunked: bool, timeout: float,
-             is_head: bool, upgrade: bool = False) -> asyncio.Future[UpstreamResponse]:
+             is_head: bool, upgrade: bool = False,
+             interim: Interim | None = None) -> asyncio.Future[UpstreamResponse]:
         """Write a whole request; the future gets the response head. Not a coroutine: the
         usual request costs no frame of its own here (see `UpstreamPool.request`)."""
-        waiter = self._begin(is_head, upgrade, timeout)
+        waiter = self._begin(is_head, upgrade, timeout, interim)
         transport = self.transport
         assert transport is not None
         if body is None:
@@ -428,11 +464,12 @@ class _Connection(asyncio.Protocol):
         return waiter
 
     async def send_streaming(self, head: bytes, body: AsyncIterator[bytes], chunked: bool,
-                             timeout: float, is_head: bool,
-                             upgrade: bool = False) -> asyncio.Future[UpstreamResponse]:
+                             timeout: float, is_head: bool, upgrade: bool = False,
+                             interim: Interim | None = None,
+                             ) -> asyncio.Future[UpstreamResponse]:
         """Write a request whose body streams from the client, with back-pressure; returns
         the future of the response head once the body is sent."""
-        waiter = self._begin(is_head, upgrade, timeout)
+        waiter = self._begin(is_head, upgrade, timeout, interim)
         transport = self.transport
         assert transport is not None
         transport.write(head)
@@ -440,11 +477,12 @@ class _Connection(asyncio.Protocol):
         self._sent(timeout)
         return waiter
 
-    def _begin(self, is_head: bool, upgrade: bool,
-               timeout: float) -> asyncio.Future[UpstreamResponse]:
+    def _begin(self, is_head: bool, upgrade: bool, timeout: float,
+               interim: Interim | None) -> asyncio.Future[UpstreamResponse]:
         if self._head_request:
             self.parser = httptools.HttpResponseParser(self)
         self._head_request = is_head
+        self._interim = interim
         self._upgrade = upgrade
         self._request_sent = False
         self._got_bytes = False
@@ -467,6 +505,7 @@ class _Connection(asyncio.Protocol):
                 or waiter.exception() is not None):
             # Nobody is to get this exchange's answer any more, not even its error.
             self._head_waiter = None
+            self._interim = None
             self.pool.deadlines.clear(self)
             self.abort()
 
@@ -612,10 +651,12 @@ class UpstreamPool:
 
     async def request(self, head: bytes, body: Body = None, chunked: bool = False,
                       timeout: float | None = None, is_head: bool = False,
-                      upgrade: bool = False) -> UpstreamResponse:
+                      upgrade: bool = False, interim: Interim | None = None,
+                      ) -> UpstreamResponse:
         """Send one request; return once the response's status and headers have arrived.
         `upgrade`: the head asks to switch protocols; a 101 answer comes with `tunnel` set,
-        the connection then belonging to the caller."""
+        the connection then belonging to the caller. `interim` hears of the 1xx responses
+        that come first, as they come; they are never part of the answer."""
         timeout = self.config.timeout if timeout is None else timeout
         replayable = body is None or isinstance(body, bytes)
         while True:
@@ -626,10 +667,10 @@ class UpstreamPool:
             try:
                 if replayable:
                     waiter = conn.send(head, body, chunked, timeout, is_head,  # type: ignore[arg-type]
-                                       upgrade)
+                                       upgrade, interim)
                 else:
                     waiter = await conn.send_streaming(head, body, chunked,  # type: ignore[arg-type]
-                                                       timeout, is_head, upgrade)
+                                                       timeout, is_head, upgrade, interim)
                 return await waiter
             except BaseException as exc:
                 conn.abandon(waiter)

@@ -3,6 +3,7 @@ sidecar itself, in-process (fast) or as a subprocess (for signals, workers and m
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -18,6 +19,8 @@ from support import (
     InProcessSidecar,
     Origin,
     RedisServer,
+    Script,
+    ScriptedUpstream,
     SidecarProcess,
     free_port,
     make_config,
@@ -91,6 +94,23 @@ async def origin() -> AsyncIterator[Origin]:
     upstream.url = f"http://127.0.0.1:{upstream.port}"
     yield upstream
     await runner.cleanup()
+
+
+@pytest.fixture
+async def scripted() -> AsyncIterator[Callable[[Script], Awaitable[ScriptedUpstream]]]:
+    """Raw TCP upstreams whose every connection runs a script (support.ScriptedUpstream)."""
+    servers: list[ScriptedUpstream] = []
+
+    async def start(script: Script) -> ScriptedUpstream:
+        upstream = ScriptedUpstream(script)
+        upstream.server = await asyncio.start_server(upstream._serve, "127.0.0.1", 0)
+        upstream.port = upstream.server.sockets[0].getsockname()[1]
+        servers.append(upstream)
+        return upstream
+
+    yield start
+    for upstream in servers:
+        await upstream.close()
 
 
 @pytest.fixture

@@ -8,50 +8,19 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
-import httptools
 import pytest
 from aiohttp import web
-from support import InProcessSidecar, Origin, free_port, make_config, until, write_config
+from support import (
+    InProcessSidecar,
+    Origin,
+    free_port,
+    make_config,
+    read_responses,
+    until,
+    write_config,
+)
 
 Factory = Callable[..., Awaitable[InProcessSidecar]]
-
-
-class Responses:
-    """Responses parsed from a raw connection, in the order they came."""
-
-    def __init__(self) -> None:
-        self.parser = httptools.HttpResponseParser(self)
-        self.statuses: list[int] = []
-        self.headers: list[dict[str, str]] = []
-        self.bodies: list[bytes] = []
-        self.done = 0
-
-    def on_message_begin(self) -> None:
-        self.headers.append({})
-        self.bodies.append(b"")
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers[-1][name.decode().lower()] = value.decode()
-
-    def on_headers_complete(self) -> None:
-        self.statuses.append(self.parser.get_status_code())
-
-    def on_body(self, body: bytes) -> None:
-        self.bodies[-1] += body
-
-    def on_message_complete(self) -> None:
-        self.done += 1
-
-
-async def read_responses(reader: asyncio.StreamReader, count: int,
-                         timeout: float = 10.0) -> Responses:
-    parsed = Responses()
-    async with asyncio.timeout(timeout):
-        while parsed.done < count:
-            chunk = await reader.read(65536)
-            assert chunk, f"connection closed after {parsed.done} responses"
-            parsed.parser.feed_data(chunk)
-    return parsed
 
 
 # --- pipelining --------------------------------------------------------------------------------

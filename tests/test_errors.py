@@ -7,100 +7,15 @@ import io
 import os
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
 import pytest
-from support import InProcessSidecar, free_port, make_config
+from support import Conn, InProcessSidecar, Script, ScriptedUpstream, free_port, make_config
 
 StartSidecar = Callable[..., Awaitable[InProcessSidecar]]
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
-
-
-@dataclass
-class Conn:
-    """One accepted upstream connection, as the scripted server sees it."""
-
-    index: int
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
-
-    async def read_request(self) -> bytes | None:
-        """The next request head and its Content-Length body, or None at EOF."""
-        try:
-            head = await self.reader.readuntil(b"\r\n\r\n")
-        except (asyncio.IncompleteReadError, ConnectionError):
-            return None
-        match = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
-        body = await self.reader.readexactly(int(match.group(1))) if match else b""
-        return head + body
-
-    async def send(self, data: bytes) -> None:
-        self.writer.write(data)
-        await self.writer.drain()
-
-
-Script = Callable[[Conn], Awaitable[None]]
-
-
-@dataclass
-class ScriptedUpstream:
-    """A real TCP server whose every connection runs `script`; counts connections and requests."""
-
-    script: Script
-    port: int = 0
-    connections: int = 0
-    dropped: int = 0
-    requests: list[bytes] = field(default_factory=list)
-    server: asyncio.Server | None = None
-    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        conn = Conn(self.connections, reader, writer)
-        task = asyncio.current_task()
-        assert task is not None
-        self.tasks.add(task)
-        try:
-            await self.script(conn)
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            writer.transport.abort()
-            self.tasks.discard(task)
-
-    async def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
-        for task in list(self.tasks):  # hanging connections end here
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
-        if self.server is not None:
-            await self.server.wait_closed()
-
-
-@pytest.fixture
-async def scripted() -> AsyncIterator[Callable[[Script], Awaitable[ScriptedUpstream]]]:
-    servers: list[ScriptedUpstream] = []
-
-    async def start(script: Script) -> ScriptedUpstream:
-        upstream = ScriptedUpstream(script)
-        upstream.server = await asyncio.start_server(upstream._serve, "127.0.0.1", 0)
-        upstream.port = upstream.server.sockets[0].getsockname()[1]
-        servers.append(upstream)
-        return upstream
-
-    yield start
-    for upstream in servers:
-        await upstream.close()
-
-
 StartScripted = Callable[[Script], Awaitable[ScriptedUpstream]]
 
 

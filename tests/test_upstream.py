@@ -1,12 +1,13 @@
-"""The upstream pool on its own, against a real aiohttp upstream."""
+"""The upstream pool on its own, against a real aiohttp upstream or a raw one (exact bytes)."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 import pytest
 from aiohttp import web
-from support import Origin, until
+from support import Conn, Origin, Script, ScriptedUpstream, until
 
 from sidecar.config import UpstreamConfig
 from sidecar.upstream import UpstreamPool
@@ -104,5 +105,39 @@ async def test_a_connection_reused_after_a_body_that_paused_reading_reads_again(
         again = await pool.request(b"GET /next HTTP/1.1\r\nHost: app\r\n\r\n", timeout=1.0)
         assert (again.status, again.body) == (200, b"next")
         assert pool.stats()["open"] == 1  # that same connection answered
+    finally:
+        await pool.close()
+
+
+async def test_interim_responses_go_to_the_request_not_into_the_answer(
+        scripted: Callable[[Script], Awaitable[ScriptedUpstream]]) -> None:
+    """1xx responses reach `interim` in order, as they come; the answer is the final response
+    alone, with its own fields; the connection then serves the next request."""
+    async def serve(conn: Conn) -> None:
+        while await conn.read_request() is not None:
+            await conn.send(b"HTTP/1.1 102 Processing\r\n\r\n"
+                            b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"
+                            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    class Heard:
+        def __init__(self) -> None:
+            self.interims: list[tuple[int, str, list[tuple[bytes, bytes]]]] = []
+
+        def interim(self, status: int, reason: str, headers: list[tuple[bytes, bytes]]) -> None:
+            self.interims.append((status, reason, list(headers)))
+
+    upstream = await scripted(serve)
+    pool = UpstreamPool("app", UpstreamConfig(url=upstream.url))
+    heard = Heard()
+    try:
+        response = await pool.request(b"GET / HTTP/1.1\r\nHost: app\r\n\r\n", timeout=5.0,
+                                      interim=heard)
+        assert (response.status, response.body) == (200, b"ok")
+        assert response.headers == [(b"Content-Length", b"2")]
+        assert heard.interims == [(102, "Processing", []),
+                                  (103, "Early Hints", [(b"Link", b"</a.css>; rel=preload")])]
+        again = await pool.request(b"GET / HTTP/1.1\r\nHost: app\r\n\r\n", timeout=5.0)
+        assert (again.status, again.body) == (200, b"ok")
+        assert upstream.connections == 1 and len(heard.interims) == 2
     finally:
         await pool.close()

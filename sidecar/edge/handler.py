@@ -101,12 +101,15 @@ class EdgeHandler:
                 route = state.routes.match(head.method, head.host, path, head.headers)
                 if route is None:
                     raise NoRouteError(f"no route matches {head.method} {path}")
+                # The connection is the request's sink: it writes the upstream's 1xx responses
+                # as they come (EdgeProtocol.interim).
                 if exchange.body is None:
-                    request = ProxyRequest(head, route, request_id, None, False, route.timeout)
+                    request = ProxyRequest(head, route, request_id, None, False, route.timeout,
+                                           None, conn)
                 else:
                     body, chunked = await _request_body(exchange, conn)
                     request = ProxyRequest(head, route, request_id, body, chunked,
-                                           route.timeout)
+                                           route.timeout, None, conn)
                 if exchange.upgrade:
                     result = await state.upgrade_chains[route.name](request)
                 else:

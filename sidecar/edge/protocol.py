@@ -16,6 +16,8 @@ What it owns, and nothing more:
   head's first byte (408, or a silent close if nothing came), `body_timeout` while a body
   arrives (the reader gets RequestTimeoutError: 408), `keepalive_timeout` while idle.
 - Upgrades: after a 101 the connection becomes a tunnel (edge/upgrade.py).
+- Interim responses: it is the sink of its requests' 1xx (`interim`), written the moment the
+  upstream sends them, beside the policy chain, which only ever returns the final response.
 - Graceful shutdown (EdgeServer.stop): idle connections close at once, busy ones after their
   response, all of them by `server.shutdown_grace`.
 
@@ -48,10 +50,11 @@ from ..errors import (
 from ..http.headers import Headers, RawHeaders
 from ..http.request import RequestHead
 from .body import ClientGone, RequestBody
-from .responses import error_response, new_request_id
+from .responses import error_response, interim_head, new_request_id
 
 if TYPE_CHECKING:
     from ..config import LimitsConfig
+    from ..pipeline import ProxyRequest
     from .upgrade import Tunnel
 
 log = logging.getLogger("sidecar.connection")
@@ -532,6 +535,27 @@ class EdgeProtocol(asyncio.Protocol):
         if exchange.expect_continue and body is not None and not body.received:
             exchange.expect_continue = False
             self.write(_CONTINUE)
+
+    def interim(self, request: ProxyRequest, status: int, reason: str,
+                headers: RawHeaders) -> None:
+        """An interim response (1xx) from the upstream for `request` (pipeline.InterimSink):
+        written at once if that request is the one being answered and nothing of its answer
+        has gone out (not for a background revalidation, nor for a request answered already),
+        and the client speaks HTTP/1.1 (RFC 9110 §15.2: none to an HTTP/1.0 client). Dropped
+        too while the client does not read (they must not pile up here), and a 100 Continue
+        for a request with `Expect: 100-continue`: the edge answers that itself
+        (send_continue), so a client gets one at most."""
+        exchange = self._current
+        head = request.head
+        transport = self.transport
+        if (exchange is None or exchange.head is not head or exchange.started
+                or not head.http11 or transport is None or self._write_paused):
+            return
+        if status == 100:
+            expect = head.headers.get_bytes(b"expect")
+            if expect is not None and expect.lower() == b"100-continue":
+                return
+        transport.write(interim_head(status, reason, headers, b"1.1 " + request.route.via))
 
     def start_tunnel(self, tunnel: Tunnel) -> None:
         """The 101 is written: from now on bytes pass through both ways, untouched."""

@@ -115,6 +115,32 @@ def response_head(status: int, reason: str, raw: RawHeaders, request_id: str, vi
     return b"".join(out)
 
 
+# Not passed on with an interim response: hop-by-hop fields, and a length (a 1xx has no content).
+_INTERIM_DROPPED = HOP_BY_HOP | {b"content-length", b"x-request-id"}
+
+
+def interim_head(status: int, reason: str, raw: RawHeaders, via: bytes) -> bytes:
+    """An interim (1xx) response for the client from the upstream's: its fields but hop-by-hop
+    ones, those its Connection names, Content-Length and X-Request-ID; `Via` appended to.
+    Nothing else is added (no Date, no request id: the answer that follows has them)."""
+    drop = _INTERIM_DROPPED
+    connection = [value for name, value in raw if name.lower() == b"connection"]
+    if connection:
+        drop = drop | connection_tokens(b",".join(connection).decode("latin-1"))
+    out = [status_line(status, reason)]
+    via_seen: bytes | None = None
+    for name, value in raw:
+        lname = name.lower()
+        if lname in drop:
+            continue
+        if lname == b"via":
+            via_seen = value if via_seen is None else via_seen + b", " + value
+            continue
+        out += (name, b": ", value, b"\r\n")
+    out += (b"Via: ", via_seen + b", " + via if via_seen else via, b"\r\n\r\n")
+    return b"".join(out)
+
+
 def error_body(exc: SidecarError, request_id: str) -> bytes:
     return orjson.dumps({"error": exc.code, "detail": exc.detail, "request_id": request_id})
 

@@ -8,7 +8,8 @@ into a dict of decoded strings per request.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import overload
 
 RawHeaders = list[tuple[bytes, bytes]]
@@ -35,6 +36,26 @@ def _lname(name: str) -> bytes:
 def connection_tokens(value: str) -> frozenset[bytes]:
     """The field names a Connection header lists (lower-cased)."""
     return frozenset(t.strip().lower().encode("latin-1") for t in value.split(",") if t.strip())
+
+
+# A Transfer-Encoding value whose final coding is chunked, as llhttp reads it: `chunked` as the
+# last list member, with nothing after it but whitespace (`chunked ,` or `chunked;q=1` is not).
+_CHUNKED_FINAL = re.compile(rb"(?:.*,)?[ \t]*chunked[ \t]*", re.IGNORECASE | re.DOTALL)
+
+
+def response_codings(transfer_encoding: Sequence[bytes]) -> tuple[bool, tuple[bytes, ...]]:
+    """How a response body is transfer-coded (RFC 9112 §6.1, §6.3), from the values of its
+    Transfer-Encoding fields in order: whether its final coding is chunked (the last member of
+    the last field, which the parser undoes), and the codings still on the body after that.
+    Without a final chunked the body runs until the connection closes (§6.3 rule 4) with every
+    listed coding still applied, chunked included. `identity` (RFC 2616's name for no coding)
+    is left out, as are empty list members."""
+    codings = [coding for value in transfer_encoding for part in value.split(b",")
+               if (coding := part.strip(b" \t").lower())]
+    chunked = bool(codings) and _CHUNKED_FINAL.fullmatch(transfer_encoding[-1]) is not None
+    if chunked:
+        codings.pop()
+    return chunked, tuple(coding for coding in codings if coding != b"identity")
 
 
 class Headers(Mapping[str, str]):
