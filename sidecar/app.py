@@ -244,6 +244,7 @@ class Runtime:
         self.metrics_share: Share | None = share_from_env()
         self.state = build_state(loaded, None, self.cache, self.dedup, self.breakers, self.jobs,
                                  self.metrics)
+        self.cache.set_quota(loaded.config.cache.redis.max_bytes)
         self.redis_url = redis_url
         self.reuse_port = reuse_port
         self.worker_id = worker_id
@@ -417,6 +418,7 @@ class Runtime:
             restart_needed = [key for key in ("server", "redis")
                               if getattr(old.config, key) != getattr(new.config, key)]
             self.state = new
+            self.cache.set_quota(new.config.cache.redis.max_bytes)
             self.reloads["ok"] += 1
             self.last_reload_error = None
             configure_logging(new.config.log)
