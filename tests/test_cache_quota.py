@@ -158,6 +158,9 @@ async def test_ten_times_the_quota_stays_within_it_and_other_keys_survive(
         async with client.get(sidecar.admin_url + "/admin/stats") as response:
             l2 = (await response.json())["cache"]["redis"]
         assert l2["quota"] == MiB and l2["bytes"] == counted and l2["evictions"] == evictions
+        assert await metric(client, sidecar, "sidecar_cache_l2_bytes") == counted
+        assert await metric(client, sidecar, "sidecar_cache_l2_quota_bytes") == MiB
+        assert await metric(client, sidecar, "sidecar_cache_l2_evictions_total") == evictions
     finally:
         await redis.aclose()
 
@@ -244,5 +247,6 @@ async def test_a_reload_that_lowers_the_quota_evicts_at_once(
         async def within() -> bool:
             return int(await redis.get(CACHE + "bytes")) <= MiB
         await until(within)
+        assert await metric(client, sidecar, "sidecar_cache_l2_quota_bytes") == MiB
     finally:
         await redis.aclose()
