@@ -6,8 +6,10 @@ requests; the accounting is the same at 256MiB."""
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -22,6 +24,9 @@ from support import (
     until,
     write_config,
 )
+
+from sidecar.config import load_config
+from sidecar.process.embedded_redis import budget_for
 
 Factory = Callable[..., Awaitable[InProcessSidecar]]
 MiB = 1024**2
@@ -248,5 +253,73 @@ async def test_a_reload_that_lowers_the_quota_evicts_at_once(
             return int(await redis.get(CACHE + "bytes")) <= MiB
         await until(within)
         assert await metric(client, sidecar, "sidecar_cache_l2_quota_bytes") == MiB
+    finally:
+        await redis.aclose()
+
+
+# -- the embedded Redis -------------------------------------------------------------------------
+
+
+def embedded_config(origin: Origin, state_dir: Path) -> dict[str, Any]:
+    """The smallest budget there is: 1MiB of cache, 8MiB of headroom, five jobs waiting and one
+    running with heads bounded small, so that an unbounded cache would fill Redis."""
+    config = quota_config(origin, "embedded", server={
+        "state_dir": str(state_dir), "limits": {"max_headers": 20, "max_header_size": "2KiB"}})
+    config["redis"]["headroom"] = "8MiB"
+    return config
+
+
+async def test_the_embedded_redis_is_bounded_and_a_full_cache_leaves_the_jobs_room(
+        sidecar_process: Callable[..., SidecarProcess], origin: Origin, tmp_path: Path,
+        client: aiohttp.ClientSession) -> None:
+    serve_items(origin)
+    origin.reply("/reports/1")
+    state = tmp_path / "state"
+    sidecar = sidecar_process(embedded_config(origin, state))
+    budget = budget_for(load_config(sidecar.config_path).config)
+    assert budget.jobs > 0 and budget.total < 12 * MiB
+    redis = aioredis.Redis.from_url(f"unix://{state / 'redis' / 'redis.sock'}")
+    try:
+        assert await redis.config_get("maxmemory") == {"maxmemory": str(budget.total)}
+        assert await redis.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
+        # More cache than the whole of maxmemory: only the quota stays.
+        written = 12 * MiB // BODY
+        await write_items(client, sidecar.url, range(written))
+        await settled(redis, written)
+        assert int(await redis.get(CACHE + "bytes")) <= MiB
+        # Every job max_queued allows is taken, with the largest body offload allows.
+        jobs = []
+        for _ in range(5):
+            async with client.post(sidecar.url + "/reports/1",
+                                   data=b"r" * (64 * 1024)) as response:
+                assert response.status == 202, await response.text()
+                jobs.append((await response.json())["status_url"])
+        async with client.post(sidecar.url + "/reports/1", data=b"r") as response:
+            assert response.status == 503
+            assert (await response.json())["error"] == "job_queue_full"
+    finally:
+        await redis.aclose()
+
+    # A restart reloads the append-only file: the jobs, and no more cache than the quota.
+    assert sidecar.stop() == 0
+    sidecar = sidecar_process(sidecar.config, "config-again.yaml")
+    redis = aioredis.Redis.from_url(f"unix://{state / 'redis' / 'redis.sock'}")
+    try:
+        assert int(await redis.get(CACHE + "bytes")) <= MiB
+        assert await redis.zcard(CACHE + "lru") > 0  # still warm
+        for url in jobs:
+            async with client.get(sidecar.url + url) as response:
+                assert (await response.json())["status"] == "queued"
+        assert await metric(client, sidecar, "sidecar_cache_l2_evictions_total") > 0
+        # A reload moves maxmemory with the budget.
+        config = {**sidecar.config, "cache": {"redis": {"max_bytes": "2MiB"}}}
+        write_config(sidecar.config_path, config)
+        sidecar.signal(signal.SIGHUP)
+        grown = budget_for(load_config(sidecar.config_path).config).total
+        assert grown == budget.total + MiB
+
+        async def moved() -> bool:
+            return bool(await redis.config_get("maxmemory") == {"maxmemory": str(grown)})
+        await until(moved)
     finally:
         await redis.aclose()
