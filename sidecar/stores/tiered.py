@@ -189,7 +189,9 @@ class CacheService(Subscriber):
                 store.remove_where(lambda entry: True)
         self._connected_before = True
         self.redis_up = True
-        await self._trim()  # the quota may have been lowered while this instance was away
+        # The quota may have been lowered while this instance was away; in a task of its own,
+        # so that purges are not left waiting behind a long trim.
+        self.spawn(self._trim())
 
     async def on_message(self, data: bytes) -> None:
         """Apply a purge published by any instance to this worker's L1, and acknowledge it."""
