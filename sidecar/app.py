@@ -52,6 +52,7 @@ from .policies.idempotency import IdempotencyPolicy
 from .policies.offload import OffloadPolicy
 from .policies.ratelimit import RateLimitPolicy
 from .policies.retry import RetryPolicy
+from .process.embedded_redis import budget_for
 from .routing import RouteTable
 from .state import State
 from .stores.breakers import BreakerService
@@ -244,6 +245,7 @@ class Runtime:
         self.metrics_share: Share | None = share_from_env()
         self.state = build_state(loaded, None, self.cache, self.dedup, self.breakers, self.jobs,
                                  self.metrics)
+        self.cache.set_quota(loaded.config.cache.redis.max_bytes)
         self.redis_url = redis_url
         self.reuse_port = reuse_port
         self.worker_id = worker_id
@@ -420,9 +422,10 @@ class Runtime:
                 log.exception("config reload failed; the previous config keeps serving",
                               extra={"reason": reason})
                 return False
-            restart_needed = [key for key in ("server", "redis")
-                              if getattr(old.config, key) != getattr(new.config, key)]
+            restart_needed = _restart_needed(old.config, new.config)
             self.state = new
+            self.cache.set_quota(new.config.cache.redis.max_bytes)
+            await self._bound_embedded_redis(old.config, new.config)
             self.reloads["ok"] += 1
             self.last_reload_error = None
             configure_logging(new.config.log)
@@ -437,6 +440,20 @@ class Runtime:
                 log.warning("some changes apply only after a restart", extra={
                     "sections": restart_needed})
             return True
+
+    async def _bound_embedded_redis(self, old: Config, new: Config) -> None:
+        """The embedded Redis's maxmemory follows a reload's budget (the L2 quota, the queues,
+        redis.headroom: process/embedded_redis.py); `sidecar run` set it at start."""
+        if new.redis.url != "embedded" or self.redis is None:
+            return
+        total = budget_for(new).total
+        if total == budget_for(old).total:
+            return
+        try:
+            await self.redis.config_set("maxmemory", total)
+        except (RedisError, OSError) as exc:
+            log.warning("the embedded Redis's maxmemory was not changed", extra={
+                "maxmemory": total, "error": str(exc) or type(exc).__name__})
 
     async def _watch_config(self) -> None:
         signature = await asyncio.to_thread(_signature, self.state.loaded)
@@ -477,6 +494,16 @@ class Runtime:
         while True:
             await asyncio.sleep(self.config.redis.health_interval)
             await self._check_redis()
+
+
+def _restart_needed(old: Config, new: Config) -> list[str]:
+    """The sections whose changes a reload cannot apply; redis.headroom it can (it only moves
+    the embedded Redis's maxmemory)."""
+    found = ["server"] if old.server != new.server else []
+    if old.redis.model_copy(update={"headroom": 0}) != new.redis.model_copy(
+            update={"headroom": 0}):
+        found.append("redis")
+    return found
 
 
 def attach_jobs(service: JobService, redis_url: str, config: Config) -> None:

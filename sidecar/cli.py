@@ -13,7 +13,7 @@ import uvloop
 
 from .config import ConfigError, LoadedConfig, load_config
 from .logs import configure_logging
-from .process.embedded_redis import EmbeddedRedis, EmbeddedRedisError
+from .process.embedded_redis import EmbeddedRedis, EmbeddedRedisError, budget_for
 from .process.worker import run_worker
 
 log = logging.getLogger("sidecar")
@@ -40,7 +40,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     embedded: EmbeddedRedis | None = None
     redis_url = config.redis.url
     if redis_url == "embedded":
-        embedded = EmbeddedRedis(config.server.state_dir, config.redis.binary)
+        budget = budget_for(config)
+        if budget.unbounded:
+            log.warning("queues without max_queued: the embedded Redis sets no room aside for "
+                        "their jobs, which share redis.headroom with what no setting bounds",
+                        extra={"queues": list(budget.unbounded)})
+        embedded = EmbeddedRedis(config.server.state_dir, config.redis.binary, budget.total)
         try:
             redis_url = embedded.start()
         except EmbeddedRedisError as exc:

@@ -30,7 +30,7 @@ from pydantic import (
     model_validator,
 )
 
-from .core.units import parse_duration, parse_percent, parse_size
+from .core.units import format_size, parse_duration, parse_percent, parse_size
 
 # --- value types -------------------------------------------------------------------------------
 
@@ -123,6 +123,18 @@ class RedisConfig(_Model):
     binary: str = "redis-server"
     connect_timeout: Duration = 1.0
     health_interval: Duration = 1.0
+    # The embedded Redis's maxmemory past what the L2 quota and the bounded queues need: room
+    # for idempotency records, dedup hand-offs, finished jobs' results, jobs in backoff, breakers,
+    # rate limits and Redis's own buffers (docs/caching.md, "The embedded Redis").
+    headroom: Size = 256 * 1024**2
+
+    @field_validator("headroom")
+    @classmethod
+    def _check_headroom(cls, value: int) -> int:
+        if value < 8 * 1024**2:
+            raise ValueError("Redis takes a few MiB of its own before it holds anything, and "
+                             "a full one refuses jobs: give at least 8MiB, like '256MiB'")
+        return value
 
     @field_validator("url")
     @classmethod
@@ -302,6 +314,39 @@ class MemoryLayerConfig(_Model):
 
 class RedisLayerConfig(_Model):
     max_entry: Size = 8 * 1024**2
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_total_here(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "max_bytes" in data:
+            raise ValueError("max_bytes is the L2 quota of the whole cluster, which every route "
+                             "shares: set it once at the top level (cache: {redis: {max_bytes: "
+                             "256MiB}}); a route's cache.redis takes max_entry")
+        return data
+
+
+class L2QuotaConfig(_Model):
+    # Everything L2 holds, across the cluster: cached responses as Redis counts their memory,
+    # with their index entries. Past it the least recently used entries go (docs/caching.md,
+    # "How much L2 holds").
+    max_bytes: Size = 256 * 1024**2
+
+    @field_validator("max_bytes")
+    @classmethod
+    def _check_max_bytes(cls, value: int) -> int:
+        if value < 1024**2:
+            raise ValueError("an L2 smaller than 1MiB holds too few responses to be worth a "
+                             "round trip: give a size like '256MiB', or leave redis out of "
+                             "the routes' cache.layers")
+        return value
+
+
+class SharedCacheConfig(_Model):
+    """The top-level `cache:` section: what the routes' caches share. A route's own `cache:`
+    says what it stores and for how long; a total for the cluster is not split among routes,
+    so it is written once, here."""
+
+    redis: L2QuotaConfig = L2QuotaConfig()
 
 
 def _targeted_name(name: str) -> str:
@@ -506,6 +551,7 @@ class JobsConfig(_Model):
 class Config(_Model):
     server: ServerConfig = ServerConfig()
     redis: RedisConfig = RedisConfig()
+    cache: SharedCacheConfig = SharedCacheConfig()
     upstreams: dict[str, UpstreamConfig]
     include: list[str] = []
     routes: list[RouteConfig] = Field(min_length=1)
@@ -966,6 +1012,16 @@ def _cross_check(config: Config, doc: _Document) -> list[Problem]:
                                     f"unknown queue {route.offload.queue!r}; defined queues: "
                                     f"{known} (declare it under the top-level 'queues:')",
                                     doc.line_of(("routes", i, "offload", "queue"))))
+    quota = config.cache.redis.max_bytes
+    for i, route in enumerate(config.routes):
+        cache = route.cache
+        if cache is not None and "redis" in cache.layers and cache.redis.max_entry > quota:
+            problems.append(Problem(
+                doc.file, f"routes[{i}] ({route.name}).cache.redis.max_entry",
+                f"{format_size(cache.redis.max_entry)} is more than all of L2 holds "
+                f"(cache.redis.max_bytes: {format_size(quota)}): storing one would push every "
+                "other entry out; lower max_entry or raise the top-level cache.redis.max_bytes",
+                doc.line_of(("routes", i, "cache", "redis", "max_entry"))))
     names = {route.name for route in config.routes}
     for name in config.metrics.sla.routes:
         if name not in names:

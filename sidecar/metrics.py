@@ -83,6 +83,12 @@ SPEC: dict[str, tuple[str, tuple[str, ...], str]] = {
     "sidecar_cache_entries": ("gauge", ("layer",), "Entries held by a cache layer"),
     "sidecar_cache_events_total": (
         "counter", ("route", "event"), "Cache stores and invalidations"),
+    "sidecar_cache_l2_bytes": (
+        "gauge", (), "Bytes L2 holds as counted against its quota, whole cluster"),
+    "sidecar_cache_l2_quota_bytes": (
+        "gauge", (), "L2's quota for the whole cluster (cache.redis.max_bytes)"),
+    "sidecar_cache_l2_evictions_total": (
+        "counter", (), "L2 entries evicted to keep within the quota, whole cluster"),
     "sidecar_dedup_total": (
         "counter", ("route", "role"), "Deduplicated requests by role"),
     "sidecar_dedup_events_total": (
@@ -451,6 +457,8 @@ async def render(runtime: MetricsHost) -> bytes:
     if l2 is not None:
         merged["gauges"].setdefault("sidecar_cache_bytes", {})[("redis",)] = l2["used_memory"]
         merged["gauges"].setdefault("sidecar_cache_entries", {})[("redis",)] = l2["entries"]
+        merged["gauges"]["sidecar_cache_l2_bytes"] = {(): l2["bytes"]}
+        merged["counters"]["sidecar_cache_l2_evictions_total"] = Counter({(): l2["evictions"]})
     registry = CollectorRegistry(auto_describe=False)
     registry.register(SidecarCollector(runtime.config, merged, cluster))
     return generate_latest(registry)
@@ -522,6 +530,9 @@ class SidecarCollector:
             errors.add_metric([route.name], ratio)
         yield latency
         yield errors
+        yield GaugeMetricFamily("sidecar_cache_l2_quota_bytes",
+                                SPEC["sidecar_cache_l2_quota_bytes"][2],
+                                value=self.config.cache.redis.max_bytes)
         info = GaugeMetricFamily("sidecar_build_info", SPEC["sidecar_build_info"][2],
                                  labels=("version",))
         info.add_metric([__version__], 1)

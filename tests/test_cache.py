@@ -1052,13 +1052,23 @@ async def test_stats_count_per_layer_and_index_of_expired_entries_is_pruned(
     assert (await stats(client, sidecar))["redis"]["used_memory"] > 0
     store = sidecar.runtime.cache.store
     assert store is not None
-    assert await store.prune() == 0                  # kept for max(swr, sie, 60 s) past expiry
+    assert await store.prune(time.time()) == 0      # kept for max(swr, sie, 60 s) past expiry
     redis = aioredis.Redis.from_url(redis_url)
     try:
         members = await redis.zrange("sidecar:cache:uris:exp", 0, -1)
+        # An index that says "expired" of an entry Redis still holds is corrected, not obeyed.
         await redis.zadd("sidecar:cache:uris:exp", dict.fromkeys(members, 1), xx=True)
-        assert await store.prune() == 1
+        assert await store.prune(time.time()) == 1
+        assert await redis.zscore("sidecar:cache:uris:exp", members[0]) > time.time() * 1000
+        assert await redis.zcard("sidecar:cache:uris") == 1
+        # Once Redis has expired the entry, its index members and its bytes go.
+        await redis.zadd("sidecar:cache:uris:exp", dict.fromkeys(members, 1), xx=True)
+        await redis.delete(*await redis.keys("sidecar:cache:e:*"))
+        assert int(await redis.get("sidecar:cache:bytes")) > 0
+        assert await store.prune(time.time()) == 1
         assert await redis.zcard("sidecar:cache:uris") == 0
         assert await redis.zcard("sidecar:cache:uris:exp") == 0
+        assert await redis.zcard("sidecar:cache:lru") == 0
+        assert int(await redis.get("sidecar:cache:bytes")) == 0
     finally:
         await redis.aclose()

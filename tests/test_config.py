@@ -190,6 +190,20 @@ BAD: dict[str, Case] = {
         Expect(3, r"server\.admin_listen", "must not share the public address"),)),
     "bad_redis_url": Case(BASE + "redis: {url: 'localhost:6379'}\n", (
         Expect(20, r"redis\.url", "expected 'embedded' or a URL like redis://"),)),
+    "cache_quota_too_small": Case(BASE + "cache: {redis: {max_bytes: 512KiB}}\n", (
+        Expect(20, r"cache\.redis\.max_bytes", "an L2 smaller than 1MiB holds too few"),)),
+    "bad_cache_quota": Case(BASE + "cache: {redis: {max_bytes: plenty}}\n", (
+        Expect(20, r"cache\.redis\.max_bytes", "expected a size like '64MiB'"),)),
+    "cache_quota_on_a_route": Case(edit(BASE, l16="    cache: {redis: {max_bytes: 1GiB}}"), (
+        Expect(16, ROUTE0 + r"\.cache\.redis",
+               "max_bytes is the L2 quota of the whole cluster, which every route shares: set "
+               "it once at the top level"),)),
+    "route_entry_over_the_quota": Case(
+        edit(BASE, l16="    cache: {ttl: 30s}") + "cache: {redis: {max_bytes: 4MiB}}\n", (
+            Expect(16, ROUTE0 + r"\.cache\.redis\.max_entry",
+                   "8MiB is more than all of L2 holds (cache.redis.max_bytes: 4MiB)"),)),
+    "redis_headroom_too_small": Case(BASE + "redis: {headroom: 1MiB}\n", (
+        Expect(20, r"redis\.headroom", "give at least 8MiB"),)),
     "bad_targeted_field": Case(
         edit(BASE, l16='    cache: {targeted: [Sidecar-Cache-Control, "CDN Cache"]}'), (
             Expect(16, ROUTE0 + r"\.cache\.targeted\[1\]",
@@ -222,6 +236,11 @@ GOOD: dict[str, Case] = {
     "no_bundles": Case(
         edit(BASE, l4="include: []", l19="    use: []"), (), policies={}),
     "targeted_off": Case(edit(BASE, l16="    cache: {targeted: []}"), ()),
+    "cache_quota": Case(edit(BASE, l16="    cache: {redis: {max_entry: 1MiB}}")
+                        + "cache: {redis: {max_bytes: 2MiB}}\nredis: {headroom: 64MiB}\n", ()),
+    "cache_entry_over_the_quota_without_l2": Case(
+        edit(BASE, l16="    cache: {layers: [memory]}") + "cache: {redis: {max_bytes: 1MiB}}\n",
+        ()),
 }
 
 
@@ -265,7 +284,9 @@ IN_PROCESS = frozenset({
     "env_default", "env_set", "no_bundles", "bad_cache_heuristic", "bare_number_cache_heuristic",
     "zero_cache_heuristic_max", "zero_cache_memory_max_ttl", "bad_cache_memory_max_ttl",
     "bad_targeted_field", "targeted_cache_control",
-    "targeted_listed_twice", "targeted_off",
+    "targeted_listed_twice", "targeted_off", "cache_quota_too_small", "bad_cache_quota",
+    "cache_quota_on_a_route", "route_entry_over_the_quota", "redis_headroom_too_small",
+    "cache_quota", "cache_entry_over_the_quota_without_l2",
 })
 
 
@@ -423,3 +444,17 @@ def test_cache_keys_parse_as_documented(tmp_path: Path) -> None:
     cache = load_config(path).config.routes[0].cache
     assert cache is not None and cache.heuristic == 0 and cache.heuristic_max == 86400
     assert cache.memory.max_ttl is None
+
+
+def test_the_l2_quota_is_a_top_level_total(tmp_path: Path) -> None:
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "policies" / "a.yaml").write_text(POLICY_A)
+    path = tmp_path / "config.yaml"
+    path.write_text(BASE)
+    config = load_config(path).config
+    assert config.cache.redis.max_bytes == 256 * 1024**2
+    assert config.redis.headroom == 256 * 1024**2
+    path.write_text(BASE + "cache: {redis: {max_bytes: 2GiB}}\nredis: {headroom: 1GiB}\n")
+    config = load_config(path).config
+    assert config.cache.redis.max_bytes == 2 * 1024**3
+    assert config.redis.headroom == 1024**3

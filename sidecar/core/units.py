@@ -65,3 +65,12 @@ def format_duration(seconds: float) -> str:
         if seconds >= factor and seconds % factor == 0:
             return f"{seconds / factor:g}{unit}"
     return f"{seconds:g}s"
+
+
+def format_size(size: int) -> str:
+    """`64MiB` for 67108864, as a config would say it: the largest binary unit that divides it
+    exactly, else bytes (messages quote sizes back in the units they were written in)."""
+    for unit, factor in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if size and size % factor == 0:
+            return f"{size // factor}{unit}"
+    return f"{size} bytes"

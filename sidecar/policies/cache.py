@@ -130,6 +130,9 @@ class CachePolicy:
         self.l1: MemoryStore | None = (
             service.memory_for(route, config) if "memory" in config.layers else None)
         self.use_l2 = "redis" in config.layers
+        # An L1 hit counts as a use of the L2 copy too: else the entries hottest in every
+        # worker's L1 would look the coldest to L2's LRU and go first.
+        self._touch = service.touched.add if self.use_l2 else None
         self.max_entry = max(
             config.memory.max_entry if "memory" in config.layers else 0,
             config.redis.max_entry if self.use_l2 else 0)
@@ -192,6 +195,8 @@ class CachePolicy:
             age = entry.freshness.age(now)
             if age < entry.freshness.lifetime:  # fresh: what verdict() says of it, sooner
                 self.counts[self._memory_hit] += 1
+                if self._touch is not None:
+                    self._touch(primary)
                 return self._hit(request, entry, age)
         layer = "memory"
         if entry is None and self.use_l2:
@@ -203,6 +208,8 @@ class CachePolicy:
                                honor_client=self.config.honor_client_no_cache)
             if decision is Verdict.FRESH:
                 self.counts[self._hit_keys[layer]] += 1
+                if layer == "memory" and self._touch is not None:
+                    self._touch(primary)
                 ttl = int(entry.freshness.ttl(now))
                 return self._answer(request, entry, now, b"hit; ttl=%d" % ttl, _HIT)
             if decision is Verdict.STALE_REVALIDATE:

@@ -1,5 +1,6 @@
 """L2: cached responses in Redis, shared by every sidecar instance, with the indexes that purge
-by key, prefix and tag needs. Entries expire by Redis TTL.
+by key, prefix and tag needs, within a byte quota for the whole cluster. Entries expire by
+Redis TTL, or go least recently used first once L2 holds more than its quota.
 
 Layout under the `sidecar:cache:` prefix:
   e:{h}      hash: one field per Vary variant -> packed CachedResponse
@@ -7,14 +8,32 @@ Layout under the `sidecar:cache:` prefix:
   uris:exp   the same members scored by expiry (ms): prune() drops index members whose entry
              has expired, so the index does not grow with every URL ever cached
   tag:{tag}  set of {h}
+  lru        sorted set of {h} scored by last use (ms): what eviction takes first
+  meta       hash {h} -> "{bytes}\\0{uri}\\0{tag}\\0{tag}...": the bytes charged to the entry and
+             what to take out of the indexes when it goes
+  bytes      the sum of the charges: what the quota is compared with
+  evictions  entries evicted for the quota, ever (a counter for every instance to read)
+
+Why the sidecar counts instead of Redis's maxmemory-policy: Redis evicts from every key of the
+database, and job records, idempotency keys and dedup locks live there too (volatile-lru would
+take the ones with a TTL, which they all have). So each put is one script that writes the
+entry, charges its bytes as Redis counts them (MEMORY USAGE, plus an estimate of its index
+members) and evicts the least recently used entries until the total is within the quota; only
+`sidecar:cache:` keys are ever deleted for it.
+
+Recency costs a hit nothing: hits are remembered in the worker (CacheService.touched) and
+written once a second as one ZADD XX GT, so an entry read in the last second may rank as
+older than it is, never as newer, and an evicted entry is never brought back by a late touch.
+
+The scripts name the keys they derive (an evicted entry's hash and tags), so they need one
+Redis server (or a primary), not a Redis Cluster.
 """
 
 from __future__ import annotations
 
 import hashlib
-import time
-from collections.abc import Awaitable
-from typing import cast
+from collections.abc import Awaitable, Iterable
+from typing import Any, cast
 
 import orjson
 import redis.asyncio as aioredis
@@ -24,6 +43,10 @@ from .memory import MAX_VARIANTS
 
 PREFIX = "sidecar:cache:"
 CHANNEL = PREFIX + "purge"
+LRU = PREFIX + "lru"
+# Entries one script looks at for eviction at most (about 10 commands each): a put evicts a
+# few, a trim after the quota was lowered runs as many scripts as it takes.
+EVICT_BATCH = 1000
 
 
 def key_hash(primary: str) -> str:
@@ -34,13 +57,135 @@ def key_hash(primary: str) -> str:
 # clients); the casts below state what the asyncio client returns.
 _Hash = Awaitable[dict[bytes, bytes]]
 
+# What each script shares: ARGV[1] is the key prefix. forget(h) deletes an entry, its index
+# members and its charge (1 when an entry was still there); evict(quota) forgets the least
+# recently used entries until the charges fit, EVICT_BATCH at most, so that no script holds
+# Redis for long (how many entries it deleted).
+#
+# An entry's charge is MEMORY USAGE of its hash (its key, fields and values as allocated) plus
+# what it adds elsewhere: its slot in the keyspace's expiry table (64 bytes), its member in
+# uris and uris:exp (the member, a skiplist node and a dict entry: 100 bytes more), in lru the
+# same for the hash, in meta the field, the value and a dict entry, and a set member per tag.
+# tests/test_cache_quota.py checks the sum against INFO used_memory.
+_LIB = """
+local P = ARGV[1]
+local function split(s)
+  local parts, start = {}, 1
+  while true do
+    local i = string.find(s, '\\0', start, true)
+    if not i then
+      parts[#parts + 1] = string.sub(s, start)
+      return parts
+    end
+    parts[#parts + 1] = string.sub(s, start, i - 1)
+    start = i + 1
+  end
+end
+local function forget(h)
+  local meta = redis.call('HGET', P .. 'meta', h)
+  local removed = redis.call('DEL', P .. 'e:' .. h)
+  redis.call('ZREM', P .. 'lru', h)
+  if meta then
+    local parts = split(meta)
+    local member = parts[2] .. '\\0' .. h
+    redis.call('ZREM', P .. 'uris', member)
+    redis.call('ZREM', P .. 'uris:exp', member)
+    for i = 3, #parts do redis.call('SREM', P .. 'tag:' .. parts[i], h) end
+    redis.call('HDEL', P .. 'meta', h)
+    redis.call('DECRBY', P .. 'bytes', parts[1])
+  end
+  return removed
+end
+local function evict(quota)
+  local evicted, looked = 0, 0
+  while looked < EVICT_BATCH and tonumber(redis.call('GET', P .. 'bytes') or '0') > quota do
+    looked = looked + 1
+    local oldest = redis.call('ZPOPMIN', P .. 'lru')
+    if #oldest == 0 then
+      redis.call('SET', P .. 'bytes', 0)
+      break
+    end
+    evicted = evicted + forget(oldest[1])
+  end
+  if evicted > 0 then redis.call('INCRBY', P .. 'evictions', evicted) end
+  return looked
+end
+""".replace("EVICT_BATCH", str(EVICT_BATCH))
 
-# Drop up to 1000 expired members from both URI indexes, atomically, in one round trip.
-_PRUNE = """
-local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT', 0, 1000)
-if #expired > 0 then
-  redis.call('ZREM', KEYS[1], unpack(expired))
-  redis.call('ZREM', KEYS[2], unpack(expired))
+# KEYS[1] e:{h}. ARGV: prefix, h, field, value, ttl ms, now ms, quota, uri, n stale fields,
+# the stale fields, then the tags. Returns how many entries eviction looked at.
+_PUT = _LIB + """
+local h, field, value = ARGV[2], ARGV[3], ARGV[4]
+local ttl, now, quota, uri = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8]
+local stale = tonumber(ARGV[9])
+local name = KEYS[1]
+for i = 10, 9 + stale do redis.call('HDEL', name, ARGV[i]) end
+redis.call('HSET', name, field, value)
+redis.call('PEXPIRE', name, ttl, 'GT')
+redis.call('PEXPIRE', name, ttl, 'NX')
+local member = uri .. '\\0' .. h
+redis.call('ZADD', P .. 'uris', 0, member)
+redis.call('ZADD', P .. 'uris:exp', 'GT', now + ttl, member)
+local tags, seen = {}, {}
+local old = redis.call('HGET', P .. 'meta', h)
+local old_bytes = 0
+if old then
+  local parts = split(old)
+  old_bytes = tonumber(parts[1])
+  for i = 3, #parts do
+    if not seen[parts[i]] then
+      seen[parts[i]] = true
+      tags[#tags + 1] = parts[i]
+    end
+  end
+end
+for i = 10 + stale, #ARGV do
+  local tag = P .. 'tag:' .. ARGV[i]
+  redis.call('SADD', tag, h)
+  redis.call('PEXPIRE', tag, ttl, 'GT')
+  redis.call('PEXPIRE', tag, ttl, 'NX')
+  if not seen[ARGV[i]] then
+    seen[ARGV[i]] = true
+    tags[#tags + 1] = ARGV[i]
+  end
+end
+local meta = table.concat({'', uri, unpack(tags)}, '\\0')
+local index = 64 + 2 * (#member + 100) + (#h + 100) + (#h + #meta + 64) + #tags * (#h + 48)
+local bytes = redis.call('MEMORY', 'USAGE', name, 'SAMPLES', '0') + index
+redis.call('HSET', P .. 'meta', h, bytes .. meta)
+redis.call('INCRBY', P .. 'bytes', bytes - old_bytes)
+redis.call('ZADD', P .. 'lru', now, h)
+return evict(quota)
+"""
+
+# ARGV: prefix, quota. After the quota was lowered, or at start.
+_TRIM = _LIB + """
+return evict(tonumber(ARGV[2]))
+"""
+
+# ARGV: prefix, the hashes to delete. Returns the entries deleted.
+_FORGET = _LIB + """
+local removed = 0
+for i = 2, #ARGV do removed = removed + forget(ARGV[i]) end
+return removed
+"""
+
+# ARGV: prefix, now ms. Up to 1000 index members past their expiry: an entry Redis has
+# expired is forgotten (its charge given back); one still there (its TTL was extended, or
+# Redis's clock is behind ours) is scored again by its TTL.
+_PRUNE = _LIB + """
+local now = tonumber(ARGV[2])
+local expired = redis.call('ZRANGEBYSCORE', P .. 'uris:exp', '-inf', now, 'LIMIT', 0, 1000)
+for _, member in ipairs(expired) do
+  local h = string.sub(member, -32)
+  local left = redis.call('PTTL', P .. 'e:' .. h)
+  if left > 0 then
+    redis.call('ZADD', P .. 'uris:exp', now + left, member)
+  else
+    redis.call('ZREM', P .. 'uris', member)
+    redis.call('ZREM', P .. 'uris:exp', member)
+    forget(h)
+  end
 end
 return #expired
 """
@@ -53,42 +198,55 @@ def _variant(values: tuple[str | None, ...]) -> bytes:
 class RedisStore:
     def __init__(self, client: aioredis.Redis) -> None:
         self.client = client
+        self._put = client.register_script(_PUT)
+        self._trim = client.register_script(_TRIM)
+        self._forget = client.register_script(_FORGET)
+        self._prune = client.register_script(_PRUNE)
 
     async def get(self, primary: str) -> list[CachedResponse]:
         fields = await cast(_Hash, self.client.hgetall(PREFIX + "e:" + key_hash(primary)))
         return [CachedResponse.unpack(value) for value in fields.values()]
 
-    async def put(self, entry: CachedResponse, retention: float) -> None:
+    async def put(self, entry: CachedResponse, retention: float, *, quota: int,
+                  now: float) -> int:
+        """Store a variant and evict least recently used entries past `quota` bytes; returns
+        how many entries eviction took (EVICT_BATCH: maybe not all it had to, see trim)."""
         h = key_hash(entry.key)
         ttl_ms = max(1000, int(retention * 1000))
         name = PREFIX + "e:" + h
         field = _variant(entry.vary_values)
-        async with self.client.pipeline(transaction=True) as pipe:
-            existing = await cast(_Hash, self.client.hgetall(name))
-            stale_variants = []
-            kept = []
-            for old_field, value in existing.items():
-                old = CachedResponse.unpack(value)
-                if old.vary_names != entry.vary_names:
-                    stale_variants.append(old_field)
-                elif old_field != field:
-                    kept.append((old.freshness.stored_at, old_field))
-            # At most MAX_VARIANTS per key, as in memory: the oldest go.
-            kept.sort()
-            stale_variants += [f for _, f in kept[:max(0, len(kept) - MAX_VARIANTS + 1)]]
-            if stale_variants:
-                pipe.hdel(name, *stale_variants)  # type: ignore[arg-type]  # bytes fields are fine
-            pipe.hset(name, mapping={field: entry.pack()})
-            pipe.pexpire(name, ttl_ms, gt=True)
-            pipe.pexpire(name, ttl_ms, nx=True)
-            member = f"{entry.uri}\0{h}"
-            pipe.zadd(PREFIX + "uris", {member: 0})
-            pipe.zadd(PREFIX + "uris:exp", {member: time.time() * 1000 + ttl_ms}, gt=True)
-            for tag in entry.tags:
-                pipe.sadd(PREFIX + "tag:" + tag, h)
-                pipe.pexpire(PREFIX + "tag:" + tag, ttl_ms, gt=True)
-                pipe.pexpire(PREFIX + "tag:" + tag, ttl_ms, nx=True)
-            await pipe.execute()
+        existing = await cast(_Hash, self.client.hgetall(name))
+        stale_variants = []
+        kept = []
+        for old_field, value in existing.items():
+            old = CachedResponse.unpack(value)
+            if old.vary_names != entry.vary_names:
+                stale_variants.append(old_field)
+            elif old_field != field:
+                kept.append((old.freshness.stored_at, old_field))
+        # At most MAX_VARIANTS per key, as in memory: the oldest go.
+        kept.sort()
+        stale_variants += [f for _, f in kept[:max(0, len(kept) - MAX_VARIANTS + 1)]]
+        args: list[Any] = [PREFIX, h, field, entry.pack(), ttl_ms, int(now * 1000), quota,
+                           entry.uri, len(stale_variants), *stale_variants, *entry.tags]
+        return int(await self._put(keys=[name], args=args))
+
+    async def touch(self, primaries: Iterable[str], now: float) -> None:
+        """Mark entries as used at `now`: XX, so an entry evicted meanwhile is not brought
+        back into the index; GT, so a late batch cannot make an entry look older."""
+        score = int(now * 1000)
+        await self.client.zadd(LRU, dict.fromkeys(map(key_hash, primaries), score),
+                               xx=True, gt=True)
+
+    async def trim(self, quota: int) -> int:
+        """Evict least recently used entries until L2 is within `quota`, a batch per script;
+        returns how many were taken."""
+        total = 0
+        while True:
+            taken = int(await self._trim(args=[PREFIX, quota]))
+            total += taken
+            if taken < EVICT_BATCH:
+                return total
 
     async def purge(self, kind: str, value: str) -> int:
         """Delete entries by exact URI ("key"), URI prefix or tag; returns keys removed."""
@@ -105,7 +263,7 @@ class RedisStore:
             hashes = [m.decode("utf-8", "surrogateescape").rsplit("\0", 1)[1] for m in members]
         if not hashes:
             return 0
-        removed = int(await self.client.delete(*(PREFIX + "e:" + h for h in hashes)))
+        removed = int(await self._forget(args=[PREFIX, *hashes]))
         if members:
             await self.client.zrem(PREFIX + "uris", *members)
             await self.client.zrem(PREFIX + "uris:exp", *members)
@@ -143,16 +301,20 @@ class RedisStore:
     async def release_refresh_lock(self, primary: str) -> None:
         await self.client.delete(PREFIX + "rl:" + key_hash(primary))
 
-    async def prune(self) -> int:
-        """Forget index members whose entries Redis has expired; returns how many."""
-        script = cast(Awaitable[int], self.client.eval(
-            _PRUNE, 2, PREFIX + "uris", PREFIX + "uris:exp", int(time.time() * 1000)))
-        return int(await script)
+    async def prune(self, now: float) -> int:
+        """Forget entries Redis has expired, with their index members and their charge;
+        returns how many index members past their expiry were looked at (at most 1000)."""
+        return int(await self._prune(args=[PREFIX, int(now * 1000)]))
 
     async def info(self) -> dict[str, int]:
-        """Indexed URIs (an upper bound on entries) and the Redis server's memory in use."""
+        """Indexed URIs (an upper bound on entries), the bytes charged against the quota, the
+        evictions so far, and the Redis server's memory in use."""
         async with self.client.pipeline(transaction=False) as pipe:
             pipe.zcard(PREFIX + "uris")
+            pipe.get(PREFIX + "bytes")
+            pipe.get(PREFIX + "evictions")
             pipe.info("memory")
-            uris, memory = await pipe.execute()
-        return {"entries": int(uris), "used_memory": int(memory.get("used_memory", 0))}
+            uris, charged, evictions, memory = await pipe.execute()
+        return {"entries": int(uris), "bytes": int(charged or 0),
+                "evictions": int(evictions or 0),
+                "used_memory": int(memory.get("used_memory", 0))}

@@ -1,5 +1,6 @@
-"""The cache as the policies see it: L1 per route in this worker, L2 in Redis, purges that reach
-every instance's L1 through Redis pub/sub, and counters for the stats interface."""
+"""The cache as the policies see it: L1 per route in this worker, L2 in Redis within the
+cluster's quota, purges that reach every instance's L1 through Redis pub/sub, and counters for
+the stats interface."""
 
 from __future__ import annotations
 
@@ -14,16 +15,20 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 import redis.asyncio as aioredis
+from redis.exceptions import OutOfMemoryError
 
 from .entry import CachedResponse
 from .memory import MemoryStore
-from .redis import CHANNEL, RedisStore
+from .redis import CHANNEL, EVICT_BATCH, RedisStore
 from .subscriber import REDIS_ERRORS, Subscriber
 
 if TYPE_CHECKING:
     from ..config import CacheConfig
 
 log = logging.getLogger("sidecar.cache")
+
+DEFAULT_QUOTA = 256 * 1024**2  # cache.redis.max_bytes
+RECENCY_INTERVAL = 1.0  # how often the hits of the last interval reach L2's LRU index
 
 
 class CacheService(Subscriber):
@@ -41,6 +46,16 @@ class CacheService(Subscriber):
         # The cache's wall clock, read by its policies for ages, expiries and the time an
         # entry has spent in L1: a test moves it forward instead of sleeping.
         self.clock: Callable[[], float] = time.time
+        # L2's quota, the whole cluster's (cache.redis.max_bytes); the app sets it from the
+        # config at start and on each reload.
+        self.quota = DEFAULT_QUOTA
+        # Primary keys hit (in L1 or L2) since the last recency write: a set add is all a hit
+        # pays for L2's LRU order, the write is one command a second (`_recency`).
+        self.touched: set[str] = set()
+        self.refused = 0  # L2 stores Redis refused for want of memory (maxmemory reached)
+        # Redis's wall clock for what Redis keeps (TTLs, expiries, recency), not `clock`:
+        # moving the cache's clock in a test must not make Redis's entries look stale.
+        self.wall: Callable[[], float] = time.time
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -48,6 +63,14 @@ class CacheService(Subscriber):
         super().attach(client, listener)
         self.store = RedisStore(client)
         self.spawn(self._prune())
+        self.spawn(self._recency())
+
+    def set_quota(self, quota: int) -> None:
+        """A reload's cache.redis.max_bytes: a lower one evicts at once, not at the next put."""
+        lowered = quota < self.quota
+        self.quota = quota
+        if lowered and self.store is not None:  # before attach, the first subscription trims
+            self.spawn(self._trim())
 
     def memory_for(self, route: str, config: CacheConfig) -> MemoryStore:
         """The route's L1, kept across reloads unless its bounds change."""
@@ -65,19 +88,28 @@ class CacheService(Subscriber):
         if self.store is None or not self.redis_up:
             return None
         try:
-            return await self.store.get(primary)
+            variants = await self.store.get(primary)
         except REDIS_ERRORS as exc:
             self._redis_failed(exc)
             return None
+        if variants:
+            self.touched.add(primary)
+        return variants
 
     def l2_put(self, entry: CachedResponse, retention: float) -> None:
         if self.store is None or not self.redis_up:
             return
         redis = self.store
+        quota, now = self.quota, self.wall()
 
         async def put() -> None:
             try:
-                await redis.put(entry, retention)
+                if await redis.put(entry, retention, quota=quota, now=now) >= EVICT_BATCH:
+                    await redis.trim(quota)
+            except OutOfMemoryError:
+                # Redis is at its maxmemory (filled by jobs or idempotency records: the cache
+                # keeps within its quota): skip this store, Redis itself is fine.
+                self.refused += 1
             except REDIS_ERRORS as exc:
                 self._redis_failed(exc)
 
@@ -157,6 +189,9 @@ class CacheService(Subscriber):
                 store.remove_where(lambda entry: True)
         self._connected_before = True
         self.redis_up = True
+        # The quota may have been lowered while this instance was away; in a task of its own,
+        # so that purges are not left waiting behind a long trim.
+        self.spawn(self._trim())
 
     async def on_message(self, data: bytes) -> None:
         """Apply a purge published by any instance to this worker's L1, and acknowledge it."""
@@ -177,10 +212,36 @@ class CacheService(Subscriber):
             await asyncio.sleep(interval)
             if self.store is not None and self.redis_up:
                 try:
-                    while await self.store.prune() >= 1000:
+                    while await self.store.prune(self.wall()) >= 1000:
                         pass
                 except REDIS_ERRORS as exc:
                     self._redis_failed(exc)
+
+    async def _trim(self) -> None:
+        if self.store is not None and self.redis_up:
+            try:
+                await self.store.trim(self.quota)
+            except REDIS_ERRORS as exc:
+                self._redis_failed(exc)
+
+    async def flush_recency(self) -> None:
+        """Write the hits since the last call to L2's LRU index."""
+        if not self.touched:
+            return
+        touched = list(self.touched)
+        self.touched.clear()  # with Redis down too: the set must not grow meanwhile
+        if self.store is None or not self.redis_up:
+            return
+        try:
+            for start in range(0, len(touched), 1000):
+                await self.store.touch(touched[start:start + 1000], self.wall())
+        except REDIS_ERRORS as exc:
+            self._redis_failed(exc)
+
+    async def _recency(self) -> None:
+        while True:
+            await asyncio.sleep(RECENCY_INTERVAL)
+            await self.flush_recency()
 
     # -- stats ----------------------------------------------------------------------------------
 
@@ -188,7 +249,8 @@ class CacheService(Subscriber):
         l2: dict[str, Any] = {"status": "down"}
         if self.store is not None and self.redis_up:
             try:
-                l2 = {"status": "up", **await self.store.info()}
+                l2 = {"status": "up", **await self.store.info(), "quota": self.quota,
+                      "refused": self.refused}
             except REDIS_ERRORS as exc:
                 self._redis_failed(exc)
         return {
