@@ -200,11 +200,14 @@ class DedupService(Subscriber):
     # -- a flight's part in the cluster, Redis errors handled -----------------------------------
 
     async def coordinate(self, key: str, token: str, *, wait: float, lease: float,
-                         note: Callable[[str], None]) -> Coordination | SharedResult | bytes:
+                         note: Callable[[str], None],
+                         on_wait: Callable[[], None] | None = None
+                         ) -> Coordination | SharedResult | bytes:
         """Lead (LEAD: the lock is this flight's), or wait at most `wait` for the instance that
         does and take what it published: a result or a marker. ALONE: call the upstream
         without coordination (Redis failed, or `wait` ran out). `note` counts the events
-        `wait_expired` and `takeover` (a dead leader's lock found gone)."""
+        `wait_expired` and `takeover` (a dead leader's lock found gone); `on_wait` is called
+        once, when this flight starts waiting for another one."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         try:
@@ -216,6 +219,9 @@ class DedupService(Subscriber):
                         return Coordination.LEAD
                     result = await self.result(key, holder)
                     if result is None:
+                        if on_wait is not None:
+                            on_wait()
+                            on_wait = None
                         remaining = deadline - loop.time()
                         if remaining <= 0:
                             note("wait_expired")
