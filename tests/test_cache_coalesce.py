@@ -152,6 +152,30 @@ async def test_waiters_for_a_response_not_stored_each_get_their_own(
     assert counted(sidecar, event="lock_wait") == n_requests - 1  # the first burst's only
 
 
+async def test_after_an_upstream_error_the_key_still_coalesces(sidecar_factory, origin,
+                                                               redis_url):
+    gate = asyncio.Event()
+    failing = True
+
+    async def answer(request: web.Request, n: int) -> web.StreamResponse:
+        await gate.wait()
+        return web.Response(status=503 if failing else 200, text=f"#{n}")
+
+    origin.script("/e", answer)
+    sidecar = await start(sidecar_factory, origin, redis_url)
+    burst = asyncio.ensure_future(get_all([sidecar.url + "/e"] * 5))
+    await until(waiting(sidecar, n=4))
+    gate.set()
+    assert sorted(r.status for r in await burst) == [503] * 5  # each its own
+    failing = False
+    gate.clear()
+    burst = asyncio.ensure_future(get_all([sidecar.url + "/e"] * 5))
+    await until(waiting(sidecar, n=8))  # a 503 did not make the key skip the lock
+    gate.set()
+    assert {(r.status, r.body) for r in await burst} == {(200, "#6")}
+    assert origin.calls["/e"] == 6
+
+
 async def test_a_stored_response_makes_the_key_coalesce_again(sidecar_factory, origin,
                                                               redis_url, client):
     gate = asyncio.Event()

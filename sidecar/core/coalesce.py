@@ -26,9 +26,6 @@ from .freshness import Directives, delta_seconds
 # hit-for-miss objects. A stored response forgets the key at once, so a long memory costs only
 # coalescing, never caching.
 PASS_FOR = 120.0
-# Not-stored details that say nothing lasting about the resource: an error status must not turn
-# coalescing off for a key, that is when the upstream needs it most.
-_TRANSIENT = frozenset({"status"})
 
 
 class Outcome(enum.Enum):
@@ -36,7 +33,7 @@ class Outcome(enum.Enum):
 
     STORED = "stored"  # an entry: waiters with the same Vary values are answered from it
     UNCACHEABLE = "uncacheable"  # a response that was not stored (private, no-store, too large)
-    FAILED = "failed"  # no response: the upstream failed, or the leader's client left
+    FAILED = "failed"  # no response: the upstream failed, or the leader was cancelled
 
 
 class Step(enum.Enum):
@@ -65,9 +62,12 @@ def outcome_of(detail: str) -> Outcome:
     return Outcome.STORED if detail == "stored" else Outcome.UNCACHEABLE
 
 
-def remembered(detail: str) -> bool:
-    """Whether a response not stored for this reason makes its key skip the lock (PassMemo)."""
-    return detail != "stored" and detail not in _TRANSIENT
+def remembered(detail: str, status: int) -> bool:
+    """Whether a response that was not stored (`detail` says why) makes its key skip the lock
+    (PassMemo). Not an upstream error (5xx), nor a status the cache does not store, which say
+    nothing lasting about the resource: coalescing must not stop for a key when its upstream
+    is failing, which is when it needs coalescing most."""
+    return detail not in ("stored", "status") and status < 500
 
 
 def after_wait(outcome: Outcome | None, *, same_variant: bool) -> Step:

@@ -464,13 +464,13 @@ class CachePolicy:
         """A miss fetched without the lock; what it brings still updates the key's memory."""
         response, entry, detail, _ = await self._fetched(request, call_next, primary, target,
                                                          fwd, request_cc)
-        self._settled(key, entry, detail)
+        self._settled(key, response, entry, detail)
         return response
 
     async def _lead(self, miss: Miss, request: ProxyRequest, call_next: Handler, primary: str,
                     target: str, fwd: str, request_cc: Directives) -> ProxyResponse:
         """Fetch for every request waiting on `miss`, and release it whatever happens: a leader
-        that fails or whose client leaves lets a waiter lead instead (FAILED)."""
+        that fails or is cancelled lets a waiter lead instead (FAILED)."""
         fetched = FAILED
         try:
             cluster = self.cluster
@@ -481,7 +481,7 @@ class CachePolicy:
             else:
                 response, entry, detail, _ = await self._fetched(request, call_next, primary,
                                                                  target, fwd, request_cc)
-                fetched = self._settled(miss.key, entry, detail)
+                fetched = self._settled(miss.key, response, entry, detail)
             return response
         finally:
             assert self.locks is not None
@@ -509,7 +509,7 @@ class CachePolicy:
                 cluster.spawn(cluster.give_up(lock, token))
                 raise
             cluster.spawn(_publish(cluster, lock, token, l2, keeping))
-            return response, self._settled(key, entry, detail)
+            return response, self._settled(key, response, entry, detail)
         if outcome == CACHED:
             entry, _ = await self._l2_lookup(primary, request.head.headers, self.service.clock())
             if entry is not None:
@@ -519,12 +519,13 @@ class CachePolicy:
         # fetch is what its waiters get.
         response, entry, detail, _ = await self._fetched(request, call_next, primary, target,
                                                          fwd, request_cc)
-        return response, self._settled(key, entry, detail)
+        return response, self._settled(key, response, entry, detail)
 
-    def _settled(self, key: str, entry: CachedResponse | None, detail: str) -> Fetched:
+    def _settled(self, key: str, response: ProxyResponse, entry: CachedResponse | None,
+                 detail: str) -> Fetched:
         """What a fetch tells the key's waiters, and whether the key skips the lock next."""
         passing = self.service.misses.passing
-        if remembered(detail):
+        if remembered(detail, response.status):
             passing.remember(key, self.service.clock())
         elif entry is not None:
             passing.forget(key)

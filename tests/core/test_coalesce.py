@@ -65,12 +65,18 @@ def test_every_outcome_has_a_step() -> None:
             assert isinstance(after_wait(outcome, same_variant=same), Step)
 
 
-@pytest.mark.parametrize(("detail", "expected"), [
-    ("stored", False), ("status", False), ("private", True), ("set-cookie", True),
-    ("too-large", True), ("no-store", True), ("cookie", True),
+@pytest.mark.parametrize(("detail", "status", "expected"), [
+    ("stored", 200, False),
+    ("status", 429, False),  # not a status the cache stores: nothing lasting
+    ("no-freshness", 503, False),  # an upstream error: coalescing goes on for the key
+    ("no-store", 500, False),
+    ("no-freshness", 200, True), ("private", 200, True), ("set-cookie", 200, True),
+    ("too-large", 200, True), ("no-store", 200, True), ("cookie", 200, True),
+    ("no-freshness", 302, True),
 ])
-def test_which_details_make_a_key_skip_the_lock(detail: str, expected: bool) -> None:
-    assert remembered(detail) is expected
+def test_which_responses_make_a_key_skip_the_lock(detail: str, status: int,
+                                                  expected: bool) -> None:
+    assert remembered(detail, status) is expected
 
 
 def test_the_memo_forgets_a_key_after_its_time() -> None:
