@@ -335,6 +335,27 @@ async def test_across_instances_a_response_not_stored_is_each_ones_own(sidecar_f
     assert len({r.body for r in replies}) == 10
 
 
+async def test_across_instances_the_wait_is_bounded_by_lock_timeout(sidecar_factory, origin,
+                                                                    redis_url):
+    gate = asyncio.Event()
+    origin.script("/slow", held(gate, calls=lambda n: n == 1))
+    one = await start(sidecar_factory, origin, redis_url, "one.yaml", lock_timeout="500ms")
+    two = await start(sidecar_factory, origin, redis_url, "two.yaml", lock_timeout="500ms")
+    await cluster_ready(one, two)
+    started = time.monotonic()
+    leader = asyncio.ensure_future(get_all([one.url + "/slow"], [SHOP]))
+    await until(calls_are(origin, "/slow", 1))
+    others = await get_all([two.url + "/slow"] * 3, [SHOP] * 3)  # the leader is still held
+    assert 0.5 <= time.monotonic() - started < 3.0
+    assert not leader.done()
+    # Two's leader waited for one's, then fetched; its own waiters waited for it, or for as
+    # long as they may.
+    assert origin.calls["/slow"] in (2, 3, 4)
+    assert all(r.status == 200 and r.body != "#1" for r in others)
+    gate.set()
+    assert [r.body for r in await leader] == ["#1"]
+
+
 async def test_with_redis_down_each_worker_still_coalesces(sidecar_factory, origin,
                                                            own_redis: RedisServer):
     gate = asyncio.Event()

@@ -438,7 +438,7 @@ class CachePolicy:
             miss = locks.holder(key)
             if miss is None:
                 return await self._lead(locks.hold(key), request, call_next, primary, target,
-                                        fwd, request_cc)
+                                        fwd, request_cc, deadline - loop.time())
             self.counts[(self.route, "-", "lock_wait")] += 1
             fetched = await locks.wait(miss, deadline - loop.time())
             entry = fetched.entry if fetched is not None else None
@@ -468,16 +468,18 @@ class CachePolicy:
         return response
 
     async def _lead(self, miss: Miss, request: ProxyRequest, call_next: Handler, primary: str,
-                    target: str, fwd: str, request_cc: Directives) -> ProxyResponse:
+                    target: str, fwd: str, request_cc: Directives, wait: float
+                    ) -> ProxyResponse:
         """Fetch for every request waiting on `miss`, and release it whatever happens: a leader
-        that fails or is cancelled lets a waiter lead instead (FAILED)."""
+        that fails or is cancelled lets a waiter lead instead (FAILED). `wait`: what is left of
+        this request's `lock_timeout`, for waiting on another worker's fetch."""
         fetched = FAILED
         try:
             cluster = self.cluster
             if cluster is not None and cluster.cluster_ready:
                 response, fetched = await self._lead_cluster(cluster, miss.key, request,
                                                              call_next, primary, target, fwd,
-                                                             request_cc)
+                                                             request_cc, wait)
             else:
                 response, entry, detail, _ = await self._fetched(request, call_next, primary,
                                                                  target, fwd, request_cc)
@@ -489,15 +491,16 @@ class CachePolicy:
 
     async def _lead_cluster(self, cluster: DedupService, key: str, request: ProxyRequest,
                             call_next: Handler, primary: str, target: str, fwd: str,
-                            request_cc: Directives) -> tuple[ProxyResponse, Fetched]:
+                            request_cc: Directives, wait: float
+                            ) -> tuple[ProxyResponse, Fetched]:
         """This worker's leader of a miss, across workers and instances: the one holding the
         Redis lock fetches, stores and then publishes CACHED once its entry is in L2 (or
         "ask for yourselves"); the others read the entry from L2. Without an answer within
-        `lock_timeout`, or with Redis failing, it fetches itself."""
+        `wait`, or with Redis failing, it fetches itself."""
         lock = "cache:" + hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
         token = os.urandom(12).hex()
         lease = self.lock_timeout
-        outcome = await cluster.coordinate(lock, token, wait=self.lock_timeout, lease=lease,
+        outcome = await cluster.coordinate(lock, token, wait=wait, lease=lease,
                                            note=self._note, on_wait=self._waiting)
         if outcome is Coordination.LEAD:
             keeping = cluster.spawn(cluster.keep(lock, token, lease, self._note))
