@@ -125,7 +125,10 @@ def _idempotency(route: RouteConfig, config: Config, services: Services) -> Poli
 def _cache(route: RouteConfig, config: Config, services: Services) -> Policy | None:
     if route.cache is None:
         return None
-    return CachePolicy(route.name, route.cache, services.cache, generate_etag=route.etag)
+    # A route with dedup has its misses coalesced there already: one lock per miss, not two.
+    return CachePolicy(route.name, route.cache, services.cache, generate_etag=route.etag,
+                       coalesce=route.cache.coalesce and route.dedup is None,
+                       cluster=services.dedup)
 
 
 def _dedup(route: RouteConfig, config: Config, services: Services) -> Policy | None:

@@ -382,6 +382,11 @@ class CacheConfig(_Model):
     # Targeted fields whose directives replace Cache-Control and Expires for this cache's own
     # decisions (RFC 9213); the first present and valid wins; [] goes by Cache-Control alone.
     targeted: list[TargetedField] = ["CDN-Cache-Control"]
+    # Concurrent misses for one key make one upstream call, in this worker and, with the redis
+    # layer, across workers and instances; false: each miss goes to the upstream.
+    coalesce: bool = True
+    # How long a miss waits for the request fetching its key, then it fetches itself.
+    lock_timeout: Duration = 5.0
     # Request headers that some frameworks obey but that are not in the key: dropped before the
     # request reaches the upstream, so they cannot change what is stored for everyone.
     strip_unkeyed: list[str] = [
@@ -395,6 +400,14 @@ class CacheConfig(_Model):
         if value <= 0:
             raise ValueError("a heuristic capped at 0s gives no freshness: give a duration "
                              "like '1d', or set heuristic: 0% to use ttl alone")
+        return value
+
+    @field_validator("lock_timeout")
+    @classmethod
+    def _check_lock_timeout(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError("a miss that waits 0s for the one fetching its key never waits: "
+                             "give a duration like '5s', or set coalesce: false")
         return value
 
     @field_validator("targeted")

@@ -59,7 +59,7 @@ _METHOD_CODES = {name: i * _METHOD_STEP for i, name in enumerate(_METHOD_NAMES) 
 _BREAKER_STATE = {"closed": 0, "half_open": 1, "open": 2}
 _DEDUP_ROLE = {"leader": "leader", "idempotency_leader": "leader", "follower": "follower",
                "replay": "replay", "conflict": "conflict", "mismatch": "conflict"}
-_CACHE_RESULTS = frozenset({"hit", "miss", "stale", "bypass", "revalidated"})
+_CACHE_RESULTS = frozenset({"hit", "miss", "stale", "bypass", "revalidated", "collapsed"})
 _RATELIMIT_EVENT = "rate_limited"
 
 # name -> (type, label names, help). The names and labels are the contract (docs/metrics.md).

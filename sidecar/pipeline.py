@@ -13,6 +13,7 @@ The canonical order, outermost first (later policies slot into it; a config cann
 Around all of them the edge (edge/handler.py) records metrics and turns errors into HTTP;
 the upstream call itself applies the timeout. The cache sits outside dedup: a hit never waits
 for a flight; misses and revalidations are coalesced, and only the leader's response is stored.
+Without dedup on the route the cache coalesces its misses itself (policies/cache.py).
 """
 
 from __future__ import annotations

@@ -123,6 +123,12 @@ BAD: dict[str, Case] = {
                "or leave memory out of layers"),)),
     "bad_cache_memory_max_ttl": Case(edit(BASE, l16="    cache: {memory: {max_ttl: short}}"), (
         Expect(16, ROUTE0 + r"\.cache\.memory\.max_ttl", "expected a duration like '30s'"),)),
+    "zero_cache_lock_timeout": Case(edit(BASE, l16="    cache: {lock_timeout: 0s}"), (
+        Expect(16, ROUTE0 + r"\.cache\.lock_timeout",
+               "a miss that waits 0s for the one fetching its key never waits: give a duration "
+               "like '5s', or set coalesce: false"),)),
+    "bad_cache_lock_timeout": Case(edit(BASE, l16="    cache: {lock_timeout: a while}"), (
+        Expect(16, ROUTE0 + r"\.cache\.lock_timeout", "expected a duration like '30s'"),)),
     "bad_retry_on": Case(edit(BASE, l16="    retry: {on: [connect, 404]}"), (
         Expect(16, ROUTE0 + r"\.retry\.on", "5xx statuses like '503', got '404'"),)),
     "bad_breaker_scope": Case(edit(BASE, l9="    breaker: {scope: global}"), (
@@ -283,6 +289,7 @@ IN_PROCESS = frozenset({
     "several_problems_at_once", "route_uses_invalid_bundle", "admin_elsewhere_with_token",
     "env_default", "env_set", "no_bundles", "bad_cache_heuristic", "bare_number_cache_heuristic",
     "zero_cache_heuristic_max", "zero_cache_memory_max_ttl", "bad_cache_memory_max_ttl",
+    "zero_cache_lock_timeout", "bad_cache_lock_timeout",
     "bad_targeted_field", "targeted_cache_control",
     "targeted_listed_twice", "targeted_off", "cache_quota_too_small", "bad_cache_quota",
     "cache_quota_on_a_route", "route_entry_over_the_quota", "redis_headroom_too_small",
@@ -444,6 +451,10 @@ def test_cache_keys_parse_as_documented(tmp_path: Path) -> None:
     cache = load_config(path).config.routes[0].cache
     assert cache is not None and cache.heuristic == 0 and cache.heuristic_max == 86400
     assert cache.memory.max_ttl is None
+    assert cache.coalesce is True and cache.lock_timeout == 5.0
+    path.write_text(edit(BASE, l16="    cache: {coalesce: false, lock_timeout: 1500ms}"))
+    cache = load_config(path).config.routes[0].cache
+    assert cache is not None and cache.coalesce is False and cache.lock_timeout == 1.5
 
 
 def test_the_l2_quota_is_a_top_level_total(tmp_path: Path) -> None:

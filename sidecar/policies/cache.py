@@ -3,14 +3,23 @@ L2 in Redis, revalidation with stored validators, stale-while-revalidate and sta
 invalidation by unsafe methods, byte ranges from stored responses. Every response it touches
 carries `Cache-Status` (RFC 9211).
 
-The rules themselves live in sidecar/core/freshness.py, etag.py, ranges.py and cachekey.py;
-this module only acts on their answers.
+Concurrent misses for one key make one upstream call (`coalesce`, the cache's lock): the first
+leads, the others wait at most `lock_timeout` and are answered from its entry, or go to the
+upstream themselves when its response could not be stored. With the redis layer the leaders of
+every worker and instance compete for a Redis lock through the dedup service's coordination;
+whoever wins fetches, and the others read its entry from L2.
+
+The rules themselves live in sidecar/core/freshness.py, etag.py, ranges.py, cachekey.py and
+coalesce.py; this module only acts on their answers.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import hashlib
 import logging
+import os
 from collections.abc import Mapping, Sequence
 
 from ..config import CacheConfig
@@ -21,6 +30,7 @@ from ..core.cachekey import (
     vary_names,
     vary_values,
 )
+from ..core.coalesce import Outcome, Step, after_wait, outcome_of, remembered, takes_part
 from ..core.etag import generate_strong_etag, not_modified
 from ..core.freshness import (
     Directives,
@@ -43,8 +53,10 @@ from ..errors import UpstreamError
 from ..http.dates import http_date_now
 from ..http.headers import RawHeaders, connection_tokens
 from ..pipeline import Handler, ProxyRequest, ProxyResponse
+from ..stores.dedup import CACHED, Coordination, DedupService
 from ..stores.entry import CachedResponse
 from ..stores.memory import MemoryStore
+from ..stores.misses import FAILED, Fetched, Miss
 from ..stores.tiered import CacheService
 from .breaker import BreakerOpenError
 
@@ -75,6 +87,9 @@ _416_HEADERS = frozenset({b"date", b"etag", b"last-modified", b"vary", b"via"})
 # Request fields that change what the cache does with a stored response.
 _REQUEST_CONTROLS = frozenset({b"range", b"cache-control", b"pragma", b"if-none-match",
                                b"if-modified-since"})
+# A miss fetched: the answer, the entry stored or None, what storing said (`stored`, or why
+# not), the entry's write to L2 in progress.
+Fetch = tuple[ProxyResponse, CachedResponse | None, str, "asyncio.Task[bool] | None"]
 
 
 def get_header(headers: Sequence[tuple[bytes, bytes]], lname: bytes) -> str | None:
@@ -123,7 +138,11 @@ def rewrite_head(head: bytes, drop: frozenset[bytes], add: list[bytes]) -> bytes
 
 class CachePolicy:
     def __init__(self, route: str, config: CacheConfig, service: CacheService, *,
-                 generate_etag: bool) -> None:
+                 generate_etag: bool, coalesce: bool = False,
+                 cluster: DedupService | None = None) -> None:
+        """`coalesce`: the route's misses are coalesced (config `coalesce`, and no dedup policy
+        on the route, which would coalesce them a second time); `cluster`: the service that
+        coordinates flights across workers and instances."""
         self.route = route
         self.config = config
         self.service = service
@@ -137,6 +156,10 @@ class CachePolicy:
             config.memory.max_entry if "memory" in config.layers else 0,
             config.redis.max_entry if self.use_l2 else 0)
         self.generate_etag = generate_etag
+        self.locks = service.misses if coalesce else None
+        # Across workers and instances only when they share the entries: through L2.
+        self.cluster = cluster if coalesce and self.use_l2 else None
+        self.lock_timeout = config.lock_timeout
         keyed = {h.lower() for h in config.key.headers}
         self.strip = frozenset(
             h.lower().encode() for h in config.strip_unkeyed if h.lower() not in keyed
@@ -223,8 +246,10 @@ class CachePolicy:
         fwd = "vary-miss" if known else "uri-miss"
         if not plain and method == "GET" and _asks_for_part(headers.get("Range")):
             return await self._pass_range(request, call_next, fwd)
-        self.counts[(self.route, "-", "miss")] += 1
-        return await self._fetch(request, call_next, primary, target, fwd, request_cc)
+        if self.locks is not None and takes_part(
+                method, request_cc, honor_client=self.config.honor_client_no_cache):
+            return await self._coalesced(request, call_next, primary, target, fwd, request_cc)
+        return (await self._fetched(request, call_next, primary, target, fwd, request_cc))[0]
 
     # -- lookup -------------------------------------------------------------------------------
 
@@ -382,20 +407,154 @@ class CachePolicy:
         named = connection_named(raw)
         return [(n, v) for n, v in raw if n.lower() in withheld and n.lower() not in named]
 
-    async def _fetch(self, request: ProxyRequest, call_next: Handler, primary: str, target: str,
-                     fwd: str, request_cc: Directives) -> ProxyResponse:
+    async def _fetched(self, request: ProxyRequest, call_next: Handler, primary: str,
+                       target: str, fwd: str, request_cc: Directives) -> Fetch:
+        """A miss sent upstream: the answer, the entry stored (None: `detail` says why not)
+        and the write of that entry to L2 in progress."""
+        self.counts[(self.route, "-", "miss")] += 1
         request_time = self.service.clock()
         response = await call_next(self._forwarded(request))
-        entry, detail = await self._store(request, response, primary, target, request_cc,
-                                          request_time)
+        entry, detail, l2 = await self._store(request, response, primary, target, request_cc,
+                                              request_time)
         status = f"fwd={fwd}; fwd-status={response.status}; " + (
             "stored" if entry is not None else f"detail={detail}")
         if entry is not None:
-            return _timed(self._answer(request, entry, self.service.clock(), status, _MISS,
-                                       self._own_fields(response)), response)
+            return (_timed(self._answer(request, entry, self.service.clock(), status, _MISS,
+                                        self._own_fields(response)), response),
+                    entry, detail, l2)
         response.headers.append((b"Cache-Status", b"sidecar; " + status.encode()))
         response.cache = _MISS
+        return response, None, detail, None
+
+    # -- coalescing misses ---------------------------------------------------------------------
+
+    async def _coalesced(self, request: ProxyRequest, call_next: Handler, primary: str,
+                         target: str, fwd: str, request_cc: Directives) -> ProxyResponse:
+        """A miss that takes part in coalescing: it leads (fetches and stores), or waits for
+        the request that does and is answered from its entry; core/coalesce.py decides each
+        step. The wait, all rounds together, lasts `lock_timeout` at most."""
+        locks = self.locks
+        assert locks is not None
+        key = f"{self.route}\n{primary}"
+        if locks.passing.passing(key, self.service.clock()):
+            # Its last response could not be stored: waiting for a leader would only delay it.
+            return await self._alone(key, request, call_next, primary, target, fwd, request_cc)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.lock_timeout
+        while True:
+            miss = locks.holder(key)
+            if miss is None:
+                return await self._lead(locks.hold(key), request, call_next, primary, target,
+                                        fwd, request_cc, deadline - loop.time())
+            self.counts[(self.route, "-", "lock_wait")] += 1
+            fetched = await locks.wait(miss, deadline - loop.time())
+            entry = fetched.entry if fetched is not None else None
+            same = entry is not None and entry.vary_values == vary_values(
+                entry.vary_names, request.head.headers)
+            match after_wait(fetched.outcome if fetched is not None else None,
+                             same_variant=same):
+                case Step.ANSWER:
+                    assert entry is not None
+                    self.counts[(self.route, "-", "collapsed")] += 1
+                    return self._collapsed(request, entry, fwd)
+                case Step.FETCH:
+                    event = "lock_timeout" if fetched is None else "lock_pass"
+                    self.counts[(self.route, "-", event)] += 1
+                    return await self._alone(key, request, call_next, primary, target, fwd,
+                                             request_cc)
+                case Step.RETRY:
+                    if entry is not None:
+                        fwd = "vary-miss"  # another variant is stored now
+
+    async def _alone(self, key: str, request: ProxyRequest, call_next: Handler, primary: str,
+                     target: str, fwd: str, request_cc: Directives) -> ProxyResponse:
+        """A miss fetched without the lock; what it brings still updates the key's memory."""
+        response, entry, detail, _ = await self._fetched(request, call_next, primary, target,
+                                                         fwd, request_cc)
+        self._settled(key, response, entry, detail)
         return response
+
+    async def _lead(self, miss: Miss, request: ProxyRequest, call_next: Handler, primary: str,
+                    target: str, fwd: str, request_cc: Directives, wait: float
+                    ) -> ProxyResponse:
+        """Fetch for every request waiting on `miss`, and release it whatever happens: a leader
+        that fails or is cancelled lets a waiter lead instead (FAILED). `wait`: what is left of
+        this request's `lock_timeout`, for waiting on another worker's fetch."""
+        fetched = FAILED
+        try:
+            cluster = self.cluster
+            if cluster is not None and cluster.cluster_ready:
+                response, fetched = await self._lead_cluster(cluster, miss.key, request,
+                                                             call_next, primary, target, fwd,
+                                                             request_cc, wait)
+            else:
+                response, entry, detail, _ = await self._fetched(request, call_next, primary,
+                                                                 target, fwd, request_cc)
+                fetched = self._settled(miss.key, response, entry, detail)
+            return response
+        finally:
+            assert self.locks is not None
+            self.locks.release(miss, fetched)
+
+    async def _lead_cluster(self, cluster: DedupService, key: str, request: ProxyRequest,
+                            call_next: Handler, primary: str, target: str, fwd: str,
+                            request_cc: Directives, wait: float
+                            ) -> tuple[ProxyResponse, Fetched]:
+        """This worker's leader of a miss, across workers and instances: the one holding the
+        Redis lock fetches, stores and then publishes CACHED once its entry is in L2 (or
+        "ask for yourselves"); the others read the entry from L2. Without an answer within
+        `wait`, or with Redis failing, it fetches itself."""
+        lock = "cache:" + hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
+        token = os.urandom(12).hex()
+        lease = self.lock_timeout
+        outcome = await cluster.coordinate(lock, token, wait=wait, lease=lease,
+                                           note=self._note, on_wait=self._waiting)
+        if outcome is Coordination.LEAD:
+            keeping = cluster.spawn(cluster.keep(lock, token, lease, self._note))
+            try:
+                response, entry, detail, l2 = await self._fetched(request, call_next, primary,
+                                                                  target, fwd, request_cc)
+            except BaseException:
+                keeping.cancel()
+                cluster.spawn(cluster.give_up(lock, token))
+                raise
+            cluster.spawn(_publish(cluster, lock, token, l2, keeping))
+            return response, self._settled(key, response, entry, detail)
+        if outcome == CACHED:
+            entry, _ = await self._l2_lookup(primary, request.head.headers, self.service.clock())
+            if entry is not None:
+                self.counts[(self.route, "-", "collapsed")] += 1
+                return self._collapsed(request, entry, fwd), Fetched(Outcome.STORED, entry)
+        # ALONE, or not stored in L2 (not storable, too large, Redis failed): this worker's own
+        # fetch is what its waiters get.
+        response, entry, detail, _ = await self._fetched(request, call_next, primary, target,
+                                                         fwd, request_cc)
+        return response, self._settled(key, response, entry, detail)
+
+    def _settled(self, key: str, response: ProxyResponse, entry: CachedResponse | None,
+                 detail: str) -> Fetched:
+        """What a fetch tells the key's waiters, and whether the key skips the lock next."""
+        passing = self.service.misses.passing
+        if remembered(detail, response.status):
+            passing.remember(key, self.service.clock())
+        elif entry is not None:
+            passing.forget(key)
+        return Fetched(outcome_of(detail), entry)
+
+    def _collapsed(self, request: ProxyRequest, entry: CachedResponse, fwd: str
+                   ) -> ProxyResponse:
+        """A waiter's answer, from the entry its leader stored: a hit's fields (Age...), and
+        RFC 9211's `collapsed`, since the entry came from a request it did not send."""
+        now = self.service.clock()
+        status = (f"fwd={fwd}; fwd-status={entry.status}; ttl={int(entry.freshness.ttl(now))}; "
+                  "collapsed")
+        return self._answer(request, entry, now, status, _COLLAPSED)
+
+    def _note(self, event: str) -> None:
+        self.counts[(self.route, "-", event)] += 1
+
+    def _waiting(self) -> None:
+        self.counts[(self.route, "-", "lock_wait")] += 1
 
     async def _revalidate(self, request: ProxyRequest, call_next: Handler,
                           entry: CachedResponse, primary: str, target: str,
@@ -434,8 +593,8 @@ class CachePolicy:
             return _timed(self._answer(request, refreshed, self.service.clock(),
                                        "fwd=stale; fwd-status=304", _REVALIDATED,
                                        self._own_fields(response)), response)
-        new, detail = await self._store(request, response, primary, target, request_cc,
-                                        request_time)
+        new, detail, _ = await self._store(request, response, primary, target, request_cc,
+                                           request_time)
         status = f"fwd=stale; fwd-status={response.status}; " + (
             "stored" if new is not None else f"detail={detail}")
         if new is not None:
@@ -477,10 +636,11 @@ class CachePolicy:
 
     async def _store(self, request: ProxyRequest, response: ProxyResponse, primary: str,
                      target: str, request_cc: Directives, request_time: float
-                     ) -> tuple[CachedResponse | None, str]:
+                     ) -> tuple[CachedResponse | None, str, asyncio.Task[bool] | None]:
+        """The entry stored (or None and why not), and its write to L2 in progress."""
         raw = response.headers
         if get_header(raw, b"x-sidecar-dedup") is not None:
-            return None, "coalesced"  # a copy of a flight's response: its leader stores it
+            return None, "coalesced", None  # a copy of a flight's response: its leader stores it
         response_cc, expires_raw, _ = self._controls(raw)
         vary = get_header(raw, b"vary")
         config = self.config
@@ -498,16 +658,15 @@ class CachePolicy:
             default_ttl=default,
         )
         if reason is not None:
-            return None, reason
+            return None, reason, None
         body = await response.read_whole(self.max_entry)
         if body is None:
-            return None, "too-large"
+            return None, "too-large", None
         response_time = self.service.clock()
         entry = self._entry(request, response.status, response.reason, raw, body, primary,
                             target, response_cc, expires_raw, vary, default, request_time,
                             response_time)
-        self._put(entry)
-        return entry, "stored"
+        return entry, "stored", self._put(entry)
 
     def _default_lifetime(self, headers: RawHeaders, now: float) -> float:
         """The freshness this route gives a response without its own: `ttl`, or with
@@ -613,7 +772,8 @@ class CachePolicy:
             last_modified=_last_modified(headers),
             tags=entry.tags)
 
-    def _put(self, entry: CachedResponse) -> None:
+    def _put(self, entry: CachedResponse) -> asyncio.Task[bool] | None:
+        """Store in L1 now and in L2 in the background: the L2 write, or None."""
         if self.l1 is not None and entry.size <= self.config.memory.max_entry:
             self.l1.put(entry, self.service.clock())
             self.counts[(self.route, "memory", "store")] += 1
@@ -621,7 +781,8 @@ class CachePolicy:
             self.counts[(self.route, "redis", "store")] += 1
             f = entry.freshness
             keep = max(0.0, f.lifetime - f.initial_age) + max(f.swr, f.sie, 60.0)
-            self.service.l2_put(entry, keep)
+            return self.service.l2_put(entry, keep)
+        return None
 
     # -- invalidation -------------------------------------------------------------------------
 
@@ -657,6 +818,18 @@ def _asks_for_part(range_value: str | None) -> bool:
     return spec is not None and not spec.whole
 
 
+async def _publish(cluster: DedupService, lock: str, token: str, l2: asyncio.Task[bool] | None,
+                   keeping: asyncio.Task[None]) -> None:
+    """Tell the other workers and instances where a coalesced miss's response is: CACHED once
+    its entry is written to L2 (not before: they read it there), else "ask for yourselves".
+    The lock is kept until then, so that no one starts a second fetch meanwhile."""
+    try:
+        written = l2 is not None and await l2
+    finally:
+        keeping.cancel()
+    await cluster.finish(lock, token, CACHED if written else None)
+
+
 def _timed(answer: ProxyResponse, upstream: ProxyResponse) -> ProxyResponse:
     """An answer built from a stored entry keeps the upstream's time (Server-Timing)."""
     answer.upstream_seconds = upstream.upstream_seconds
@@ -669,3 +842,4 @@ _STALE = b"cache;desc=stale, "
 _REVALIDATED = b"cache;desc=revalidated, "
 _MISS = b"cache;desc=miss, "
 _BYPASS = b"cache;desc=bypass, "
+_COLLAPSED = b"cache;desc=collapsed, "

@@ -32,15 +32,13 @@ from ..core.cachekey import (
 )
 from ..core.freshness import parse_cache_control
 from ..pipeline import Handler, ProxyRequest, ProxyResponse
-from ..stores.dedup import DedupService, SharedResult
-from ..stores.subscriber import REDIS_ERRORS
+from ..stores.dedup import Coordination, DedupService, SharedResult
 from .cache import get_header
 
 if TYPE_CHECKING:
     from ..config import DedupConfig
 
 log = logging.getLogger("sidecar.dedup")
-_LEAD = object()
 
 FOLLOWER = (b"X-Sidecar-Dedup", b"follower")
 _FOLLOWER_WIRE = b"X-Sidecar-Dedup: follower\r\n"
@@ -184,62 +182,29 @@ class DedupPolicy:
                            call_next: Handler) -> Shared:
         """Lead across instances, or take the result of the instance that does."""
         token = os.urandom(12).hex()
-        outcome = await self._coordinate(flight.key, token)
-        if outcome is _LEAD:
+        outcome = await self.service.coordinate(flight.key, token, wait=self.config.wait,
+                                                lease=self.config.lease, note=self._note)
+        if outcome is Coordination.LEAD:
             return await self._lead_cluster(flight, request, call_next, token)
         if isinstance(outcome, SharedResult):
             self.counts[(self.route, "cluster_follower")] += 1
             return self._from_result(outcome, request)
         return self._share(flight, await call_next(request), request)
 
-    async def _coordinate(self, key: str, token: str) -> SharedResult | object | None:
-        """_LEAD, another instance's result, or None: call the upstream without coordination
-        (Redis failed, `wait` ran out, or the result cannot be shared)."""
-        service = self.service
-        config = self.config
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + config.wait
-        try:
-            while True:
-                woken = service.waiter(key)
-                try:
-                    holder = await service.lead_or_holder(key, token, config.lease)
-                    if holder is None:
-                        return _LEAD
-                    result = await service.result(key, holder)
-                    if result is None:
-                        remaining = deadline - loop.time()
-                        if remaining <= 0:
-                            self.counts[(self.route, "wait_expired")] += 1
-                            return None
-                        try:
-                            async with asyncio.timeout(min(remaining, config.lease / 2)):
-                                await asyncio.shield(woken)
-                        except TimeoutError:
-                            if not await service.lock_held(key):
-                                self.counts[(self.route, "takeover")] += 1
-                            continue
-                        result = await service.result(key, holder)
-                        if result is None:
-                            continue  # the leader failed, or this worker lost its subscription
-                finally:
-                    service.forget(key, woken)
-                return result if isinstance(result, SharedResult) else None
-        except REDIS_ERRORS as exc:
-            service.redis_failed(exc)
-            return None
+    def _note(self, event: str) -> None:
+        self.counts[(self.route, event)] += 1
 
     async def _lead_cluster(self, flight: Flight, request: ProxyRequest, call_next: Handler,
                             token: str) -> Shared:
         service = self.service
         key = flight.key
-        renewing = service.spawn(self._renew(key, token))
+        renewing = service.spawn(service.keep(key, token, self.config.lease, self._note))
         try:
             response = await call_next(request)
         except BaseException:
             renewing.cancel()
             # Wake the other instances' followers at once: one of them takes over.
-            service.spawn(self._release(key, token, wake=True))
+            service.spawn(service.give_up(key, token))
             raise
         shared = self._share(flight, response, request, collect_up_to=self.config.max_body)
         declared = get_header(shared.headers, b"content-length")
@@ -257,7 +222,7 @@ class DedupPolicy:
             # the answer (the bulk client waits long for big bodies): past the small commands'
             # timeout the publication goes on in the background, and a request coming
             # meanwhile may still be given this answer.
-            publishing = service.spawn(self._publish(key, token, result))
+            publishing = service.spawn(service.finish(key, token, result))
             await asyncio.wait((publishing,), timeout=service.command_timeout)
         else:
             broadcast = shared.broadcast
@@ -271,7 +236,7 @@ class DedupPolicy:
                 result = None
                 if broadcast.done and collected is not None:
                     result = self._result(shared, b"".join(collected))
-                await self._publish(key, token, result)
+                await service.finish(key, token, result)
 
             service.spawn(publish_when_read())
         return shared
@@ -281,38 +246,6 @@ class DedupPolicy:
         assert body is not None
         return SharedResult(shared.status, shared.reason, shared.headers, body,
                             shared.vary_values)
-
-    async def _renew(self, key: str, token: str) -> None:
-        """Keep the lock while the upstream call runs; a Redis hiccup is retried until the
-        lease would have lapsed anyway."""
-        lease = self.config.lease
-        loop = asyncio.get_running_loop()
-        renewed = loop.time()
-        while True:
-            await asyncio.sleep(lease / 3)
-            try:
-                if not await self.service.renew(key, token, lease):
-                    self.counts[(self.route, "lease_lost")] += 1
-                    return
-                renewed = loop.time()
-            except REDIS_ERRORS:
-                if loop.time() - renewed > lease:
-                    self.counts[(self.route, "lease_lost")] += 1
-                    return
-
-    async def _publish(self, key: str, token: str, result: SharedResult | None) -> None:
-        try:
-            await self.service.publish(key, token, result)
-        except REDIS_ERRORS as exc:
-            self.service.redis_failed(exc)
-
-    async def _release(self, key: str, token: str, *, wake: bool) -> None:
-        try:
-            await self.service.release(key, token)
-            if wake:
-                await self.service.wake(key)
-        except REDIS_ERRORS as exc:
-            self.service.redis_failed(exc)
 
     def _from_result(self, result: SharedResult, request: ProxyRequest) -> Shared:
         raw = list(result.headers)

@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import struct
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
 import orjson
 import redis.asyncio as aioredis
 
-from .subscriber import Subscriber
+from .subscriber import REDIS_ERRORS, Subscriber
 
 log = logging.getLogger("sidecar.dedup")
 
@@ -29,6 +31,10 @@ PREFIX = "sidecar:dedup:"
 CHANNEL = PREFIX + "done"
 RESULT_TTL_MS = 30_000  # followers read the result right after the publication
 NOT_SHARED = b"not-shared"  # published instead of a result followers may not have
+# Published by a cache that coalesces its misses: the response is in the shared cache, read it
+# there (the entry itself is not copied a second time into the result key).
+CACHED = b"cached"
+_MARKERS = frozenset({NOT_SHARED, CACHED})
 
 # Delete the lock only if this leader still holds it (a lease that expired may be someone
 # else's by now).
@@ -51,6 +57,13 @@ _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 0
 """
+
+
+class Coordination(enum.Enum):
+    """What `DedupService.coordinate` tells a flight when it brings no result."""
+
+    LEAD = "lead"  # this flight holds the lock: it calls the upstream and publishes
+    ALONE = "alone"  # no coordination (Redis failed, the wait ran out): call the upstream
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,15 +173,15 @@ class DedupService(Subscriber):
     async def release(self, key: str, token: str) -> None:
         await self._release(keys=[PREFIX + "lock:" + key], args=[token])
 
-    async def publish(self, key: str, token: str, result: SharedResult | None) -> None:
-        """Store this leader's result (None: followers must ask for themselves), let go of the
-        lock and wake every instance's followers, in one step: a request arriving after it
-        starts a flight of its own, never joins the finished one."""
+    async def publish(self, key: str, token: str, result: SharedResult | bytes | None) -> None:
+        """Store this leader's result (None: followers must ask for themselves; or a marker
+        such as CACHED), let go of the lock and wake every instance's followers, in one step:
+        a request arriving after it starts a flight of its own, never joins the finished one."""
         assert self._bulk is not None
         await self._finish(
             keys=[PREFIX + "result:" + key + ":" + token, PREFIX + "lock:" + key],
-            args=[result.pack() if result is not None else NOT_SHARED, RESULT_TTL_MS, token,
-                  CHANNEL, key])
+            args=[result.pack() if isinstance(result, SharedResult) else result or NOT_SHARED,
+                  RESULT_TTL_MS, token, CHANNEL, key])
 
     async def wake(self, key: str) -> None:
         """Wake the followers of `key` without a result: they look at the lock again."""
@@ -176,12 +189,93 @@ class DedupService(Subscriber):
         await self.redis.publish(CHANNEL, key)
 
     async def result(self, key: str, token: str) -> SharedResult | bytes | None:
-        """What the leader holding `token` published: a result, NOT_SHARED, or None (yet)."""
+        """What the leader holding `token` published: a result, a marker (NOT_SHARED,
+        CACHED), or None (yet)."""
         assert self._bulk is not None
         data = cast("bytes | None", await self._bulk.get(PREFIX + "result:" + key + ":" + token))
-        if data is None or data == NOT_SHARED:
+        if data is None or data in _MARKERS:
             return data
         return SharedResult.unpack(data)
+
+    # -- a flight's part in the cluster, Redis errors handled -----------------------------------
+
+    async def coordinate(self, key: str, token: str, *, wait: float, lease: float,
+                         note: Callable[[str], None],
+                         on_wait: Callable[[], None] | None = None
+                         ) -> Coordination | SharedResult | bytes:
+        """Lead (LEAD: the lock is this flight's), or wait at most `wait` for the instance that
+        does and take what it published: a result or a marker. ALONE: call the upstream
+        without coordination (Redis failed, or `wait` ran out). `note` counts the events
+        `wait_expired` and `takeover` (a dead leader's lock found gone); `on_wait` is called
+        once, when this flight starts waiting for another one."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        try:
+            while True:
+                woken = self.waiter(key)
+                try:
+                    holder = await self.lead_or_holder(key, token, lease)
+                    if holder is None:
+                        return Coordination.LEAD
+                    result = await self.result(key, holder)
+                    if result is None:
+                        if on_wait is not None:
+                            on_wait()
+                            on_wait = None
+                        remaining = deadline - loop.time()
+                        if remaining <= 0:
+                            note("wait_expired")
+                            return Coordination.ALONE
+                        try:
+                            async with asyncio.timeout(min(remaining, lease / 2)):
+                                await asyncio.shield(woken)
+                        except TimeoutError:
+                            if not await self.lock_held(key):
+                                note("takeover")
+                            continue
+                        result = await self.result(key, holder)
+                        if result is None:
+                            continue  # the leader failed, or this worker lost its subscription
+                finally:
+                    self.forget(key, woken)
+                return result
+        except REDIS_ERRORS as exc:
+            self.redis_failed(exc)
+            return Coordination.ALONE
+
+    async def keep(self, key: str, token: str, lease: float, note: Callable[[str], None]
+                   ) -> None:
+        """Keep a leader's lock while its upstream call runs (cancel the task when it is done);
+        a Redis hiccup is retried until the lease would have lapsed anyway (`lease_lost`)."""
+        loop = asyncio.get_running_loop()
+        renewed = loop.time()
+        while True:
+            await asyncio.sleep(lease / 3)
+            try:
+                if not await self.renew(key, token, lease):
+                    note("lease_lost")
+                    return
+                renewed = loop.time()
+            except REDIS_ERRORS:
+                if loop.time() - renewed > lease:
+                    note("lease_lost")
+                    return
+
+    async def finish(self, key: str, token: str, result: SharedResult | bytes | None) -> None:
+        """`publish`, a Redis failure only noted: followers then find the lock gone."""
+        try:
+            await self.publish(key, token, result)
+        except REDIS_ERRORS as exc:
+            self.redis_failed(exc)
+
+    async def give_up(self, key: str, token: str) -> None:
+        """A leader that failed: let go of the lock and wake the other instances' followers at
+        once, so that one of them takes over."""
+        try:
+            await self.release(key, token)
+            await self.wake(key)
+        except REDIS_ERRORS as exc:
+            self.redis_failed(exc)
 
     async def on_subscribed(self) -> None:
         self._subscribed.set()

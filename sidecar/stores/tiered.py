@@ -1,6 +1,6 @@
 """The cache as the policies see it: L1 per route in this worker, L2 in Redis within the
-cluster's quota, purges that reach every instance's L1 through Redis pub/sub, and counters for
-the stats interface."""
+cluster's quota, purges that reach every instance's L1 through Redis pub/sub, the misses in
+progress here (stores/misses.py), and counters for the stats interface."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from redis.exceptions import OutOfMemoryError
 
 from .entry import CachedResponse
 from .memory import MemoryStore
+from .misses import MissLocks
 from .redis import CHANNEL, EVICT_BATCH, RedisStore
 from .subscriber import REDIS_ERRORS, Subscriber
 
@@ -38,6 +39,7 @@ class CacheService(Subscriber):
     def __init__(self) -> None:
         super().__init__()
         self.memory: dict[str, MemoryStore] = {}
+        self.misses = MissLocks()  # kept across reloads, as the misses in flight are
         self.store: RedisStore | None = None
         self.redis_up = False
         self.counts: Counter[tuple[str, str, str]] = Counter()  # (route, layer, result)
@@ -96,13 +98,15 @@ class CacheService(Subscriber):
             self.touched.add(primary)
         return variants
 
-    def l2_put(self, entry: CachedResponse, retention: float) -> None:
+    def l2_put(self, entry: CachedResponse, retention: float) -> asyncio.Task[bool] | None:
+        """Write the entry to Redis in the background: the task says whether it was written
+        (a coalesced miss tells the other instances to read it only then); None: Redis down."""
         if self.store is None or not self.redis_up:
-            return
+            return None
         redis = self.store
         quota, now = self.quota, self.wall()
 
-        async def put() -> None:
+        async def put() -> bool:
             try:
                 if await redis.put(entry, retention, quota=quota, now=now) >= EVICT_BATCH:
                     await redis.trim(quota)
@@ -110,10 +114,13 @@ class CacheService(Subscriber):
                 # Redis is at its maxmemory (filled by jobs or idempotency records: the cache
                 # keeps within its quota): skip this store, Redis itself is fine.
                 self.refused += 1
+                return False
             except REDIS_ERRORS as exc:
                 self._redis_failed(exc)
+                return False
+            return True
 
-        self.spawn(put())
+        return self.spawn(put())
 
     def _redis_failed(self, exc: BaseException) -> None:
         if self.redis_up:
