@@ -249,6 +249,7 @@ class Runtime:
         self.state = build_state(loaded, None, self.cache, self.dedup, self.breakers, self.jobs,
                                  self.metrics)
         self.cache.set_quota(loaded.config.cache.redis.max_bytes)
+        self.cache.set_l1_without_redis(loaded.config.cache.l1_without_redis)
         self.redis_url = redis_url
         self.reuse_port = reuse_port
         self.worker_id = worker_id
@@ -428,6 +429,7 @@ class Runtime:
             restart_needed = _restart_needed(old.config, new.config)
             self.state = new
             self.cache.set_quota(new.config.cache.redis.max_bytes)
+            self.cache.set_l1_without_redis(new.config.cache.l1_without_redis)
             await self._bound_embedded_redis(old.config, new.config)
             self.reloads["ok"] += 1
             self.last_reload_error = None

@@ -347,6 +347,10 @@ class SharedCacheConfig(_Model):
     so it is written once, here."""
 
     redis: L2QuotaConfig = L2QuotaConfig()
+    # What a worker does with its L1 once it cannot hear purges from Redis (docs/caching.md,
+    # "One cache across workers"): stop serving it (no purged entry is served, the upstream
+    # takes the load) or serve it on (invalidations made elsewhere meanwhile are missed).
+    l1_without_redis: Literal["stop", "serve"] = "stop"
 
 
 def _targeted_name(name: str) -> str:

@@ -947,7 +947,9 @@ async def test_redis_killed_mid_test_requests_still_answered(sidecar_factory, or
                                                              own_redis: RedisServer, client):
     origin.reply("/warm", headers={"Cache-Control": "max-age=60"})
     origin.reply("/cold", headers={"Cache-Control": "max-age=60"})
-    sidecar = await start(sidecar_factory, origin, own_redis.url)
+    config = cache_config(origin, own_redis.url)
+    config["cache"] = {"l1_without_redis": "serve"}
+    sidecar = await sidecar_factory(config)
     await fetch(client, sidecar.url + "/warm")
     own_redis.kill()
     for _ in range(5):

@@ -21,6 +21,7 @@ import hashlib
 import logging
 import os
 from collections.abc import Mapping, Sequence
+from time import monotonic
 
 from ..config import CacheConfig
 from ..core.cachekey import (
@@ -208,6 +209,8 @@ class CachePolicy:
                                   self.config.key.cookies)
         now = self.service.clock()
         l1 = self.l1
+        if l1 is not None and monotonic() >= self.service.l1_until:
+            l1 = None  # this worker may have missed a purge: L1 is not to be trusted
         variants = l1.get(primary, now) if l1 is not None else None
         if variants and not variants[0].vary_names:  # one variant: the usual entry
             entry: CachedResponse | None = variants[0]
@@ -273,13 +276,15 @@ class CachePolicy:
 
     async def _l2_lookup(self, primary: str, headers: Mapping[str, str], now: float
                          ) -> tuple[CachedResponse | None, bool]:
+        generation = self.service.generation
         variants = await self.service.l2_get(primary)
         if not variants:
             return None, False
         values = vary_values(variants[0].vary_names, headers)
         for entry in variants:
             if entry.vary_values == values:
-                if self.l1 is not None:
+                # Not when a purge came while Redis answered: it may be what the purge deleted.
+                if self.l1 is not None and self.service.generation == generation:
                     self.l1.put(entry, now)
                 return entry, True
         return None, True
@@ -589,7 +594,7 @@ class CachePolicy:
         self.counts[(self.route, "-", "revalidate")] += 1
         if response.status == 304:
             refreshed = self._refreshed(entry, response, request_time)
-            self._put(refreshed)
+            await self.service.written(self._put(refreshed))
             return _timed(self._answer(request, refreshed, self.service.clock(),
                                        "fwd=stale; fwd-status=304", _REVALIDATED,
                                        self._own_fields(response)), response)
@@ -666,7 +671,9 @@ class CachePolicy:
         entry = self._entry(request, response.status, response.reason, raw, body, primary,
                             target, response_cc, expires_raw, vary, default, request_time,
                             response_time)
-        return entry, "stored", self._put(entry)
+        l2 = self._put(entry)
+        await self.service.written(l2)
+        return entry, "stored", l2
 
     def _default_lifetime(self, headers: RawHeaders, now: float) -> float:
         """The freshness this route gives a response without its own: `ttl`, or with
@@ -773,7 +780,8 @@ class CachePolicy:
             tags=entry.tags)
 
     def _put(self, entry: CachedResponse) -> asyncio.Task[bool] | None:
-        """Store in L1 now and in L2 in the background: the L2 write, or None."""
+        """Store in L1 now and start the L2 write: its task, or None (the caller waits for
+        it before answering: CacheService.written)."""
         if self.l1 is not None and entry.size <= self.config.memory.max_entry:
             self.l1.put(entry, self.service.clock())
             self.counts[(self.route, "memory", "store")] += 1
@@ -788,8 +796,8 @@ class CachePolicy:
 
     async def _invalidate(self, request: ProxyRequest, response: ProxyResponse) -> None:
         """RFC 9111 §4.4: a successful unsafe request invalidates the target URI and the
-        same-origin Location / Content-Location, in Redis too before the response goes back
-        (else the client's next read could still find the old entry there)."""
+        same-origin Location / Content-Location, in Redis and in every worker's L1 before the
+        response goes back (CacheService.purge), so that no next read finds the old entry."""
         query = self.config.key.query
         uris = {normalize_target(request.head.target, query)}
         host = request.head.host
@@ -804,8 +812,7 @@ class CachePolicy:
                 value_host, _, path = rest.partition("/")
                 if value_host.lower() == host.lower():
                     uris.add(normalize_target("/" + path, query))
-        for uri in uris:
-            await self.service.purge("key", uri, wait=0.0)
+        await asyncio.gather(*(self.service.purge("key", uri) for uri in uris))
         self.counts[(self.route, "-", "invalidated")] += len(uris)
 
 

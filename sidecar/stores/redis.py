@@ -13,6 +13,9 @@ Layout under the `sidecar:cache:` prefix:
              what to take out of the indexes when it goes
   bytes      the sum of the charges: what the quota is compared with
   evictions  entries evicted for the quota, ever (a counter for every instance to read)
+  workers    sorted set of worker ids scored by when their last heartbeat stops counting (ms,
+             Redis's clock): the workers that may be serving from L1, whom a purge waits for
+  ack:{id}   list of the worker ids that applied purge {id}
 
 Why the sidecar counts instead of Redis's maxmemory-policy: Redis evicts from every key of the
 database, and job records, idempotency keys and dedup locks live there too (volatile-lru would
@@ -32,6 +35,7 @@ Redis server (or a primary), not a Redis Cluster.
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Awaitable, Iterable
 from typing import Any, cast
 
@@ -44,6 +48,12 @@ from .memory import MAX_VARIANTS
 PREFIX = "sidecar:cache:"
 CHANNEL = PREFIX + "purge"
 LRU = PREFIX + "lru"
+WORKERS = PREFIX + "workers"
+
+
+def worker_channel(worker_id: str) -> str:
+    """Where a worker's own heartbeats come back to it, on the connection purges come by."""
+    return CHANNEL + ":" + worker_id
 # Entries one script looks at for eviction at most (about 10 commands each): a put evicts a
 # few, a trim after the quota was lowered runs as many scripts as it takes.
 EVICT_BATCH = 1000
@@ -191,6 +201,28 @@ return #expired
 """
 
 
+# KEYS: workers, the worker's channel. ARGV: worker id, registration ms, message. The worker is
+# registered until Redis's now + ARGV[2], and the message reaches its subscription after every
+# purge published before this script ran.
+_HEARTBEAT = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('PUBLISH', KEYS[2], ARGV[3])
+return 0
+"""
+
+# KEYS: workers, the purge channel. ARGV: message. Publishes the purge and returns the workers
+# registered at that instant: those that may be serving from L1, whose acks a purge waits for.
+_PUBLISH_PURGE = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('PUBLISH', KEYS[2], ARGV[1])
+return redis.call('ZRANGE', KEYS[1], 0, -1)
+"""
+
+
 def _variant(values: tuple[str | None, ...]) -> bytes:
     return orjson.dumps(values)
 
@@ -202,6 +234,8 @@ class RedisStore:
         self._trim = client.register_script(_TRIM)
         self._forget = client.register_script(_FORGET)
         self._prune = client.register_script(_PRUNE)
+        self._heartbeat = client.register_script(_HEARTBEAT)
+        self._publish_purge = client.register_script(_PUBLISH_PURGE)
 
     async def get(self, primary: str) -> list[CachedResponse]:
         fields = await cast(_Hash, self.client.hgetall(PREFIX + "e:" + key_hash(primary)))
@@ -269,29 +303,46 @@ class RedisStore:
             await self.client.zrem(PREFIX + "uris:exp", *members)
         return removed
 
-    async def publish_purge(self, kind: str, value: str, purge_id: str) -> int:
-        """Tell every instance to drop matching L1 entries; returns how many listen."""
-        return int(await self.client.publish(
-            CHANNEL, orjson.dumps({"kind": kind, "value": value, "id": purge_id})))
+    async def publish_purge(self, kind: str, value: str, purge_id: str) -> set[str]:
+        """Tell every worker to drop matching L1 entries; returns the workers registered then."""
+        message = orjson.dumps({"kind": kind, "value": value, "id": purge_id})
+        ids = await self._publish_purge(keys=[WORKERS, CHANNEL], args=[message])
+        return {i.decode() for i in ids}
 
-    async def wait_acks(self, purge_id: str, expected: int, timeout: float) -> int:
-        got = 0
+    async def wait_acks(self, purge_id: str, expected: set[str], timeout: float) -> set[str]:
+        """The workers of `expected` that acknowledged the purge within `timeout` seconds: all
+        of them as soon as they have, else the wait lasts the whole `timeout`."""
+        got: set[str] = set()
         key = PREFIX + "ack:" + purge_id
-        while got < expected:
-            item = await cast(Awaitable[list[bytes] | None],
-                              self.client.blpop([key], timeout=timeout))
-            if item is None:
+        deadline = time.monotonic() + timeout
+        while not expected <= got:
+            left = deadline - time.monotonic()
+            if left <= 0:
                 break
-            got += 1
+            # At least 10 ms: a BLPOP timeout of 0 would wait for ever.
+            item = await cast(Awaitable[list[bytes] | None],
+                              self.client.blpop([key], timeout=max(left, 0.01)))
+            if item is not None:
+                got.add(item[1].decode())
         await self.client.delete(key)
-        return got
+        return got & expected
 
-    async def ack(self, purge_id: str) -> None:
+    async def ack(self, purge_id: str, worker_id: str) -> None:
         key = PREFIX + "ack:" + purge_id
         async with self.client.pipeline(transaction=False) as pipe:
-            pipe.rpush(key, 1)
+            pipe.rpush(key, worker_id)
             pipe.expire(key, 30)
             await pipe.execute()
+
+    async def heartbeat(self, worker_id: str, registration: float, message: bytes) -> None:
+        """Register the worker for `registration` seconds and send `message` to its own
+        channel (heartbeat script above)."""
+        await self._heartbeat(keys=[WORKERS, worker_channel(worker_id)],
+                              args=[worker_id, int(registration * 1000), message])
+
+    async def unregister(self, worker_id: str) -> None:
+        """A worker that stops: purges no longer wait for it."""
+        await self.client.zrem(WORKERS, worker_id)
 
     async def try_refresh_lock(self, primary: str, seconds: float) -> bool:
         """One background refresh per key across instances."""

@@ -53,8 +53,16 @@ class Subscriber:
     async def on_subscribed(self) -> None:
         """Subscribed (again): catch up with what may have been missed."""
 
+    def channels(self) -> tuple[str, ...]:
+        """What the subscription listens to: the service's channel, and any of its own."""
+        return (self.channel,)
+
     async def on_message(self, data: bytes) -> None:
         raise NotImplementedError
+
+    async def on_channel_message(self, channel: bytes, data: bytes) -> None:
+        """A message on one of `channels()`; a service with one channel takes `on_message`."""
+        await self.on_message(data)
 
     def on_unsubscribed(self) -> None:
         """The subscription is gone: publications are missed until it is back."""
@@ -66,11 +74,11 @@ class Subscriber:
         while True:
             pubsub = client.pubsub(ignore_subscribe_messages=True)
             try:
-                await pubsub.subscribe(self.channel)
+                await pubsub.subscribe(*self.channels())
                 await self.on_subscribed()
                 async for message in pubsub.listen():
                     if message.get("type") == "message":
-                        await self.on_message(message["data"])
+                        await self.on_channel_message(message["channel"], message["data"])
             except asyncio.CancelledError:
                 self.on_unsubscribed()
                 with contextlib.suppress(Exception):
