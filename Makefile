@@ -18,7 +18,7 @@ help:
 # The modules compiled to C (sidecar/native.py): an edited one is rebuilt by the next make.
 NATIVE := $(shell sed -n 's/^    "\(sidecar\/[^"]*\.py\)",$$/\1/p' sidecar/native.py)
 
-$(STAMP): pyproject.toml setup.py mypyc.ini $(NATIVE)
+$(STAMP): pyproject.toml setup.py mypyc.ini sidecar/native.py $(NATIVE)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); scripts/ensure-debian-packages python3-venv && $(PYTHON) -m venv $(VENV); }
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'

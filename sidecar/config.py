@@ -350,7 +350,7 @@ class SharedCacheConfig(_Model):
     # What a worker does with its L1 once it cannot hear purges from Redis (docs/caching.md,
     # "One cache across workers"): stop serving it (no purged entry is served, the upstream
     # takes the load) or serve it on (invalidations made elsewhere meanwhile are missed).
-    l1_without_redis: Literal["stop", "serve"] = "stop"
+    l1_without_redis: Literal["stop", "serve"] = "serve"
 
 
 def _targeted_name(name: str) -> str:

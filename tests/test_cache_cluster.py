@@ -135,7 +135,9 @@ async def test_a_worker_cut_off_from_redis_stops_serving_l1_within_the_lease(
         sidecar_factory: Factory, origin: Origin, own_redis: RedisServer,
         client: aiohttp.ClientSession) -> None:
     origin.reply("/warm", headers={"Cache-Control": "max-age=60"})
-    worker = await sidecar_factory(cache_config(origin, own_redis.url))
+    config = cache_config(origin, own_redis.url)
+    config["cache"] = {"l1_without_redis": "stop"}
+    worker = await sidecar_factory(config)
     service = worker.runtime.cache
 
     async def serving() -> bool:
@@ -178,7 +180,7 @@ async def test_an_answer_waits_for_its_l2_write_a_bounded_time(hangs: bool) -> N
                            freshness=Freshness(60, 0, 0, False, False, 0, 0), vary_names=(),
                            vary_values=(), etag=None, last_modified=None, tags=())
     started = time.monotonic()
-    written = await service.l2_put(entry, 60)
+    written = await service.written(service.l2_put(entry, 60))
     waited = time.monotonic() - started
     await service.close()
     if hangs:

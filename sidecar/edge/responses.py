@@ -13,14 +13,15 @@ from ..errors import SidecarError
 from ..http.dates import http_date_now
 from ..http.headers import HOP_BY_HOP, RawHeaders, connection_tokens
 
-# Request ids need to be unique, not secret: a random per-process prefix and a counter cost far
-# less than 16 fresh random bytes per request.
-_ID_PREFIX = os.urandom(8).hex()
-_ID_COUNTER = itertools.count(int.from_bytes(os.urandom(4), "big"))
+# Request ids need to be unique, not secret: a counter from a random 128-bit start per process
+# costs far less than 16 fresh random bytes per request. The top bit set keeps every id at 32
+# hex digits; hex() and a slice cost a quarter of format(n, "016x") (4.0k instructions of a
+# 59k-instruction cache hit, compiled).
+_ID_COUNTER = itertools.count(int.from_bytes(os.urandom(16), "big") | (1 << 127))
 
 
 def new_request_id() -> str:
-    return _ID_PREFIX + format(next(_ID_COUNTER), "016x")
+    return hex(next(_ID_COUNTER))[2:]
 
 
 _REASONS = {
