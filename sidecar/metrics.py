@@ -378,13 +378,13 @@ def merge(snapshots: Iterable[Snapshot], live: set[int]) -> Snapshot:
                         values[key] = values.get(key, 0) + value
         for name, rows in snap["histograms"].items():
             merged = histograms.setdefault(name, {})
-            for label, bounds, counts, total in rows:
+            for label, bounds, counts, seconds in rows:
                 key = (label, tuple(bounds))
                 if key not in merged:
-                    merged[key] = [list(counts), total]
+                    merged[key] = [list(counts), seconds]
                 else:
                     merged[key][0] = [a + b for a, b in zip(merged[key][0], counts, strict=True)]
-                    merged[key][1] += total
+                    merged[key][1] += seconds
     return {"counters": counters, "gauges": gauges, "histograms": histograms}
 
 
