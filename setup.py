@@ -2,7 +2,7 @@
 
 Everything else is in pyproject.toml. `SIDECAR_PURE=1` builds a pure-Python package; so does a
 machine where mypyc or the C compiler fails, with a warning: the sidecar then runs the same
-sources interpreted, a quarter slower on the request path.
+sources interpreted, with half again as much CPU per request on the request path.
 """
 
 from __future__ import annotations
