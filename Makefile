@@ -4,13 +4,14 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: help setup run test lint loadtest bench bench-passthrough bench-cache bench-dedup bench-jobs bench-edge soak check clean
+.PHONY: help setup pure run test lint loadtest bench bench-passthrough bench-cache bench-dedup bench-jobs bench-edge soak check clean
 
 help:
 	@echo "make run     start the example backend and the sidecar in front of it (:8080, admin :9901)"
 	@echo "make test    run the whole test suite"
 	@echo "make check   validate config.yaml"
 	@echo "make lint    ruff and mypy"
+	@echo "make pure    drop the compiled request path (SIDECAR_PURE=1 make setup keeps it so)"
 	@echo "make loadtest  the SLAs of loadtests/slas.yaml against a running sidecar (make run)"
 	@echo "make bench   benchmarks under loadtests/bench (nginx and wrk installed when missing)"
 	@echo "make soak    10 minutes of mixed traffic with faults injected, then invariants checked"
@@ -25,6 +26,9 @@ $(STAMP): pyproject.toml setup.py mypyc.ini sidecar/native.py $(NATIVE)
 	@touch $(STAMP)
 
 setup: $(STAMP)
+	@[ -n "$$SIDECAR_PURE" ] || $(BIN)/python -c 'import sys; from sidecar import native; \
+		sys.exit(len(native.compiled()) < len(native.COMPILED))' \
+		|| $(BIN)/python -m pip install --quiet -e '.[test]'
 	@scripts/ensure-debian-packages redis-server
 
 run: setup
@@ -71,5 +75,11 @@ bench-edge: setup
 soak: setup
 	$(BIN)/python loadtests/soak.py
 
-clean:
-	rm -rf $(VENV) .sidecar .pytest_cache .ruff_cache
+clean: pure
+	rm -rf $(VENV) .sidecar .pytest_cache .ruff_cache build
+
+# Back to the interpreted request path (profiling with py-spy, say): the compiled modules go,
+# and the next `make setup` builds them again unless SIDECAR_PURE=1 is set.
+pure:
+	rm -f sidecar_native__mypyc.*.so $(NATIVE:.py=.*.so)
+	rm -f $(STAMP)

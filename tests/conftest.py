@@ -39,7 +39,8 @@ def pytest_configure(config: pytest.Config) -> None:
     stale = native.stale()
     if stale:
         pytest.exit(f"compiled modules older than their sources: {', '.join(stale)}; "
-                    "rebuild them with `make setup` (or SIDECAR_PURE=1 make setup for none)",
+                    "rebuild them with `make setup` (or `make pure` then "
+                    "`SIDECAR_PURE=1 make setup` for none)",
                     returncode=4)
 
 
