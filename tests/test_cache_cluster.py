@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
-from support import InProcessSidecar, Origin, RedisServer, until
+from support import InProcessSidecar, Origin, RedisServer, gather_limited, until
 from test_cache import SHOP, Factory, cache_config, fetch, purge, stats
 
 from sidecar.core.freshness import Freshness
@@ -188,3 +188,76 @@ async def test_an_answer_waits_for_its_l2_write_a_bounded_time(hangs: bool) -> N
         assert WRITE_WAIT <= waited < WRITE_WAIT + 0.2
     else:
         assert written and waited < 0.05
+
+
+# -- the acceptance figures, on real processes -------------------------------------------------
+
+PROCESS_PAIRS = 1_000
+
+
+@pytest.mark.slow
+async def test_two_instances_of_two_workers_miss_no_write_and_serve_no_invalidated_entry(
+        sidecar_process: Any, origin: Origin, redis_url: str) -> None:
+    """Two `sidecar run` processes of two workers each on one Redis; every request on a new
+    connection, so that the kernel spreads them over the workers. 1,000 store-then-read pairs
+    across the instances, then 1,000 invalidate-then-read pairs, half by POST and half by purge,
+    after both instances' workers have the entry in L1."""
+    for path in ("/w", "/i"):
+        async def answer(request: web.Request, n: int) -> web.Response:
+            return numbered(request, n)
+        origin.script(path, answer)
+    route = {"match": {"path": "/**", "methods": ["GET", "POST"]}}
+    instances = []
+    for name in ("a", "b"):
+        config = cache_config(origin, redis_url, route=route)
+        config["server"] |= {"workers": 2, "watch_config": False}
+        instances.append(sidecar_process(config, f"{name}.yaml"))
+    a, b = instances
+
+    redis = aioredis.Redis.from_url(redis_url)
+
+    async def four_workers_registered() -> bool:
+        return int(await redis.zcount(WORKERS, int(time.time() * 1000), "+inf")) == 4
+    try:
+        await until(four_workers_registered, 20)
+    finally:
+        await redis.aclose()
+
+    connector = aiohttp.TCPConnector(force_close=True, limit=0)
+    async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as fresh:
+        async def store_then_read(i: int) -> tuple[str, str] | None:
+            writer, reader = (a, b) if i % 2 else (b, a)
+            first = await fetch(fresh, f"{writer.url}/w?i={i}", headers=SHOP)
+            assert "stored" in first.cache_status, first.cache_status
+            second = await fetch(fresh, f"{reader.url}/w?i={i}", headers=SHOP)
+            if not second.hit or second.body != first.body:
+                return f"/w?i={i}", second.cache_status
+            return None
+
+        missed = [m for m in await gather_limited(
+            [store_then_read(i) for i in range(PROCESS_PAIRS)], 8) if m]
+        assert missed == []
+        assert origin.calls["/w"] == PROCESS_PAIRS
+
+        async def invalidate_then_read(i: int) -> tuple[str, str] | None:
+            target = f"/i?i={i}"
+            writer, reader = (a, b) if i % 2 else (b, a)
+            body = (await fetch(fresh, writer.url + target, headers=SHOP)).body
+            for instance in (a, b, a, b):        # into the L1 of (most often) every worker
+                assert (await fetch(fresh, instance.url + target, headers=SHOP)).body == body
+            if i % 4 < 2:
+                async with fresh.post(writer.url + target, headers=SHOP) as response:
+                    assert response.status == 200
+            else:
+                async with fresh.post(writer.admin_url + "/admin/cache/purge",
+                                      json={"key": target}) as response:
+                    assert response.status == 200
+            for instance in (reader, writer):
+                reply = await fetch(fresh, instance.url + target, headers=SHOP)
+                if reply.body == body:
+                    return target, reply.cache_status
+            return None
+
+        stale = [s for s in await gather_limited(
+            [invalidate_then_read(i) for i in range(PROCESS_PAIRS)], 8) if s]
+        assert stale == []
