@@ -25,6 +25,7 @@ from .stores.subscriber import REDIS_ERRORS
 if TYPE_CHECKING:
     from .edge.protocol import EdgeServer
     from .jobs.runner import JobRunner
+    from .jobs.schedules import Scheduler
     from .state import State
 
 
@@ -39,6 +40,9 @@ class AdminHost(MetricsHost, JobsHost, Protocol):
 
     @property
     def runner(self) -> JobRunner | None: ...
+
+    @property
+    def scheduler(self) -> Scheduler | None: ...
 
     @property
     def last_reload_error(self) -> str | None: ...
@@ -177,6 +181,29 @@ async def reset_breaker(request: web.Request) -> web.Response:
         return _json_error(404, "not_found",
                            f"no breaker named {name!r}; known: {', '.join(known) or 'none'}")
     return web.json_response({"name": name, "state": "closed"})
+
+
+# -- schedules -----------------------------------------------------------------------------------
+
+
+async def schedules_list(request: web.Request) -> web.Response:
+    """Each schedule with its timetable, next run, and its last run and outcome (from Redis)."""
+    runtime: AdminHost = request.app[RUNTIME]  # type: ignore[assignment]
+    scheduler = runtime.scheduler
+    listed = await scheduler.describe() if scheduler is not None else []
+    return web.json_response({"schedules": listed})
+
+
+async def schedule_run(request: web.Request) -> web.Response:
+    """Run a schedule now, on this worker, whatever its timetable; answers once the run is
+    over, with each request's status (a tick due meanwhile still runs)."""
+    runtime: AdminHost = request.app[RUNTIME]  # type: ignore[assignment]
+    name = request.match_info["name"]
+    schedule = runtime.config.schedules.get(name)
+    if schedule is None or runtime.scheduler is None:
+        known = ", ".join(sorted(runtime.config.schedules)) or "none"
+        return _json_error(404, "not_found", f"no schedule named {name!r}; known: {known}")
+    return web.json_response(await runtime.scheduler.run(name, schedule, "manual", None))
 
 
 # -- jobs ----------------------------------------------------------------------------------------
@@ -366,6 +393,8 @@ def build_admin_app(runtime: AdminHost) -> web.Application:
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/admin/breakers", breakers)
     app.router.add_post("/admin/breakers/{name}/reset", reset_breaker)
+    app.router.add_get("/admin/schedules", schedules_list)
+    app.router.add_post("/admin/schedules/{name}/run", schedule_run)
     app.router.add_get("/admin/jobs", jobs_list)
     app.router.add_get("/admin/jobs/{id}", job_detail)
     app.router.add_post("/admin/jobs/{id}/retry", job_retry)

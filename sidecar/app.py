@@ -33,6 +33,7 @@ from .edge.protocol import EdgeServer
 from .errors import UpstreamError
 from .forwarding import build_request_head
 from .jobs.queue import JobService
+from .jobs.schedules import Scheduler
 from .logs import AccessLog, configure_logging
 from .metrics import Recorder, Share, share_from_env
 from .pipeline import (
@@ -244,6 +245,7 @@ class Runtime:
         self.breakers = BreakerService()
         self.jobs = JobService()
         self.runner: JobRunner | None = None
+        self.scheduler: Scheduler | None = None
         self.metrics = Recorder(loaded.config)
         self.metrics_share: Share | None = share_from_env()
         self.state = build_state(loaded, None, self.cache, self.dedup, self.breakers, self.jobs,
@@ -273,6 +275,10 @@ class Runtime:
     @property
     def pools(self) -> dict[str, UpstreamPool]:
         return self.state.pools
+
+    @property
+    def schedule_runs(self) -> dict[tuple[str, str], int]:
+        return dict(self.scheduler.counts) if self.scheduler is not None else {}
 
     def progress_base(self) -> str:
         """Where upstreams POST job progress: jobs.progress_url, else this admin listener."""
@@ -361,6 +367,9 @@ class Runtime:
             self.runner = JobRunner(self, self.jobs)
             await self.runner.start()
             stack.push_async_callback(self.runner.stop)
+        self.scheduler = Scheduler(self, self.redis)
+        await self.scheduler.start()
+        stack.push_async_callback(self.scheduler.stop)
         log.info("sidecar listening", extra={
             "listen": f"{config.server.listen.host}:{self.public_port}",
             "admin": f"{config.server.admin_listen.host}:{self.admin_port}",

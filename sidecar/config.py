@@ -30,6 +30,7 @@ from pydantic import (
     model_validator,
 )
 
+from .core.schedule import Cron, Every, Ticks, zone
 from .core.units import format_size, parse_duration, parse_percent, parse_size
 
 # --- value types -------------------------------------------------------------------------------
@@ -565,6 +566,88 @@ class JobsConfig(_Model):
     progress_url: str | None = None
 
 
+class ScheduleRequestConfig(_Model):
+    """One request a schedule sends through its route, as a client would."""
+
+    method: str = "GET"
+    path: str  # with its query: /api/reports?range=day
+    # Host defaults to server.listen's address (localhost for 0.0.0.0): the cache keys by it.
+    headers: dict[str, str] = {}
+    body: str = ""
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, method: str) -> str:
+        if not re.fullmatch(r"[A-Za-z]{1,20}", method):
+            raise ValueError(f"{method!r} is not an HTTP method")
+        return method.upper()
+
+    @field_validator("headers")
+    @classmethod
+    def _headers(cls, headers: dict[str, str]) -> dict[str, str]:
+        for name, value in headers.items():
+            if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name):
+                raise ValueError(f"{name!r} is not a header name")
+            if any(c in value for c in "\r\n\0"):
+                raise ValueError(f"header {name}: a value cannot hold a line break")
+        return headers
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, path: str) -> str:
+        if not path.startswith("/") or any(c in path for c in " \r\n\t#"):
+            raise ValueError(f"{path!r}: a path starts with '/' and has no spaces or '#', "
+                             "e.g. /api/products?page=1")
+        return path
+
+
+class ScheduleConfig(_Model):
+    """A request (or several) sent through a route on a timetable (docs/jobs.md, Schedules):
+    each tick once across the whole cluster."""
+
+    cron: str | None = None  # five fields: "0 2 * * *"
+    every: OptionalDuration = Field(None, ge=1.0)  # or a period: 10m
+    timezone: str = "UTC"  # what cron's hours mean
+    route: str
+    request: ScheduleRequestConfig | None = None
+    requests: list[ScheduleRequestConfig] = []
+    missed: Literal["once", "skip"] = "once"  # ticks missed while the cluster was down
+    on_start: bool = False  # also run at start-up, unless a run began less than a period ago
+    timeout: Duration = Field(60.0, gt=0)  # a run's longest, before another worker may redo it
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, timezone: str) -> str:
+        zone(timezone)
+        return timezone
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, cron: str | None) -> str | None:
+        if cron is not None:
+            Cron(cron)
+        return cron
+
+    @model_validator(mode="after")
+    def _one_timetable_some_requests(self) -> ScheduleConfig:
+        if (self.cron is None) == (self.every is None):
+            raise ValueError('give either cron: "0 2 * * *" or every: 10m (one of them)')
+        if self.request is None and not self.requests:
+            raise ValueError("give request: {method: GET, path: /...} or requests: [...]")
+        if self.request is not None and self.requests:
+            raise ValueError("give request or requests, not both")
+        return self
+
+    def all_requests(self) -> list[ScheduleRequestConfig]:
+        return [self.request] if self.request is not None else list(self.requests)
+
+    def ticks(self) -> Ticks:
+        if self.cron is not None:
+            return Cron(self.cron, self.timezone)
+        assert self.every is not None
+        return Every(self.every)
+
+
 class Config(_Model):
     server: ServerConfig = ServerConfig()
     redis: RedisConfig = RedisConfig()
@@ -577,6 +660,16 @@ class Config(_Model):
     queues: dict[str, QueueConfig] = {"default": QueueConfig()}
     jobs: JobsConfig = JobsConfig()
     metrics: MetricsConfig = MetricsConfig()
+    schedules: dict[str, ScheduleConfig] = {}
+
+    @field_validator("schedules")
+    @classmethod
+    def _schedule_names(cls, schedules: dict[str, ScheduleConfig]) -> dict[str, ScheduleConfig]:
+        for name in schedules:
+            if not re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", name):
+                raise ValueError(f"schedule name {name!r}: use letters, digits, '.', '_' and "
+                                 "'-' only")
+        return schedules
 
     @field_validator("queues")
     @classmethod
@@ -1046,6 +1139,12 @@ def _cross_check(config: Config, doc: _Document) -> list[Problem]:
                                     f"no route is named {name!r}; routes: "
                                     f"{', '.join(sorted(names))}",
                                     doc.line_of(("metrics", "sla", "routes", name))))
+    for name, schedule in config.schedules.items():
+        if schedule.route not in names:
+            problems.append(Problem(doc.file, f"schedules.{name}.route",
+                                    f"no route is named {schedule.route!r}; routes: "
+                                    f"{', '.join(sorted(names))}",
+                                    doc.line_of(("schedules", name, "route"))))
     if config.server.listen == config.server.admin_listen:
         problems.append(Problem(doc.file, "server.admin_listen",
                                 "the admin listener must not share the public address",

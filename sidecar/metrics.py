@@ -21,7 +21,7 @@ import json
 import os
 from bisect import bisect_left
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -106,6 +106,9 @@ SPEC: dict[str, tuple[str, tuple[str, ...], str]] = {
     "sidecar_queue_depth": ("gauge", ("queue",), "Jobs waiting in a queue, whole cluster"),
     "sidecar_jobs_running": ("gauge", ("queue",), "Jobs running, whole cluster"),
     "sidecar_config_reloads_total": ("counter", ("result",), "Config reloads, ok or error"),
+    "sidecar_schedule_runs_total": (
+        "counter", ("schedule", "outcome"),
+        "Schedule runs by this worker: succeeded, failed, or skipped (a missed tick)"),
     "sidecar_redis_up": ("gauge", (), "1 when Redis answers"),
     "sidecar_sla_latency_seconds": (
         "gauge", ("route",), "The route's p95 latency target (metrics.sla)"),
@@ -266,6 +269,9 @@ class MetricsHost(Protocol):
     @property
     def reloads(self) -> dict[str, int]: ...
 
+    @property
+    def schedule_runs(self) -> Mapping[tuple[str, str], int]: ...
+
 
 # -- one process's figures, as plain data --------------------------------------------------------
 
@@ -279,6 +285,7 @@ def snapshot(runtime: MetricsHost) -> Snapshot:
         "sidecar_requests_total": [[*k, v] for k, v in recorder.requests.items()],
         "sidecar_upstream_requests_total": [[*k, v] for k, v in recorder.upstream.items()],
         "sidecar_config_reloads_total": [[k, v] for k, v in runtime.reloads.items()],
+        "sidecar_schedule_runs_total": [[*k, v] for k, v in runtime.schedule_runs.items()],
     }
     cache, cache_events = [], []
     for (route, layer, result), n in runtime.cache.counts.items():
