@@ -15,10 +15,24 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from saq.job import Job, Status
 
 from . import __version__, native
-from .core.jobs import CANCELLED, FAILED, TERMINAL, JobId, parse_progress, public_status
+from .core.jobs import (
+    CANCELLED,
+    FAILED,
+    PUBLIC_STATUSES,
+    QUEUED,
+    RUNNING,
+    TERMINAL,
+    JobFilter,
+    JobId,
+    page,
+    parse_filter,
+    parse_progress,
+    public_status,
+)
 from .edge.responses import error_body, new_request_id
 from .errors import SidecarError, UnauthorizedError
 from .jobs.api import JobsHost, find_job, view
+from .jobs.queue import CANCELLED_BY_OPERATOR
 from .metrics import MetricsHost, render
 from .stores.subscriber import REDIS_ERRORS
 
@@ -253,30 +267,140 @@ async def _find_job(request: web.Request) -> tuple[Job | None, dict[bytes, bytes
 
 
 async def jobs_list(request: web.Request) -> web.Response:
-    """GET /admin/jobs?status=failed[&queue=reports][&limit=100]"""
+    """GET /admin/jobs?status=failed&queue=&route=&since=&until=&limit=100&cursor=: newest
+    first; `next` is the cursor of the following page (null on the last)."""
     runtime: AdminHost = request.app[RUNTIME]  # type: ignore[assignment]
-    status = request.query.get("status", "failed")
-    if status not in _LIBRARY_STATES:
-        return _json_error(400, "bad_request", f"status is one of {', '.join(_LIBRARY_STATES)}")
-    queues = list(runtime.config.queues)
-    if "queue" in request.query:
-        if request.query["queue"] not in runtime.config.queues:
-            return _json_error(400, "bad_request", f"unknown queue; known: {', '.join(queues)}")
-        queues = [request.query["queue"]]
     limit_text = request.query.get("limit", "100")
     if not limit_text.isdigit() or not 1 <= int(limit_text) <= 1000:
         return _json_error(400, "bad_request", "limit is a number from 1 to 1000")
-    limit = int(limit_text)
-    found: list[dict[str, object]] = []
     try:
-        for queue in queues:
-            for job in await runtime.jobs.jobs(queue, _LIBRARY_STATES[status], limit):
-                if public_status(job.status.value, job.error) == status:
-                    found.append(_admin_view(runtime, job))
+        wanted = parse_filter(request.query, runtime.config.queues, default_status=FAILED)
+        jobs = await _matching(runtime, wanted)
+        shown, cursor = page([(_created(job), job.key) for job in jobs], int(limit_text),
+                             request.query.get("cursor"))
+    except ValueError as exc:
+        return _json_error(400, "bad_request", str(exc))
     except REDIS_ERRORS as exc:
         return _json_error(503, "redis_unavailable", str(exc))
-    found.sort(key=lambda j: str(j["created_at"]))
-    return web.json_response({"status": status, "jobs": found[:limit]})
+    by_key = {job.key: job for job in jobs}
+    status = request.query.get("status", FAILED)
+    return web.json_response({"status": status, "next": cursor,
+                              "jobs": [_admin_view(runtime, by_key[key]) for _, key in shown]})
+
+
+def _created(job: Job) -> int:
+    return int((job.kwargs or {}).get("created", job.queued))
+
+
+async def _matching(runtime: AdminHost, wanted: JobFilter) -> list[Job]:
+    """The jobs of the configured queues that `wanted` takes (a scan of every job record)."""
+    statuses = wanted.statuses or frozenset(PUBLIC_STATUSES)
+    library = sorted({state for status in statuses for state in _LIBRARY_STATES[status]},
+                     key=lambda state: state.value)
+    found = []
+    for queue in runtime.config.queues:
+        if wanted.queues is not None and queue not in wanted.queues:
+            continue
+        for job in await runtime.jobs.all_jobs(queue, library):
+            if wanted.matches(public_status(job.status.value, job.error), queue,
+                              (job.kwargs or {}).get("route"), _created(job)):
+                found.append(job)
+    return found
+
+
+async def _filter_body(request: web.Request, runtime: AdminHost, default: str,
+                       allowed: tuple[str, ...]) -> JobFilter:
+    try:
+        fields = await request.json(loads=orjson.loads) if request.can_read_body else {}
+    except ValueError:
+        raise ValueError("the body is a JSON object of filters: status, queue, route, since, "
+                         "until") from None
+    if not isinstance(fields, dict):
+        raise ValueError("the body is a JSON object of filters: status, queue, route, since, "
+                         "until")
+    return parse_filter({**request.query, **fields}, runtime.config.queues,
+                        default_status=default, allowed=allowed)
+
+
+async def jobs_bulk_retry(request: web.Request) -> web.Response:
+    """POST /admin/jobs/retry {"status": "failed", "queue": ..., "route": ..., "since": ...}:
+    every failed (or cancelled) job the filter takes runs again from its first attempt."""
+    runtime: AdminHost = request.app[RUNTIME]  # type: ignore[assignment]
+    try:
+        wanted = await _filter_body(request, runtime, FAILED, (FAILED, CANCELLED))
+        jobs = await _matching(runtime, wanted)
+        retried = 0
+        for job in jobs:
+            await runtime.jobs.retry(job)
+            retried += 1
+    except ValueError as exc:
+        return _json_error(400, "bad_request", str(exc))
+    except REDIS_ERRORS as exc:
+        return _json_error(503, "redis_unavailable", str(exc))
+    return web.json_response({"matched": len(jobs), "retried": retried})
+
+
+async def jobs_bulk_cancel(request: web.Request) -> web.Response:
+    """POST /admin/jobs/cancel {"status": "queued", ...}: queued jobs the filter takes are
+    cancelled at once, running ones when their workers see it (within a second or so)."""
+    runtime: AdminHost = request.app[RUNTIME]  # type: ignore[assignment]
+    try:
+        wanted = await _filter_body(request, runtime, QUEUED, (QUEUED, RUNNING))
+        jobs = await _matching(runtime, wanted)
+        for job in jobs:
+            await runtime.jobs.cancel(job, CANCELLED_BY_OPERATOR)
+    except ValueError as exc:
+        return _json_error(400, "bad_request", str(exc))
+    except REDIS_ERRORS as exc:
+        return _json_error(503, "redis_unavailable", str(exc))
+    return web.json_response({"matched": len(jobs), "cancelled": len(jobs)})
+
+
+# -- queues --------------------------------------------------------------------------------------
+
+
+def _queue_name(request: web.Request, runtime: AdminHost) -> str:
+    name = request.match_info["name"]
+    if name not in runtime.config.queues:
+        raise KeyError(f"no queue named {name!r}; known: {', '.join(runtime.config.queues)}")
+    return name
+
+
+async def queues_list(request: web.Request) -> web.Response:
+    """GET /admin/queues: each queue's limits, paused state and figures, whole cluster."""
+    runtime: AdminHost = request.app[RUNTIME]  # type: ignore[assignment]
+    try:
+        paused = await runtime.jobs.paused()
+        listed = []
+        for name, queue in runtime.config.queues.items():
+            listed.append({"name": name, "paused": name in paused,
+                           "concurrency": queue.concurrency, "max_queued": queue.max_queued,
+                           "rate": str(queue.rate) if queue.rate else None,
+                           **await runtime.jobs.queue_stats(name)})
+    except REDIS_ERRORS as exc:
+        return _json_error(503, "redis_unavailable", str(exc))
+    return web.json_response({"queues": listed})
+
+
+async def queue_action(request: web.Request) -> web.Response:
+    """POST /admin/queues/{name}/pause | resume | drain."""
+    runtime: AdminHost = request.app[RUNTIME]  # type: ignore[assignment]
+    action = request.match_info["action"]
+    try:
+        name = _queue_name(request, runtime)
+    except KeyError as exc:
+        return _json_error(404, "not_found", exc.args[0])
+    try:
+        if action == "pause":
+            await runtime.jobs.pause(name)
+            return web.json_response({"queue": name, "paused": True})
+        if action == "resume":
+            await runtime.jobs.resume(name)
+            return web.json_response({"queue": name, "paused": False})
+        cancelled = await runtime.jobs.drain(name)
+    except REDIS_ERRORS as exc:
+        return _json_error(503, "redis_unavailable", str(exc))
+    return web.json_response({"queue": name, "cancelled": cancelled})
 
 
 async def job_detail(request: web.Request) -> web.Response:
@@ -289,6 +413,12 @@ async def job_detail(request: web.Request) -> web.Response:
         return _json_error(404, "job_not_found", "no such job (or its record expired)")
     found = _admin_view(runtime, job)
     found.update(view(job, progress, runtime.config.jobs.path))
+    # Who runs it now, and every attempt so far (kept across an operator's retries).
+    found["worker"] = job.worker_id if found["status"] == "running" else None
+    try:
+        found["history"] = await runtime.jobs.history(job.key)
+    except REDIS_ERRORS as exc:
+        return _json_error(503, "redis_unavailable", str(exc))
     return web.json_response(found)
 
 
@@ -396,6 +526,10 @@ def build_admin_app(runtime: AdminHost) -> web.Application:
     app.router.add_get("/admin/schedules", schedules_list)
     app.router.add_post("/admin/schedules/{name}/run", schedule_run)
     app.router.add_get("/admin/jobs", jobs_list)
+    app.router.add_post("/admin/jobs/retry", jobs_bulk_retry)
+    app.router.add_post("/admin/jobs/cancel", jobs_bulk_cancel)
+    app.router.add_get("/admin/queues", queues_list)
+    app.router.add_post(r"/admin/queues/{name}/{action:pause|resume|drain}", queue_action)
     app.router.add_get("/admin/jobs/{id}", job_detail)
     app.router.add_post("/admin/jobs/{id}/retry", job_retry)
     app.router.add_post("/internal/jobs/{id}/progress", job_progress)

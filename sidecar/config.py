@@ -204,6 +204,29 @@ def _rate(value: object) -> float:
     raise ValueError(f"expected a rate like '100/s', '6000/m' or '10/h', got {value!r}")
 
 
+class WindowRate(NamedTuple):
+    """`5/s`: at most `starts` in any `period` seconds (a sliding window, not a bucket)."""
+
+    starts: int
+    period: float
+
+    def __str__(self) -> str:
+        unit = {1.0: "s", 60.0: "m", 3600.0: "h"}.get(self.period)
+        return f"{self.starts}/{unit}" if unit else f"{self.starts}/{self.period:g}s"
+
+
+def _window_rate(value: object) -> object:
+    if isinstance(value, WindowRate) or value is None:
+        return value
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*(\d+)\s*/\s*(s|m|h)\s*", value)
+        if match and int(match.group(1)) >= 1:
+            return WindowRate(int(match.group(1)),
+                              {"s": 1.0, "m": 60.0, "h": 3600.0}[match.group(2)])
+    raise ValueError(f"expected a whole number per second, minute or hour like '5/s', '10/m' "
+                     f"or '100/h', got {value!r}")
+
+
 class RateLimitConfig(_Model):
     rate: Annotated[float, BeforeValidator(_rate)]
     burst: int = Field(ge=1)
@@ -548,6 +571,8 @@ class QueueConfig(_Model):
     concurrency: int = Field(10, ge=1, le=10000)  # upstream calls in flight, whole cluster
     # Jobs waiting for a worker, whole cluster; past it a submission gets 503 job_queue_full.
     max_queued: int | None = Field(None, ge=1)
+    # Jobs of this queue that start in any one period, whole cluster: `10/m`.
+    rate: Annotated[WindowRate | None, BeforeValidator(_window_rate)] = None
 
 
 class JobsConfig(_Model):

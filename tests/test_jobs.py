@@ -602,7 +602,8 @@ async def test_cancel_a_job_waiting_out_its_backoff(
     retried = await admin(client, sidecar, "POST", f"/admin/jobs/{accepted['id']}/retry")
     assert retried.status == 200, retried.body
     state = await wait_for(client, sidecar, accepted)
-    assert (state["status"], state["attempts"]) == ("succeeded", 1)
+    # A new set of attempts; the count, like the history, goes on from the first one.
+    assert (state["status"], state["attempts"]) == ("succeeded", 2)
     assert (await result_of(client, sidecar, accepted)).body == b"fine now"
     assert origin.calls["/api/flaky"] == 2
 
@@ -754,6 +755,7 @@ async def test_always_5xx_fails_then_the_admin_lists_and_retries_it(
     assert "503" in jobs[0]["error_detail"]
     detail = await admin(client, sidecar, "GET", f"/admin/jobs/{accepted['id']}")
     assert detail.status == 200 and detail.json()["status"] == "failed"
+    created_at = detail.json()["created_at"]
     unknown = await admin(client, sidecar, "GET", "/admin/jobs/work.5." + "z" * 24)
     assert unknown.status == 404
     bad = await admin(client, sidecar, "GET", "/admin/jobs?status=whatever")
@@ -764,7 +766,9 @@ async def test_always_5xx_fails_then_the_admin_lists_and_retries_it(
     assert retried.status == 200, retried.body
     assert retried.json()["status"] in ("queued", "running", "succeeded")
     state = await wait_for(client, sidecar, accepted)
-    assert (state["status"], state["attempts"], state["error"]) == ("succeeded", 1, None)
+    # Two failed attempts, then the retried one: the count goes on, the creation time stays.
+    assert (state["status"], state["attempts"], state["error"]) == ("succeeded", 3, None)
+    assert state["created_at"] == created_at
     result = await result_of(client, sidecar, accepted)
     assert (result.status, result.body) == (200, b"fixed")
     assert origin.seen["/api/down"]["Content-Length"] == "7"  # the body was kept for it

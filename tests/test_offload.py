@@ -316,6 +316,7 @@ async def test_failed_after_attempts_listed_and_retried_by_the_admin(
     state = await finished(client, sidecar, url)
     assert state["status"] == "failed"
     assert state["attempts"] == 2
+    created_at = state["created_at"]
     assert "502" in state["error"] and "Traceback" not in state["error"]
     assert origin.calls["/api/reports/down"] == 2
     async with client.get(sidecar.url + accepted["result_url"]) as response:
@@ -329,9 +330,18 @@ async def test_failed_after_attempts_listed_and_retried_by_the_admin(
     async with client.post(sidecar.admin_url + f"/admin/jobs/{accepted['id']}/retry") as response:
         assert response.status == 200, await response.text()
     state = await finished(client, sidecar, url)
-    assert state["status"] == "succeeded" and state["attempts"] == 1
+    assert state["status"] == "succeeded" and state["attempts"] == 3  # counted from the first
+    assert state["created_at"] == created_at
     async with client.get(sidecar.url + accepted["result_url"]) as response:
         assert await response.text() == "fixed"
+    async with client.get(sidecar.admin_url + f"/admin/jobs/{accepted['id']}") as response:
+        history = (await response.json())["history"]
+    # Each attempt, before and after the operator's retry, with its outcome and worker.
+    assert [(h["attempt"], h["outcome"]) for h in history] == [
+        (1, "retried"), (2, "failed"), (3, "succeeded")]
+    assert "502" in history[0]["error"] and "502" in history[1]["error"]
+    assert history[2]["error"] is None
+    assert all(h["worker"] and h["started_at"] <= h["ended_at"] for h in history)
     async with client.post(sidecar.admin_url + f"/admin/jobs/{accepted['id']}/retry") as response:
         assert response.status == 409  # only failed or cancelled jobs
 

@@ -11,6 +11,7 @@ import struct
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 # What a client sees; the queue library's own states map onto these (public_status).
@@ -245,3 +246,95 @@ DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0
 
 def duration_bucket(seconds: float) -> int:
     return bisect.bisect_left(DURATION_BUCKETS, seconds)
+
+
+# -- listing and bulk operations (admin) --------------------------------------------------------
+
+PUBLIC_STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
+
+
+@dataclass(frozen=True)
+class JobFilter:
+    """Which jobs an admin listing or bulk operation takes: each field None for any. Times
+    in Unix ms, `since` inclusive, `until` exclusive, on the job's creation."""
+
+    statuses: frozenset[str] | None = None
+    queues: frozenset[str] | None = None
+    route: str | None = None
+    since: int | None = None
+    until: int | None = None
+
+    def matches(self, status: str, queue: str, route: str | None, created: int) -> bool:
+        return ((self.statuses is None or status in self.statuses)
+                and (self.queues is None or queue in self.queues)
+                and (self.route is None or route == self.route)
+                and (self.since is None or created >= self.since)
+                and (self.until is None or created < self.until))
+
+
+def parse_filter(fields: Mapping[str, Any], known_queues: Iterable[str], *,
+                 default_status: str | None = None,
+                 allowed: Iterable[str] = PUBLIC_STATUSES) -> JobFilter:
+    """A JobFilter from query parameters or a JSON body: `status` (one, or several comma
+    separated, or `any`), `queue`, `route`, `since`, `until` (RFC 3339, or Unix seconds).
+    ValueError says what is wrong and what is accepted."""
+    allowed = tuple(allowed)
+    unknown = set(fields) - {"status", "queue", "route", "since", "until", "limit", "cursor"}
+    if unknown:
+        raise ValueError(f"unknown field(s) {', '.join(sorted(unknown))}; filters: status, "
+                         "queue, route, since, until")
+    status_text = fields.get("status", default_status)
+    statuses = None
+    if status_text is not None and status_text != "any":
+        wanted = {s.strip() for s in str(status_text).split(",") if s.strip()}
+        wrong = wanted - set(allowed)
+        if not wanted or wrong:
+            raise ValueError(f"status {status_text!r}: one or more of {', '.join(allowed)}"
+                             + (", or any" if len(allowed) == len(PUBLIC_STATUSES) else ""))
+        statuses = frozenset(wanted)
+    elif status_text == "any" and len(allowed) < len(PUBLIC_STATUSES):
+        statuses = frozenset(allowed)
+    queues = None
+    if fields.get("queue") is not None:
+        known = list(known_queues)
+        if fields["queue"] not in known:
+            raise ValueError(f"unknown queue {fields['queue']!r}; known: {', '.join(known)}")
+        queues = frozenset({str(fields["queue"])})
+    route = fields.get("route")
+    return JobFilter(statuses, queues, None if route is None else str(route),
+                     _time_ms(fields.get("since"), "since"), _time_ms(fields.get("until"), "until"))
+
+
+def _time_ms(value: Any, name: str) -> int | None:
+    if value is None:
+        return None
+    text = str(value).strip()
+    try:
+        return round(float(text) * 1000)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"{name} {text!r}: an RFC 3339 time (2026-12-07T02:00:00Z) or Unix "
+                         "seconds") from None
+    if moment.tzinfo is None:
+        raise ValueError(f"{name} {text!r}: give the offset (Z for UTC)")
+    return round(moment.timestamp() * 1000)
+
+
+def page(items: list[tuple[int, str]], limit: int, cursor: str | None
+         ) -> tuple[list[tuple[int, str]], str | None]:
+    """Newest first: `items` are (created ms, job id); the page after `cursor` (what the previous
+    page returned as `next`), and the cursor of the page after it (None at the end). A cursor
+    names the last job shown, so jobs created meanwhile do not shift the pages."""
+    ordered = sorted(items, reverse=True)
+    if cursor is not None:
+        created_text, _, key = cursor.partition("~")
+        if not created_text.isdigit() or not key:
+            raise ValueError("cursor: pass back the `next` of the previous page as it came")
+        after = (int(created_text), key)
+        ordered = [item for item in ordered if item < after]
+    shown = ordered[:limit]
+    more = len(ordered) > limit
+    return shown, (f"{shown[-1][0]}~{shown[-1][1]}" if more and shown else None)

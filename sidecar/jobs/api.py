@@ -63,9 +63,12 @@ def under(path: str, prefix: str) -> bool:
 def view(service_job: Job, progress: dict[bytes, bytes], base: str) -> dict[str, Any]:
     raw_progress = progress.get(b"progress")
     message = progress.get(b"message")
+    spec = service_job.kwargs or {}
     return status_view(
         service_job.key, service_job.status.value, service_job.error,
-        attempts=service_job.attempts, queued=service_job.queued, started=service_job.started,
+        # An operator's retry starts the attempts again: the view counts all, from creation.
+        attempts=service_job.attempts + int(spec.get("attempts_before", 0)),
+        queued=int(spec.get("created", service_job.queued)), started=service_job.started,
         completed=service_job.completed,
         progress=float(raw_progress) if raw_progress else 0.0,
         message=message.decode() if message else None,

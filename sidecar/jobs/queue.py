@@ -29,19 +29,28 @@ import redis.asyncio as aioredis
 from saq.job import Job, Status
 from saq.queue.redis import RedisQueue
 
-from ..core.jobs import DURATION_BUCKETS, SWEPT_ERROR, JobId, duration_bucket, lane
+from ..core.jobs import (
+    DURATION_BUCKETS,
+    SWEPT_ERROR,
+    JobId,
+    duration_bucket,
+    iso_time,
+    lane,
+)
 from ..stores.dedup import SharedResult
 from ..stores.subscriber import REDIS_ERRORS, Subscriber
 
 if TYPE_CHECKING:
-    from ..config import OffloadConfig
+    from ..config import OffloadConfig, WindowRate
 
 log = logging.getLogger("sidecar.jobs")
 
 PREFIX = "sidecar:jobs:"
 WAKE_CHANNEL = PREFIX + "wake"
+PAUSED = PREFIX + "paused"  # the set of paused queues: no job of theirs starts
 REPLAY = "replay"  # the one job function: replay a request to its upstream
 CANCELLED_BY_CLIENT = "cancelled by the client"
+CANCELLED_BY_OPERATOR = "cancelled by an operator"
 # Status lookups, enqueues and aborts all share saq's per-queue semaphore: the process serving
 # the status endpoints needs more than saq's default of 20.
 MAX_CONCURRENT_OPS = 500
@@ -70,16 +79,34 @@ return 1
 """
 
 
-# KEYS[1] queued list, KEYS[2] active list. Move the next job and mark it active in one step.
-# saq moves it, reads it, then marks it active: a sweep in between finds a job in the active
-# list that is not active, takes it for a dead worker's, and aborts it.
+# KEYS[1] queued list, KEYS[2] active list, KEYS[3] paused queues (set), KEYS[4] the queue's
+# recent starts (sorted set, scored by ms); ARGV queue, rate count (0: no rate), rate period (ms).
+# Move the next job and mark it active in one step. saq moves it, reads it, then marks it
+# active: a sweep in between finds a job in the active list that is not active, takes it for a
+# dead worker's, and aborts it. A paused queue gives nothing (0); a queue at its rate gives
+# the ms until a start is allowed, negated. Both checks are in the same step as the move, so a
+# pause answered to an operator, or a start over the rate, cannot slip in between.
 _DEQUEUE = """
+if redis.call('SISMEMBER', KEYS[3], ARGV[1]) == 1 then return 0 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local limit = tonumber(ARGV[2])
+local period = tonumber(ARGV[3])
+if limit > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - period)
+  if redis.call('ZCARD', KEYS[4]) >= limit then
+    local oldest = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
+    return -math.max(1, tonumber(oldest[2]) + period - now + 1)
+  end
+end
 local id = redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT')
 if not id then return false end
 local raw = redis.call('GET', id)
 if not raw then return false end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if limit > 0 then
+  redis.call('ZADD', KEYS[4], now, id)
+  redis.call('PEXPIRE', KEYS[4], period + 1000)
+end
 local job = cjson.decode(raw)
 job['status'] = 'active'
 job['started'] = now
@@ -115,10 +142,26 @@ class SidecarQueue(RedisQueue):
         script = self._dequeue_script
         if script is None:
             script = self._dequeue_script = self.redis.register_script(_DEQUEUE)
-        raw = await script(keys=[self._queued, self._active])
-        return self.deserialize(raw) if raw else None
+        queue = self.name.split(".")[1]
+        rate = self.rate
+        raw = await script(keys=[self._queued, self._active, PAUSED, rate_key(queue)],
+                           args=[queue, rate.starts if rate else 0,
+                                 int(rate.period * 1000) if rate else 0])
+        self.held = None
+        if raw == 0:
+            self.held = "paused"
+        elif isinstance(raw, int) and raw < 0:
+            self.held = "rate"
+            self.rate_wait = -raw / 1000
+        return self.deserialize(raw) if isinstance(raw, bytes) else None
 
     _dequeue_script: Any = None
+    # Set by the runner from the queue's config (queues.<name>.rate) before each dequeue.
+    rate: WindowRate | None = None
+    # Why the last dequeue gave nothing though the lane may hold jobs: "paused", or "rate"
+    # (then `rate_wait` says for how long), for the runner to wait accordingly.
+    held: str | None = None
+    rate_wait: float = 0.0
     _snapshot_script: Any = None
 
     async def sweep(self, lock: int = 60, abort: float = 5.0) -> list[str]:
@@ -178,12 +221,35 @@ def result_key(job_id: str) -> str:
     return PREFIX + "result:" + job_id
 
 
+def history_key(job_id: str) -> str:
+    return PREFIX + "history:" + job_id
+
+
+def history_entry(job: Job, outcome: str, error: str | None, started: int | None = None
+                  ) -> bytes:
+    """One line of a job's history: an attempt (or a cancellation before any). `started`
+    (ms) when the record no longer says (saq clears it when it queues a retry)."""
+    started = started or job.started
+    spec = job.kwargs or {}
+    attempt = job.attempts + int(spec.get("attempts_before", 0))
+    ran = job.attempts > 0  # not a job cancelled while it waited for its first attempt
+    return orjson.dumps({
+        "attempt": attempt if ran else None, "outcome": outcome,
+        "started_at": iso_time(started) if started else None,
+        "ended_at": iso_time(int(time.time() * 1000)),
+        "error": error, "worker": job.worker_id if ran else None})
+
+
 def progress_key(job_id: str) -> str:
     return PREFIX + "progress:" + job_id
 
 
 def lanes_key(queue: str) -> str:
     return PREFIX + "lanes:" + queue
+
+
+def rate_key(queue: str) -> str:
+    return PREFIX + "starts:" + queue
 
 
 def stats_key(queue: str) -> str:
@@ -298,6 +364,10 @@ class JobService(Subscriber):
         record, progress = await pipe.execute()
         return queue.deserialize(record), progress
 
+    async def history(self, job_id: str) -> list[dict[str, Any]]:
+        entries = await cast(Any, self.client.lrange(history_key(job_id), 0, -1))
+        return [orjson.loads(entry) for entry in entries]
+
     async def body(self, job_id: str) -> bytes | None:
         return cast("bytes | None", await self.client.get(body_key(job_id)))
 
@@ -348,18 +418,18 @@ class JobService(Subscriber):
 
     # -- changes --------------------------------------------------------------------------------
 
-    async def cancel(self, job: Job) -> None:
+    async def cancel(self, job: Job, reason: str = CANCELLED_BY_CLIENT) -> None:
         """Cancel a job: a queued one at once; a running one when its worker sees the abort
         (saq's upkeep checks every second) and stops the upstream call."""
         waiting = job.status in (Status.NEW, Status.QUEUED)
         queue = job.get_queue()
-        await queue.abort(job, CANCELLED_BY_CLIENT)
+        await queue.abort(job, reason)
         if not waiting:
             return  # the worker running it finishes it, and counts it
         if job.status != Status.ABORTED:
             # Waiting out a retry's backoff: in no list saq's abort looks at, so it would stay
             # "aborting" forever.
-            await queue.finish(job, Status.ABORTED, error=CANCELLED_BY_CLIENT)
+            await queue.finish(job, Status.ABORTED, error=reason)
             await self.client.delete(job.abort_id)
         await self.finished(job, "cancelled", None)
 
@@ -372,6 +442,9 @@ class JobService(Subscriber):
     async def retry(self, job: Job) -> None:
         """Queue a finished job again from its first attempt (admin)."""
         queue = job.get_queue()
+        spec = job.kwargs = dict(job.kwargs or {})
+        spec["attempts_before"] = int(spec.get("attempts_before", 0)) + job.attempts
+        spec.setdefault("created", job.queued)
         job.attempts = 0
         job.error = None
         job.result = None
@@ -381,12 +454,14 @@ class JobService(Subscriber):
         pipe = self.client.pipeline(transaction=False)
         pipe.delete(progress_key(job.key), result_key(job.key), job.abort_id)
         pipe.persist(body_key(job.key))
+        pipe.persist(history_key(job.key))
         await pipe.execute()
         if await queue.enqueue(job) is None:
             raise RuntimeError(f"job {job.key} is already queued")
         await self.client.publish(WAKE_CHANNEL, queue.name)
 
-    async def finished(self, job: Job, outcome: str, duration_ms: int | None) -> None:
+    async def finished(self, job: Job, outcome: str, duration_ms: int | None,
+                       started: int | None = None) -> None:
         """A job reached a final state: its side keys now live as long as its record, and the
         queue's counters move."""
         client = self.client
@@ -395,6 +470,9 @@ class JobService(Subscriber):
         pipe = client.pipeline(transaction=False)
         pipe.expire(body_key(job.key), ttl)
         pipe.expire(progress_key(job.key), ttl)
+        pipe.rpush(history_key(job.key), history_entry(
+            job, outcome, job.error if outcome != "succeeded" else None, started))
+        pipe.expire(history_key(job.key), ttl)
         pipe.hincrby(stats_key(queue), outcome, 1)
         if duration_ms is not None:
             pipe.hincrby(stats_key(queue), "duration_ms_sum", duration_ms)
@@ -403,13 +481,62 @@ class JobService(Subscriber):
             pipe.hincrby(stats_key(queue), f"duration_bucket_{slot}", 1)
         await pipe.execute()
 
-    async def count_retry(self, job: Job) -> None:
+    async def count_retry(self, job: Job, started: int | None = None) -> None:
         """A failed attempt went back to its queue: count it, and forget its progress (the next
         attempt starts from the beginning; a poller must not see the lost one's 60%)."""
         pipe = self.client.pipeline(transaction=True)
         pipe.hincrby(stats_key(job.key.split(".", 1)[0]), "retried", 1)
         pipe.delete(progress_key(job.key))
+        pipe.rpush(history_key(job.key), history_entry(job, "retried", job.error, started))
+        pipe.expire(history_key(job.key), max(job.ttl, 1) + 7 * 86400)
         await pipe.execute()
+
+    # -- queue operations (admin) ---------------------------------------------------------------
+
+    async def pause(self, queue: str) -> None:
+        """No job of `queue` starts from now on, on any worker (the dequeue checks, in the same
+        script that takes the job); jobs running finish. Held in Redis: restarts keep it."""
+        await cast(Any, self.client.sadd(PAUSED, queue))
+
+    async def resume(self, queue: str) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        pipe.srem(PAUSED, queue)
+        pipe.publish(WAKE_CHANNEL, queue)
+        await pipe.execute()
+
+    async def paused(self) -> set[str]:
+        return {m.decode() for m in await cast(Any, self.client.smembers(PAUSED))}
+
+    async def unfinished(self, queue: str) -> list[Job]:
+        """Every job of `queue` not yet over (queued, delayed, in backoff, running), from
+        saq's per-lane index of them."""
+        found: list[Job] = []
+        for priority in await self.lanes(queue):
+            saq_queue = self.queue(lane(queue, priority))
+            ids = await cast(Any, self.client.zrange(saq_queue._incomplete, 0, -1))
+            for start in range(0, len(ids), 500):
+                records = await self.client.mget(ids[start:start + 500])
+                found += [job for job in map(saq_queue.deserialize, records) if job is not None]
+        return found
+
+    async def drain(self, queue: str) -> int:
+        """Cancel every job of `queue` waiting to run (queued, delayed or in backoff); running
+        ones go on. How many were cancelled."""
+        cancelled = 0
+        for job in await self.unfinished(queue):
+            if job.status in (Status.NEW, Status.QUEUED):
+                await self.cancel(job, CANCELLED_BY_OPERATOR)
+                cancelled += 1
+        return cancelled
+
+    async def all_jobs(self, queue: str, statuses: list[Status]) -> list[Job]:
+        """Every job of `queue` in one of `statuses`, finished ones included (a scan of saq's
+        records: what listing and bulk operations cost grows with the jobs kept)."""
+        found: list[Job] = []
+        for priority in await self.lanes(queue):
+            async for job in self.queue(lane(queue, priority)).iter_jobs(statuses, 500):
+                found.append(job)
+        return found
 
     # -- lanes and slots (workers) --------------------------------------------------------------
 

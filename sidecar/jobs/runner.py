@@ -95,6 +95,7 @@ class LaneWorker(Worker):  # type: ignore[type-arg]
             id=f"{runner.worker_id}:{queue.name}",
         )
         self.runner = runner
+        self.lane = queue  # saq types `queue` as its base class
         self.upkeep_tasks: list[asyncio.Task[Any]] = []
 
     async def schedule(self, lock: int = 1) -> None:
@@ -244,15 +245,25 @@ class JobRunner:
                     await self._sleep(queue, idle)
                     continue
                 held.add(token)
+                waits: list[float] = []
                 try:
                     _took_job.set(took)
                     for worker in list(lanes.values()):
+                        worker.lane.rate = queue_config.rate
                         await worker.process()
                         if took[0]:
+                            break
+                        if worker.lane.held == "paused":
+                            break  # every lane of the queue is
+                        if worker.lane.held == "rate":
+                            waits.append(worker.lane.rate_wait)
                             break
                 finally:
                     held.discard(token)
                     await self.service.release_slot(queue, token, wake=took[0])
+                if waits:  # no message says when the window has room again: look then
+                    await asyncio.sleep(min(waits[0], IDLE_POLL_OTHERS))
+                    continue
             except asyncio.CancelledError:
                 raise
             except REDIS_ERRORS as exc:
@@ -276,6 +287,7 @@ class JobRunner:
         self.wake(job.key.split(".", 1)[0])  # more may be waiting: let the other loops look
         self.running += 1
         ctx["counted"] = True
+        ctx["started"] = job.started  # for the history: saq clears it when it queues a retry
 
     async def after_process(self, ctx: dict[str, Any]) -> None:
         if ctx.pop("counted", False):
@@ -290,7 +302,7 @@ class JobRunner:
                 else:
                     log.warning("job attempt failed; it will run again", extra={
                         **fields, "error": client_error("failed", job.error)})
-                await self.service.count_retry(job)
+                await self.service.count_retry(job, ctx.get("started"))
                 return
             if status == Status.COMPLETE:
                 outcome = "succeeded"
@@ -304,7 +316,7 @@ class JobRunner:
             log.info("job finished", extra={**fields, "outcome": outcome,
                                             "duration_ms": duration,
                                             "error": client_error(outcome, job.error)})
-            await self.service.finished(job, outcome, duration)
+            await self.service.finished(job, outcome, duration, ctx.get("started"))
         except REDIS_ERRORS as exc:
             self._redis_failed(exc)
 

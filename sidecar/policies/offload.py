@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import secrets
+import time
 from typing import TYPE_CHECKING
 
 import orjson
@@ -69,6 +70,7 @@ class OffloadPolicy:
             "owner": owner_fingerprint(request.head.headers.raw),
             "progress_token": secrets.token_urlsafe(16),
             "request_id": request.request_id,
+            "created": int(time.time() * 1000),  # kept when an operator retries the job
         }
         if self.service.redis is None or not self.service.redis_up:
             raise self._unavailable()
