@@ -495,6 +495,8 @@ class OffloadConfig(_Model):
     timeout: Duration = Field(600.0, gt=0)  # per attempt
     result_ttl: Duration = Field(86400.0, gt=0)
     max_body: Size = 16 * 1024**2
+    # The latest start a client may ask for (`Prefer: run-at=...` or `delay=...`), from now.
+    max_delay: Duration = Field(86400.0, ge=0)
 
 
 class PolicyKeys(_Model):
@@ -1147,6 +1149,15 @@ def _cross_check(config: Config, doc: _Document) -> list[Problem]:
                                     f"unknown queue {route.offload.queue!r}; defined queues: "
                                     f"{known} (declare it under the top-level 'queues:')",
                                     doc.line_of(("routes", i, "offload", "queue"))))
+    for i, route in enumerate(config.routes):
+        offload = route.offload
+        if offload is not None and offload.max_delay >= config.jobs.max_age:
+            problems.append(Problem(
+                doc.file, f"routes[{i}] ({route.name}).offload.max_delay",
+                f"{offload.max_delay:g}s is not less than jobs.max_age "
+                f"({config.jobs.max_age:g}s): a delayed job's stored request would expire "
+                "before it runs; lower max_delay or raise jobs.max_age",
+                doc.line_of(("routes", i, "offload", "max_delay"))))
     quota = config.cache.redis.max_bytes
     for i, route in enumerate(config.routes):
         cache = route.cache

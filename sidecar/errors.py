@@ -186,6 +186,13 @@ class OffloadBodyTooLargeError(SidecarError):
     code = "request_body_too_large"
 
 
+class JobScheduleInvalidError(BadRequestError):
+    """`Prefer: run-at=` or `delay=` that cannot be read, or later than offload.max_delay."""
+
+    status = 400
+    code = "job_schedule_invalid"
+
+
 class JobQueueUnavailableError(SidecarError):
     """Redis cannot be reached: the request was not queued, and nothing was sent upstream."""
 

@@ -1,19 +1,22 @@
 """What an operator does to queues and jobs (docs/jobs.md, "Queue operations"): pause, resume
-and drain a queue, retry and cancel jobs in bulk, page through them, and a queue's start rate.
+and drain a queue, retry and cancel jobs in bulk, page through them, a queue's start rate, and
+a client's delayed start.
 Two in-process sidecars (workers both) on one real Redis, a real upstream."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from support import Origin, make_config, write_config
-from test_jobs import Factory, admin, jobs_config, submit, wait_for
+from test_jobs import Factory, admin, jobs_config, status_of, submit, wait_for
 
 from sidecar.config import ConfigError, load_config
 
@@ -167,3 +170,55 @@ def test_a_queue_rate_must_be_whole_starts_per_period(tmp_path: Path) -> None:
                          queues={"work": {"rate": "2.5/s"}})
     with pytest.raises(ConfigError, match=r"queues\.work\.rate: expected a whole number"):
         load_config(write_config(tmp_path / "c.yaml", config))
+
+
+# -- a later start ------------------------------------------------------------------------------
+
+
+async def test_a_delayed_job_is_scheduled_and_starts_no_earlier_than_asked(
+        sidecar_factory: Factory, origin: Origin, redis_url: str,
+        client: aiohttp.ClientSession) -> None:
+    arrived: list[float] = []
+
+    async def answer(request: Any, n: int) -> Any:
+        arrived.append(time.time())
+        return web.Response(text="done")
+    origin.script("/api/later", answer)
+    sidecar = await sidecar_factory(jobs_config(origin.url, redis_url, max_delay="1h"))
+    asked = time.time()
+    accepted = await submit(client, sidecar, "/api/later",
+                            headers={"Prefer": "respond-async, delay=1.5"})
+    run_at = datetime.fromisoformat(accepted["run_at"].replace("Z", "+00:00")).timestamp()
+    assert accepted["status"] == "scheduled" and abs(run_at - (asked + 1.5)) < 0.2
+    state = await status_of(client, sidecar, accepted)
+    assert state["status"] == "scheduled" and state["run_at"] == accepted["run_at"]
+    assert state["started_at"] is None
+    assert (await wait_for(client, sidecar, accepted))["status"] == "succeeded"
+    [at] = arrived
+    assert run_at <= at < run_at + 1.25, at - run_at
+    assert "delay" not in origin.seen["/api/later"].get("Prefer", "")
+
+    moment = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 600))
+    later = await submit(client, sidecar, "/api/later",
+                         headers={"Prefer": f"respond-async, run-at={moment}"})
+    assert later["status"] == "scheduled" and later["run_at"] == moment.replace("Z", ".000Z")
+    listed = (await admin(client, sidecar, "GET", "/admin/jobs?status=queued")).json()
+    assert [job["id"] for job in listed["jobs"]] == [later["id"]]
+
+
+@pytest.mark.parametrize(("prefer", "detail"), [
+    ("delay=soon", "a number of seconds"),
+    ("run-at=2026-12-07T02:00:00", "with its offset"),
+    ("delay=7200", "at most 3600s (offload.max_delay)"),
+])
+async def test_a_start_the_route_cannot_give_is_refused(
+        sidecar_factory: Factory, origin: Origin, redis_url: str,
+        client: aiohttp.ClientSession, prefer: str, detail: str) -> None:
+    origin.reply("/api/later", body="done")
+    sidecar = await sidecar_factory(jobs_config(origin.url, redis_url, max_delay="1h"))
+    async with client.post(sidecar.url + "/api/later",
+                           headers={"Prefer": f"respond-async, {prefer}"}) as response:
+        assert response.status == 400
+        body = await response.json()
+    assert body["error"] == "job_schedule_invalid" and detail in body["detail"]
+    assert origin.calls["/api/later"] == 0

@@ -17,6 +17,7 @@ from typing import Any
 # What a client sees; the queue library's own states map onto these (public_status).
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
     "queued", "running", "succeeded", "failed", "cancelled")
+SCHEDULED = "scheduled"  # queued, asked to start later (Prefer: run-at / delay): its view only
 TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
 
 # The error a job record carries when its worker stopped answering and no attempt was left.
@@ -94,6 +95,15 @@ def owner_fingerprint(raw_headers: Iterable[tuple[bytes, bytes]]) -> str:
 class Preferences:
     respond_async: bool = False
     wait: float | None = None  # seconds
+    run_at: float | None = None  # Unix seconds, from `run-at=<RFC 3339>`
+    delay: float | None = None  # seconds, from `delay=<seconds>`
+    invalid: str | None = None  # what was wrong with a run-at or delay given
+
+    def start_at(self, now: float) -> float | None:
+        """When the client asks the job to start (None: as soon as possible)."""
+        if self.run_at is not None:
+            return self.run_at
+        return None if self.delay is None else now + self.delay
 
 
 def parse_prefer(values: Iterable[str]) -> Preferences:
@@ -101,17 +111,39 @@ def parse_prefer(values: Iterable[str]) -> Preferences:
     preferences and malformed values are ignored, as the RFC asks."""
     respond_async = False
     wait: float | None = None
+    run_at: float | None = None
+    delay: float | None = None
+    invalid: str | None = None
     for value in values:
         for item in value.split(","):
             token, _, rest = item.partition(";")[0].partition("=")
             name = token.strip().lower()
+            text = rest.strip().strip('"')
             if name == "respond-async":
                 respond_async = True
             elif name == "wait" and wait is None:
-                text = rest.strip().strip('"')
                 if text.isascii() and text.isdigit():
                     wait = float(int(text))
-    return Preferences(respond_async, wait)
+            # The sidecar's own preferences (a later start): a value it cannot read is an
+            # error the client hears of, not a job run at once against its wish.
+            elif name == "run-at" and run_at is None:
+                try:
+                    moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+                    if moment.tzinfo is None:
+                        raise ValueError
+                    run_at = moment.timestamp()
+                except ValueError:
+                    invalid = (f"run-at={text!r}: an RFC 3339 time with its offset, e.g. "
+                               "run-at=2026-12-07T02:00:00Z")
+            elif name == "delay" and delay is None:
+                try:
+                    delay = float(text)
+                    if not 0 <= delay < float("inf"):
+                        raise ValueError
+                except ValueError:
+                    delay = None
+                    invalid = f"delay={text!r}: a number of seconds, e.g. delay=300"
+    return Preferences(respond_async, wait, run_at, delay, invalid)
 
 
 def strip_prefer(value: bytes) -> bytes:
@@ -120,7 +152,7 @@ def strip_prefer(value: bytes) -> bytes:
     kept = []
     for item in value.split(b","):
         name = item.partition(b";")[0].partition(b"=")[0].strip().lower()
-        if name in (b"respond-async", b"wait") or not name:
+        if name in (b"respond-async", b"wait", b"run-at", b"delay") or not name:
             continue
         kept.append(item.strip())
     return b", ".join(kept)
@@ -214,9 +246,13 @@ def client_error(status: str, error: str | None) -> str | None:
 
 def status_view(job_id: str, state: str, error: str | None, *, attempts: int, queued: int,
                 started: int, completed: int, progress: float, message: str | None,
-                urls: Mapping[str, str]) -> dict[str, Any]:
-    """The JSON body of `GET <jobs path>/<id>`."""
+                urls: Mapping[str, str], run_at: float = 0,
+                now: float | None = None) -> dict[str, Any]:
+    """The JSON body of `GET <jobs path>/<id>`. A queued job asked to start later (`run_at`,
+    Unix seconds) is `scheduled` until then."""
     status = public_status(state, error)
+    if status == QUEUED and run_at and run_at > (time.time() if now is None else now):
+        status = SCHEDULED
     if status == SUCCEEDED:
         progress = 100.0
     view: dict[str, Any] = {
@@ -226,10 +262,12 @@ def status_view(job_id: str, state: str, error: str | None, *, attempts: int, qu
         "message": message,
         "attempts": attempts,
         "created_at": iso_time(queued),
-        "started_at": iso_time(started) if status != QUEUED else None,
+        "started_at": iso_time(started) if status not in (QUEUED, SCHEDULED) else None,
         "finished_at": iso_time(completed) if status in TERMINAL else None,
         "error": client_error(status, error) if status in (FAILED, CANCELLED) else None,
     }
+    if run_at:
+        view["run_at"] = iso_time(round(run_at * 1000))
     view.update(urls)
     return view
 

@@ -69,6 +69,7 @@ def view(service_job: Job, progress: dict[bytes, bytes], base: str) -> dict[str,
         # An operator's retry starts the attempts again: the view counts all, from creation.
         attempts=service_job.attempts + int(spec.get("attempts_before", 0)),
         queued=int(spec.get("created", service_job.queued)), started=service_job.started,
+        run_at=float(service_job.scheduled or 0),
         completed=service_job.completed,
         progress=float(raw_progress) if raw_progress else 0.0,
         message=message.decode() if message else None,

@@ -29,7 +29,7 @@ from ..errors import UpstreamError
 from ..pipeline import ProxyResponse
 from ..stores.dedup import SharedResult
 from ..stores.subscriber import REDIS_ERRORS
-from .queue import CANCELLED_BY_CLIENT, REPLAY, JobService, SidecarQueue
+from .queue import CANCELLED_BY_CLIENT, REPLAY, SCHEDULE_EVERY, JobService, SidecarQueue
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -89,8 +89,8 @@ class LaneWorker(Worker):  # type: ignore[type-arg]
         jobs = runner.host.config.jobs
         super().__init__(
             queue, functions=[(REPLAY, runner.replay)], concurrency=1, dequeue_timeout=-1,
-            timers={"schedule": 1, "abort": 1, "sweep": max(1, round(jobs.sweep_interval)),
-                    "worker_info": 10},
+            timers={"schedule": SCHEDULE_EVERY, "abort": 1,  # type: ignore[arg-type]
+                    "sweep": max(1, round(jobs.sweep_interval)), "worker_info": 10},
             before_process=runner.before_process, after_process=runner.after_process,
             id=f"{runner.worker_id}:{queue.name}",
         )

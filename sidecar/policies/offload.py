@@ -17,14 +17,21 @@ import orjson
 
 from ..core.jobs import (
     QUEUED,
+    SCHEDULED,
     SUCCEEDED,
     JobId,
     Preferences,
+    iso_time,
     owner_fingerprint,
     parse_prefer,
     public_status,
 )
-from ..errors import JobQueueFullError, JobQueueUnavailableError, OffloadBodyTooLargeError
+from ..errors import (
+    JobQueueFullError,
+    JobQueueUnavailableError,
+    JobScheduleInvalidError,
+    OffloadBodyTooLargeError,
+)
 from ..pipeline import BodyTooLarge, Handler, ProxyRequest, ProxyResponse, whole_body
 from ..stores.subscriber import REDIS_ERRORS
 
@@ -57,6 +64,8 @@ class OffloadPolicy:
         if self.config.mode == "prefer" and not preferences.respond_async:
             return await call_next(request)
         jobs = self.jobs
+        now = time.time()
+        start_at = self._start_at(preferences, now)
         body = await self._whole_body(request)
         job_id = JobId.new(self.config.queue, self.config.priority)
         spec = {
@@ -82,9 +91,11 @@ class OffloadPolicy:
                     raise self._full(limit)
                 await self.service.enqueue(job_id, spec, body, self.config,
                                            heartbeat=jobs.visibility_timeout,
-                                           max_age=jobs.max_age)
+                                           max_age=jobs.max_age, start_at=start_at)
         except REDIS_ERRORS:
             raise self._unavailable() from None
+        if start_at is not None:
+            return self.accepted(job_id, jobs, preferences, SCHEDULED, start_at)
         status = QUEUED
         if preferences.wait:
             waited = await self._waited(job_id, min(preferences.wait, jobs.max_wait))
@@ -92,6 +103,20 @@ class OffloadPolicy:
                 return waited
             status = waited
         return self.accepted(job_id, jobs, preferences, status)
+
+    def _start_at(self, preferences: Preferences, now: float) -> float | None:
+        """When the client asked the job to start, None for now; 400 for a time it cannot
+        have (unreadable, or past offload.max_delay)."""
+        if preferences.invalid is not None:
+            raise JobScheduleInvalidError(f"Prefer: {preferences.invalid}")
+        start_at = preferences.start_at(now)
+        if start_at is None or start_at <= now:
+            return None  # a time already past: run it now
+        if start_at - now > self.config.max_delay:
+            raise JobScheduleInvalidError(
+                f"the job would start in {start_at - now:.0f}s; this route allows at most "
+                f"{self.config.max_delay:g}s (offload.max_delay)")
+        return start_at
 
     async def _whole_body(self, request: ProxyRequest) -> bytes | None:
         try:
@@ -138,10 +163,13 @@ class OffloadPolicy:
         return ProxyResponse(result.status, result.reason, headers, body=result.body)
 
     def accepted(self, job_id: JobId, jobs: JobsConfig, preferences: Preferences,
-                 status: str = QUEUED) -> ProxyResponse:
+                 status: str = QUEUED, start_at: float | None = None) -> ProxyResponse:
         key = str(job_id)
         urls = job_urls(jobs.path, key)
-        body = orjson.dumps({"id": key, "status": status, **urls})
+        fields: dict[str, object] = {"id": key, "status": status}
+        if start_at is not None:
+            fields["run_at"] = iso_time(round(start_at * 1000))
+        body = orjson.dumps({**fields, **urls})
         headers = [
             (b"Content-Type", b"application/json"),
             (b"Location", urls["status_url"].encode()),
