@@ -14,6 +14,7 @@ import glob
 import logging
 import os
 import signal
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -27,9 +28,10 @@ from redis.exceptions import RedisError
 from . import __version__, native
 from .admin import build_admin_app
 from .aio import cancel_and_wait
-from .config import Config, ConfigError, LoadedConfig, RouteConfig, load_config
+from .config import Config, ConfigError, LoadedConfig, Problem, RouteConfig, load_config
 from .edge.handler import EdgeHandler
 from .edge.protocol import EdgeServer
+from .edge.tls import server_context
 from .errors import UpstreamError
 from .forwarding import build_request_head
 from .jobs.queue import JobService
@@ -327,8 +329,14 @@ class Runtime:
         attach_jobs(self.jobs, self.redis_url, config)
         stack.push_async_callback(self.jobs.close)
         stack.push_async_callback(self._close_pools)  # once the edge and the jobs are done
+        tls = None
+        if config.server.tls is not None:
+            try:
+                tls = server_context(config.server.tls, self.state.loaded.path.parent)
+            except ValueError as exc:
+                raise StartupError(f"server.tls: {exc}") from exc
         edge = EdgeServer(EdgeHandler(self), config.server.limits,
-                          keepalive_timeout=config.server.keepalive_timeout)
+                          keepalive_timeout=config.server.keepalive_timeout, tls=tls)
         listen = config.server.listen
         try:
             self.public_port = await edge.start(listen.host, listen.port,
@@ -423,6 +431,7 @@ class Runtime:
                 loaded = await asyncio.to_thread(load_config, old.loaded.path)
                 new = build_state(loaded, old, self.cache, self.dedup, self.breakers, self.jobs,
                                   self.metrics)
+                tls = await self._tls_for(loaded)
             except ConfigError as exc:
                 self.reloads["error"] += 1
                 self.last_reload_error = str(exc)
@@ -437,6 +446,8 @@ class Runtime:
                 return False
             restart_needed = _restart_needed(old.config, new.config)
             self.state = new
+            if self.edge is not None and tls is not None and self.edge.tls is not None:
+                self.edge.tls = tls  # new connections get the certificate read just now
             self.cache.set_quota(new.config.cache.redis.max_bytes)
             self.cache.set_l1_without_redis(new.config.cache.l1_without_redis)
             await self._bound_embedded_redis(old.config, new.config)
@@ -454,6 +465,17 @@ class Runtime:
                 log.warning("some changes apply only after a restart", extra={
                     "sections": restart_needed})
             return True
+
+    async def _tls_for(self, loaded: LoadedConfig) -> ssl.SSLContext | None:
+        """The listener's TLS context from the files as they are now (a renewed certificate);
+        a file that cannot be used rejects the reload, as a config error does."""
+        tls = loaded.config.server.tls
+        if tls is None:
+            return None
+        try:
+            return await asyncio.to_thread(server_context, tls, loaded.path.parent)
+        except ValueError as exc:
+            raise ConfigError([Problem(str(loaded.path), "server.tls", str(exc))]) from None
 
     async def _bound_embedded_redis(self, old: Config, new: Config) -> None:
         """The embedded Redis's maxmemory follows a reload's budget (the L2 quota, the queues,
@@ -513,7 +535,11 @@ class Runtime:
 def _restart_needed(old: Config, new: Config) -> list[str]:
     """The sections whose changes a reload cannot apply; redis.headroom it can (it only moves
     the embedded Redis's maxmemory)."""
-    found = ["server"] if old.server != new.server else []
+    # TLS files and settings apply at a reload (Runtime._tls_for); turning TLS on or off does
+    # not: the listener accepts differently with it.
+    found = ["server"] if (old.server.model_copy(update={"tls": None})
+                           != new.server.model_copy(update={"tls": None})
+                           or (old.server.tls is None) != (new.server.tls is None)) else []
     if old.redis.model_copy(update={"headroom": 0}) != new.redis.model_copy(
             update={"headroom": 0}):
         found.append("redis")

@@ -103,6 +103,15 @@ class LimitsConfig(_Model):
     body_timeout: Duration = Field(30.0, gt=0)  # the longest pause while a body is arriving
 
 
+class TlsConfig(_Model):
+    """TLS on the public listener (docs/operations.md, TLS); paths relative to the config file."""
+
+    cert: str  # PEM: the certificate, then its chain
+    key: str  # PEM: its private key
+    min_version: Literal["1.2", "1.3"] = "1.2"
+    client_ca: str | None = None  # PEM: require client certificates signed by these CAs
+
+
 class ServerConfig(_Model):
     listen: Listen = Address("0.0.0.0", 8080)
     admin_listen: Listen = Address("127.0.0.1", 9901)
@@ -117,6 +126,7 @@ class ServerConfig(_Model):
     watch_interval: Duration = 1.0
     via: str = "sidecar"
     limits: LimitsConfig = LimitsConfig()
+    tls: TlsConfig | None = None
 
 
 class RedisConfig(_Model):
@@ -1181,6 +1191,14 @@ def _cross_check(config: Config, doc: _Document) -> list[Problem]:
                                     f"no route is named {schedule.route!r}; routes: "
                                     f"{', '.join(sorted(names))}",
                                     doc.line_of(("schedules", name, "route"))))
+    if config.server.tls is not None:
+        from .edge.tls import server_context
+
+        try:
+            server_context(config.server.tls, Path(doc.file).parent)
+        except ValueError as exc:
+            problems.append(Problem(doc.file, "server.tls", str(exc),
+                                    doc.line_of(("server", "tls"))))
     if config.server.listen == config.server.admin_listen:
         problems.append(Problem(doc.file, "server.admin_listen",
                                 "the admin listener must not share the public address",

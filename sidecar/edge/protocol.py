@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from collections import deque
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -51,6 +52,7 @@ from ..http.headers import Headers, RawHeaders
 from ..http.request import RequestHead
 from .body import ClientGone, RequestBody
 from .responses import error_response, interim_head, new_request_id
+from .tls import TlsAcceptor, listening_socket
 
 if TYPE_CHECKING:
     from ..config import LimitsConfig
@@ -259,7 +261,7 @@ class EdgeProtocol(asyncio.Protocol):
             # it to refuse, so none of _exchange's questions.
             exchange = Exchange(RequestHead(
                 method, url.decode("utf-8", "surrogateescape"), Headers(self._headers, first),
-                True, self.client, "http", parser.should_keep_alive()), None)
+                True, self.client, self.server.scheme, parser.should_keep_alive()), None)
         else:
             exchange = self._exchange(parser, first)
             if exchange.error is not None:
@@ -355,7 +357,8 @@ class EdgeProtocol(asyncio.Protocol):
                     error = RequestBodyTooLargeError(
                         f"request body over {max_body} bytes (server.limits.max_body)")
         head = RequestHead(method, target, Headers(self._headers, first), version == "1.1",
-                           self.client, "http", parser.should_keep_alive(), content_length,
+                           self.client, self.server.scheme, parser.should_keep_alive(),
+                           content_length,
                            te is not None, origin)
         if error is not None:
             return Exchange(head, None, error)
@@ -706,10 +709,14 @@ class EdgeServer:
     graceful stop."""
 
     def __init__(self, handler: RequestHandler, limits: LimitsConfig, *,
-                 keepalive_timeout: float) -> None:
+                 keepalive_timeout: float, tls: ssl.SSLContext | None = None) -> None:
         self.handler = handler
         self.limits = limits
         self.keepalive_timeout = keepalive_timeout
+        # TLS on the listener (edge/tls.py): a reload swaps the context for new connections.
+        self.tls = tls
+        self.scheme = "https" if tls is not None else "http"
+        self._acceptor: TlsAcceptor | None = None
         self.loop = asyncio.get_running_loop()
         self.connections: set[EdgeProtocol] = set()
         self._server: asyncio.Server | None = None
@@ -721,6 +728,13 @@ class EdgeServer:
 
     async def start(self, host: str, port: int, *, reuse_port: bool = False) -> int:
         """Listen; the port bound (for port 0)."""
+        if self.tls is not None:
+            sock = listening_socket(host, port, reuse_port=reuse_port)
+            self._acceptor = TlsAcceptor(sock, lambda: EdgeProtocol(self), self._context,
+                                         self.limits.header_timeout)
+            self._acceptor.start()
+            self._sweeper = self.loop.call_later(self._interval, self._sweep)
+            return int(sock.getsockname()[1])
         self._server = await self.loop.create_server(
             lambda: EdgeProtocol(self), host or None, port, reuse_port=reuse_port or None,
             backlog=1024)
@@ -729,6 +743,10 @@ class EdgeServer:
         # which compiled code (sidecar/native.py) would refuse as a tuple.
         server: Any = self._server
         return int(server.sockets[0].getsockname()[1])
+
+    def _context(self) -> ssl.SSLContext:
+        assert self.tls is not None
+        return self.tls
 
     def forget(self, conn: EdgeProtocol) -> None:
         self.connections.discard(conn)
@@ -748,10 +766,14 @@ class EdgeServer:
     async def stop(self, grace: float) -> None:
         """Stop accepting; let requests in flight finish within `grace`; close the rest."""
         server = self._server
-        if server is None:
+        acceptor = self._acceptor
+        if server is None and acceptor is None:
             return
-        self._server = None
-        server.close()
+        self._server = self._acceptor = None
+        if server is not None:
+            server.close()
+        if acceptor is not None:
+            await acceptor.close()
         self._all_closed = asyncio.Event()
         for conn in list(self.connections):
             conn.shutdown()
@@ -764,4 +786,5 @@ class EdgeServer:
             await asyncio.wait(tasks, timeout=5.0)
         if self._sweeper is not None:
             self._sweeper.cancel()
-        await server.wait_closed()
+        if server is not None:
+            await server.wait_closed()
