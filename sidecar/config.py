@@ -265,11 +265,16 @@ class UpstreamConfig(_Model):
     @field_validator("url")
     @classmethod
     def _check_url(cls, url: str) -> str:
+        if url.startswith("unix:"):
+            if not re.fullmatch(r"unix://(/[^\s]*[^\s/])", url):
+                raise ValueError(f"expected a unix socket URL like unix:///run/app.sock (an "
+                                 f"absolute path after unix://), got {url!r}")
+            return url
         match = re.fullmatch(r"(https?)://([^/\s:]+|\[[0-9a-fA-F:.]+\])(?::(\d{1,5}))?/?", url)
         if not match:
             raise ValueError(
                 f"expected an upstream URL like http://127.0.0.1:8000 (scheme, host and port, "
-                f"no path), got {url!r}"
+                f"no path) or unix:///run/app.sock, got {url!r}"
             )
         return url.rstrip("/")
 
@@ -278,7 +283,14 @@ class UpstreamConfig(_Model):
         return self.url.split("://", 1)[0]
 
     @property
+    def socket_path(self) -> str | None:
+        """The unix socket of a `unix://` upstream (HTTP over it, as to a local app)."""
+        return self.url[len("unix://"):] if self.scheme == "unix" else None
+
+    @property
     def host(self) -> str:
+        if self.scheme == "unix":
+            return "localhost"  # the Host an app behind a socket gets (unless preserve_host)
         netloc = self.url.split("://", 1)[1]
         if netloc.startswith("["):
             return netloc[1 : netloc.index("]")]
@@ -286,6 +298,8 @@ class UpstreamConfig(_Model):
 
     @property
     def port(self) -> int:
+        if self.scheme == "unix":
+            return 0
         netloc = self.url.split("://", 1)[1]
         tail = netloc.rsplit("]", 1)[-1]
         if ":" in tail:
@@ -294,7 +308,7 @@ class UpstreamConfig(_Model):
 
     @property
     def netloc(self) -> str:
-        return self.url.split("://", 1)[1]
+        return "localhost" if self.scheme == "unix" else self.url.split("://", 1)[1]
 
 
 class MatchConfig(_Model):

@@ -721,11 +721,16 @@ class UpstreamPool:
                     self._waiters.remove(waiter)
 
     async def _connect(self) -> _Connection:
-        where = f"{self.host}:{self.port}"
+        path = self.config.socket_path
+        where = f"{self.host}:{self.port}" if path is None else path
         try:
             async with asyncio.timeout(self.config.connect_timeout):
-                _, conn = await self.loop.create_connection(
-                    lambda: _Connection(self), self.host, self.port, ssl=self._ssl)
+                if path is not None:
+                    _, conn = await self.loop.create_unix_connection(
+                        lambda: _Connection(self), path)
+                else:
+                    _, conn = await self.loop.create_connection(
+                        lambda: _Connection(self), self.host, self.port, ssl=self._ssl)
         except TimeoutError:
             raise UpstreamTimeoutError(
                 self.name, f"connect to {where} timed out after "
