@@ -150,6 +150,8 @@ async def stats(request: web.Request) -> web.Response:
                               "dedup": runtime.dedup.stats(),
                               "requests": _request_stats(runtime),
                               "breakers": runtime.breakers.stats(),
+                              "upstreams": {name: pool.stats() for name, pool
+                                            in runtime.state.pools.items()},
                               "jobs": await _job_stats(runtime)})
 
 

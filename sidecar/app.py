@@ -28,6 +28,7 @@ from redis.exceptions import RedisError
 from . import __version__, native
 from .admin import build_admin_app
 from .aio import cancel_and_wait
+from .balancer import Upstream, make_upstream
 from .config import Config, ConfigError, LoadedConfig, Problem, RouteConfig, load_config
 from .edge.handler import EdgeHandler
 from .edge.protocol import EdgeServer
@@ -61,7 +62,6 @@ from .state import State
 from .stores.breakers import BreakerService
 from .stores.dedup import DedupService
 from .stores.tiered import CacheService
-from .upstream import UpstreamPool
 
 if TYPE_CHECKING:
     from .jobs.runner import JobRunner
@@ -69,7 +69,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("sidecar")
 
 
-def _upstream_handler(pool: UpstreamPool, recorder: Recorder, *,
+def _upstream_handler(pool: Upstream, recorder: Recorder, *,
                       upgrade: bool = False) -> Handler:
     """The chain's last step: the request to the upstream, timed and counted. `upgrade`: the
     chain of requests asking to switch protocols, whose head keeps Upgrade and whose 101 comes
@@ -192,10 +192,10 @@ def build_state(loaded: LoadedConfig, previous: State | None, cache: CacheServic
                 recorder: Recorder) -> State:
     """Compile a config; upstream pools whose settings did not change are carried over."""
     config = loaded.config
-    pools: dict[str, UpstreamPool] = {}
+    pools: dict[str, Upstream] = {}
     for name, upstream in config.upstreams.items():
         old = previous.pools.get(name) if previous else None
-        pools[name] = old if old is not None and old.config == upstream else UpstreamPool(
+        pools[name] = old if old is not None and old.config == upstream else make_upstream(
             name, upstream)
     routes = RouteTable(config)
     services = Services(cache, dedup, breakers, jobs)
@@ -275,7 +275,7 @@ class Runtime:
         return self.state.config
 
     @property
-    def pools(self) -> dict[str, UpstreamPool]:
+    def pools(self) -> dict[str, Upstream]:
         return self.state.pools
 
     @property

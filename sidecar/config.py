@@ -251,8 +251,31 @@ class RateLimitConfig(_Model):
         raise ValueError(f"expected client_ip, route or header:<Name>, got {key!r}")
 
 
+class HealthCheckConfig(_Model):
+    """Active health checks of each server of an upstream (`servers:`)."""
+
+    path: str = Field("/healthz", pattern=r"^/[^\s]*$")
+    interval: Duration = Field(5.0, gt=0)
+    timeout: Duration = Field(1.0, gt=0)
+    healthy: int = Field(2, ge=1)  # passes in a row that bring a server (back) in
+    unhealthy: int = Field(3, ge=1)  # failures in a row that take it out
+
+
+class EjectConfig(_Model):
+    """Passive ejection: a server failing `failures` requests in a row (no answer, or 502, 503,
+    504) is left out for `backoff` (or, with health checks, until they pass again)."""
+
+    failures: int = Field(5, ge=1)
+    backoff: Duration = Field(30.0, gt=0)
+
+
 class UpstreamConfig(_Model):
     url: str
+    # Several servers behind one name (the first is `url`): balanced, ejected, health-checked.
+    servers: list[str] = []
+    balance: Literal["round_robin", "least_requests"] = "round_robin"
+    eject: EjectConfig = EjectConfig()
+    health: HealthCheckConfig | None = None
     timeout: Duration = 30.0
     connect_timeout: Duration = 5.0
     max_connections: int = Field(256, ge=1)
@@ -261,6 +284,27 @@ class UpstreamConfig(_Model):
     preserve_host: bool = True
     breaker: BreakerConfig | None = None  # a route's own `breaker` wins
     retry: RetryConfig | None = None  # a route's own `retry` wins
+
+    @model_validator(mode="before")
+    @classmethod
+    def _url_or_servers(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("servers") is not None:
+            if "url" in data:
+                raise ValueError("give url (one server) or servers (several), not both")
+            servers = data["servers"]
+            if not isinstance(servers, list) or not servers:
+                raise ValueError("servers: a list of URLs like [http://10.0.0.1:8000, "
+                                 "http://10.0.0.2:8000]")
+            return {**data, "url": servers[0]}
+        return data
+
+    @field_validator("servers")
+    @classmethod
+    def _check_servers(cls, servers: list[str]) -> list[str]:
+        checked = [cls._check_url(server) for server in servers]
+        if len(set(checked)) != len(checked):
+            raise ValueError("a server is listed twice")
+        return checked
 
     @field_validator("url")
     @classmethod

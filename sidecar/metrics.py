@@ -110,6 +110,13 @@ SPEC: dict[str, tuple[str, tuple[str, ...], str]] = {
         "counter", ("schedule", "outcome"),
         "Schedule runs by this worker: succeeded, failed, or skipped (a missed tick)"),
     "sidecar_redis_up": ("gauge", (), "1 when Redis answers"),
+    "sidecar_upstream_server_healthy": (
+        "gauge", ("upstream", "server"),
+        "1 while a server of a several-server upstream takes requests (0 on any worker that "
+        "has it out)"),
+    "sidecar_upstream_server_ejections_total": (
+        "counter", ("upstream", "server"),
+        "Times a server was taken out, by failures in a row or by health checks"),
     "sidecar_sla_latency_seconds": (
         "gauge", ("route",), "The route's p95 latency target (metrics.sla)"),
     "sidecar_sla_error_ratio": (
@@ -120,7 +127,7 @@ SPEC: dict[str, tuple[str, tuple[str, ...], str]] = {
 # Per-process gauges are summed over live workers, except states, where the worst one counts:
 # the most open breaker, Redis down when any worker cannot reach it.
 _MAX_GAUGES = frozenset({"sidecar_breaker_state"})
-_MIN_GAUGES = frozenset({"sidecar_redis_up"})
+_MIN_GAUGES = frozenset({"sidecar_redis_up", "sidecar_upstream_server_healthy"})
 _PROCESS = ("process_resident_memory_bytes", "process_virtual_memory_bytes",
             "process_cpu_seconds_total", "process_open_fds")
 
@@ -272,6 +279,9 @@ class MetricsHost(Protocol):
     @property
     def schedule_runs(self) -> Mapping[tuple[str, str], int]: ...
 
+    @property
+    def pools(self) -> Mapping[str, Any]: ...  # name -> balancer.Upstream
+
 
 # -- one process's figures, as plain data --------------------------------------------------------
 
@@ -326,6 +336,12 @@ def snapshot(runtime: MetricsHost) -> Snapshot:
         breaker_states.append([upstream_of.get(name, ""), name,
                                _BREAKER_STATE.get(breaker.state.value, 0)])
     counters["sidecar_breaker_transitions_total"] = transitions
+    server_health, ejections = [], []
+    for upstream, pool in runtime.pools.items():
+        for server in pool.stats().get("servers", ()):
+            server_health.append([upstream, server["url"], 1 if server["healthy"] else 0])
+            ejections.append([upstream, server["url"], server["ejections"]])
+    counters["sidecar_upstream_server_ejections_total"] = ejections
     memory_bytes = sum(s.bytes for s in runtime.cache.memory.values())
     memory_entries = sum(s.entries for s in runtime.cache.memory.values())
     gauges: dict[str, list[list[Any]]] = {
@@ -334,6 +350,7 @@ def snapshot(runtime: MetricsHost) -> Snapshot:
         "sidecar_cache_entries": [["memory", memory_entries]],
         "sidecar_breaker_state": breaker_states,
         "sidecar_redis_up": [[1 if runtime.redis_up else 0]],
+        "sidecar_upstream_server_healthy": server_health,
         "sidecar_workers": [[1]],
     }
     for family in _PROCESS_COLLECTOR.collect():

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .balancer import Upstream
 from .config import Config, LoadedConfig
 from .pipeline import Handler
 from .routing import RouteTable
-from .upstream import UpstreamPool
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,7 +20,7 @@ class State:
     loaded: LoadedConfig
     config: Config
     routes: RouteTable
-    pools: dict[str, UpstreamPool]
+    pools: dict[str, Upstream]
     chains: dict[str, Handler]
     upgrade_chains: dict[str, Handler]  # for requests that ask to switch protocols
     via_response_bytes: bytes  # `1.1 <server.via>`, this hop in a response's Via

@@ -32,8 +32,8 @@ from ..stores.subscriber import REDIS_ERRORS
 from .queue import CANCELLED_BY_CLIENT, REPLAY, SCHEDULE_EVERY, JobService, SidecarQueue
 
 if TYPE_CHECKING:
+    from ..balancer import Upstream
     from ..config import Config
-    from ..upstream import UpstreamPool
 
 log = logging.getLogger("sidecar.jobs")
 
@@ -68,7 +68,7 @@ class JobHost(Protocol):
     def config(self) -> Config: ...
 
     @property
-    def pools(self) -> Mapping[str, UpstreamPool]: ...
+    def pools(self) -> Mapping[str, Upstream]: ...
 
     def progress_base(self) -> str: ...
 

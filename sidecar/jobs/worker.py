@@ -9,10 +9,10 @@ import os
 import signal
 
 from ..app import attach_jobs, progress_base
+from ..balancer import make_upstream
 from ..config import Config, ConfigError, LoadedConfig, load_config
 from ..logs import configure_logging
 from ..process.embedded_redis import EmbeddedRedis
-from ..upstream import UpstreamPool
 from .queue import JobService
 from .runner import JobRunner
 
@@ -23,7 +23,7 @@ class StandaloneWorker:
     def __init__(self, loaded: LoadedConfig, redis_url: str) -> None:
         self.loaded = loaded
         self.redis_url = redis_url
-        self.pools = {name: UpstreamPool(name, upstream)
+        self.pools = {name: make_upstream(name, upstream)
                       for name, upstream in loaded.config.upstreams.items()}
         self.service = JobService()
         self.runner = JobRunner(self, self.service)
@@ -63,7 +63,7 @@ class StandaloneWorker:
             return
         old = self.pools
         self.pools = {name: old[name] if name in old and old[name].config == upstream
-                      else UpstreamPool(name, upstream)
+                      else make_upstream(name, upstream)
                       for name, upstream in loaded.config.upstreams.items()}
         self.loaded = loaded
         for name, pool in old.items():
