@@ -23,10 +23,7 @@ import socket
 import ssl
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from ..config import TlsConfig
+from typing import Any, Protocol
 
 log = logging.getLogger("sidecar.connection")
 
@@ -37,7 +34,21 @@ _PLAIN_TO_TLS = (b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\n"
 _VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 
 
-def server_context(tls: TlsConfig, base: Path) -> ssl.SSLContext:
+class TlsSettings(Protocol):
+    """What the listener needs of `server.tls` (config.TlsConfig), named here so that the
+    config's check can load the files without the edge importing the config."""
+
+    @property
+    def cert(self) -> str: ...
+    @property
+    def key(self) -> str: ...
+    @property
+    def min_version(self) -> str: ...
+    @property
+    def client_ca(self) -> str | None: ...
+
+
+def server_context(tls: TlsSettings, base: Path) -> ssl.SSLContext:
     """The listener's context: the certificate chain and key (paths relative to the config
     file's directory), the lowest version allowed, ALPN `http/1.1`, and client certificates
     required when `client_ca` is set. Raises ValueError naming the file and the reason."""
