@@ -16,6 +16,7 @@ import os
 import signal
 import ssl
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,7 @@ from .pipeline import (
 )
 from .policies.breaker import BreakerPolicy
 from .policies.cache import CachePolicy
+from .policies.compress import CompressCounts, CompressPolicy, EncodePolicy
 from .policies.dedup import DedupPolicy
 from .policies.etag import EtagPolicy
 from .policies.idempotency import IdempotencyPolicy
@@ -104,6 +106,7 @@ class Services:
     dedup: DedupService
     breakers: BreakerService
     jobs: JobService
+    compression: CompressCounts
 
 
 PolicyBuilder = Callable[[RouteConfig, Config, Services], "Policy | None"]
@@ -131,7 +134,21 @@ def _cache(route: RouteConfig, config: Config, services: Services) -> Policy | N
     # A route with dedup has its misses coalesced there already: one lock per miss, not two.
     return CachePolicy(route.name, route.cache, services.cache, generate_etag=route.etag,
                        coalesce=route.cache.coalesce and route.dedup is None,
-                       cluster=services.dedup)
+                       cluster=services.dedup,
+                       unvaried=frozenset({"accept-encoding"}) if route.compress else frozenset())
+
+
+def _compress(route: RouteConfig, config: Config, services: Services) -> Policy | None:
+    if route.compress is None:
+        return None
+    return CompressPolicy(route.name, route.compress, services.compression)
+
+
+def _encode(route: RouteConfig, config: Config, services: Services) -> Policy | None:
+    if route.compress is None:
+        return None
+    return EncodePolicy(route.name, route.compress, services.compression,
+                        stored=route.cache is not None)
 
 
 def _dedup(route: RouteConfig, config: Config, services: Services) -> Policy | None:
@@ -168,8 +185,9 @@ def _retry(route: RouteConfig, config: Config, services: Services) -> Policy | N
 # Chains follow CANONICAL_ORDER, never this table's order; tests/test_pipeline.py checks that
 # the two name the same policies.
 POLICY_BUILDERS: dict[str, PolicyBuilder] = {
-    "rate_limit": _rate_limit, "etag": _etag, "idempotency": _idempotency, "cache": _cache,
-    "dedup": _dedup, "offload": _offload, "breaker": _breaker, "retry": _retry,
+    "rate_limit": _rate_limit, "compress": _compress, "etag": _etag,
+    "idempotency": _idempotency, "cache": _cache, "dedup": _dedup, "compress.encode": _encode,
+    "offload": _offload, "breaker": _breaker, "retry": _retry,
 }
 
 
@@ -189,7 +207,7 @@ def build_policies(route: RouteConfig, config: Config, services: Services, *,
 
 def build_state(loaded: LoadedConfig, previous: State | None, cache: CacheService,
                 dedup: DedupService, breakers: BreakerService, jobs: JobService,
-                recorder: Recorder) -> State:
+                recorder: Recorder, compression: CompressCounts | None = None) -> State:
     """Compile a config; upstream pools whose settings did not change are carried over."""
     config = loaded.config
     pools: dict[str, Upstream] = {}
@@ -198,7 +216,8 @@ def build_state(loaded: LoadedConfig, previous: State | None, cache: CacheServic
         pools[name] = old if old is not None and old.config == upstream else make_upstream(
             name, upstream)
     routes = RouteTable(config)
-    services = Services(cache, dedup, breakers, jobs)
+    services = Services(cache, dedup, breakers, jobs,
+                        Counter() if compression is None else compression)
     chains = {
         route.name: build_chain(build_policies(route.config, config, services),
                                 _upstream_handler(pools[route.upstream], recorder))
@@ -250,8 +269,9 @@ class Runtime:
         self.scheduler: Scheduler | None = None
         self.metrics = Recorder(loaded.config)
         self.metrics_share: Share | None = share_from_env()
+        self.compression: CompressCounts = Counter()  # (route, coding, result) -> count
         self.state = build_state(loaded, None, self.cache, self.dedup, self.breakers, self.jobs,
-                                 self.metrics)
+                                 self.metrics, self.compression)
         self.cache.set_quota(loaded.config.cache.redis.max_bytes)
         self.cache.set_l1_without_redis(loaded.config.cache.l1_without_redis)
         self.redis_url = redis_url
@@ -430,7 +450,7 @@ class Runtime:
             try:
                 loaded = await asyncio.to_thread(load_config, old.loaded.path)
                 new = build_state(loaded, old, self.cache, self.dedup, self.breakers, self.jobs,
-                                  self.metrics)
+                                  self.metrics, self.compression)
                 tls = await self._tls_for(loaded)
             except ConfigError as exc:
                 self.reloads["error"] += 1

@@ -30,6 +30,7 @@ from pydantic import (
     model_validator,
 )
 
+from .core.encoding import DEFAULT_TYPES
 from .core.schedule import Cron, Every, Ticks, zone
 from .core.units import format_size, parse_duration, parse_percent, parse_size
 
@@ -567,6 +568,28 @@ class OffloadConfig(_Model):
     max_delay: Duration = Field(86400.0, ge=0)
 
 
+class CompressConfig(_Model):
+    """Compress responses for clients that accept it (docs/compression.md)."""
+
+    encodings: list[Literal["br", "zstd", "gzip"]] = Field(["br", "zstd", "gzip"],
+                                                           min_length=1)  # preferred first
+    min_size: Size = 1024  # smaller bodies go as they are
+    types: list[str] = list(DEFAULT_TYPES)  # media types, `text/*` and `*+json` patterns
+    levels: dict[Literal["br", "zstd", "gzip"], int] = {}  # default br 4, zstd 3, gzip 6
+    # Largest body decoded for a client that accepts none of a stored entry's coding.
+    max_decoded: Size = 64 * 1024**2
+
+    @field_validator("levels")
+    @classmethod
+    def _levels(cls, levels: dict[str, int]) -> dict[str, int]:
+        bounds = {"br": (0, 11), "zstd": (1, 22), "gzip": (1, 9)}
+        for coding, level in levels.items():
+            low, high = bounds[coding]
+            if not low <= level <= high:
+                raise ValueError(f"{coding} level {level}: from {low} to {high}")
+        return levels
+
+
 class PolicyKeys(_Model):
     """The keys a route or a policy bundle may set; each later policy adds its own key here."""
 
@@ -579,6 +602,7 @@ class PolicyKeys(_Model):
     retry: RetryConfig | None = None
     rate_limit: RateLimitConfig | None = None
     offload: OffloadConfig | None = None
+    compress: CompressConfig | None = None
 
 
 class RouteConfig(PolicyKeys):

@@ -106,6 +106,10 @@ SPEC: dict[str, tuple[str, tuple[str, ...], str]] = {
     "sidecar_queue_depth": ("gauge", ("queue",), "Jobs waiting in a queue, whole cluster"),
     "sidecar_jobs_running": ("gauge", ("queue",), "Jobs running, whole cluster"),
     "sidecar_config_reloads_total": ("counter", ("result",), "Config reloads, ok or error"),
+    "sidecar_compress_total": (
+        "counter", ("route", "encoding", "result"),
+        "Responses by what the compress policy did: compressed (the work done, once per stored "
+        "entry), sent (as encoded, to a client taking it), decompressed (for one that does not)"),
     "sidecar_schedule_runs_total": (
         "counter", ("schedule", "outcome"),
         "Schedule runs by this worker: succeeded, failed, or skipped (a missed tick)"),
@@ -282,6 +286,9 @@ class MetricsHost(Protocol):
     @property
     def pools(self) -> Mapping[str, Any]: ...  # name -> balancer.Upstream
 
+    @property
+    def compression(self) -> Mapping[tuple[str, str, str], int]: ...
+
 
 # -- one process's figures, as plain data --------------------------------------------------------
 
@@ -296,6 +303,7 @@ def snapshot(runtime: MetricsHost) -> Snapshot:
         "sidecar_upstream_requests_total": [[*k, v] for k, v in recorder.upstream.items()],
         "sidecar_config_reloads_total": [[k, v] for k, v in runtime.reloads.items()],
         "sidecar_schedule_runs_total": [[*k, v] for k, v in runtime.schedule_runs.items()],
+        "sidecar_compress_total": [[*k, v] for k, v in runtime.compression.items()],
     }
     cache, cache_events = [], []
     for (route, layer, result), n in runtime.cache.counts.items():

@@ -33,7 +33,8 @@ if TYPE_CHECKING:
 
 # The one list of the order (app.POLICY_BUILDERS says how each is built for a route).
 CANONICAL_ORDER = (
-    "rate_limit", "etag", "idempotency", "cache", "dedup", "offload", "breaker", "retry",
+    "rate_limit", "compress", "etag", "idempotency", "cache", "dedup", "compress.encode",
+    "offload", "breaker", "retry",
 )
 # What applies to a request asking to switch protocols (WebSocket...): nothing that stores,
 # shares, replays or retries a response applies to a connection that changes protocol.

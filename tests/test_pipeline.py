@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from sidecar.jobs.queue import JobService
 from sidecar.pipeline import CANONICAL_ORDER, UPGRADE_POLICIES
 from sidecar.policies.breaker import BreakerPolicy
 from sidecar.policies.cache import CachePolicy
+from sidecar.policies.compress import CompressPolicy, EncodePolicy
 from sidecar.policies.dedup import DedupPolicy
 from sidecar.policies.etag import EtagPolicy
 from sidecar.policies.idempotency import IdempotencyPolicy
@@ -39,11 +41,14 @@ def test_policies_come_in_the_canonical_order_whatever_the_yaml_order(tmp_path: 
     # Written in the YAML in reverse, as an operator might.
     config = _config(tmp_path, retry={"attempts": 2}, breaker={"failures": 3}, dedup={},
                      cache={"ttl": "10s", "layers": ["memory"]}, idempotency={}, etag=True,
-                     rate_limit={"rate": "10/s", "burst": 5})
-    services = Services(CacheService(), DedupService(), BreakerService(), JobService())
+                     compress={}, rate_limit={"rate": "10/s", "burst": 5})
+    services = Services(CacheService(), DedupService(), BreakerService(), JobService(),
+                        Counter())
     kinds = [type(p) for p in build_policies(config.routes[0], config, services)]
-    assert kinds == [RateLimitPolicy, EtagPolicy, IdempotencyPolicy, CachePolicy, DedupPolicy,
-                     BreakerPolicy, RetryPolicy]
+    # Decoding for a client that takes no coding sits outside the cache, which stores the
+    # compressed entry; compressing sits inside it, so that a hit is not compressed again.
+    assert kinds == [RateLimitPolicy, CompressPolicy, EtagPolicy, IdempotencyPolicy, CachePolicy,
+                     DedupPolicy, EncodePolicy, BreakerPolicy, RetryPolicy]
     upgrade = [type(p) for p in build_policies(config.routes[0], config, services,
                                                upgrade=True)]
     assert upgrade == [RateLimitPolicy, BreakerPolicy]

@@ -140,10 +140,14 @@ def rewrite_head(head: bytes, drop: frozenset[bytes], add: list[bytes]) -> bytes
 class CachePolicy:
     def __init__(self, route: str, config: CacheConfig, service: CacheService, *,
                  generate_etag: bool, coalesce: bool = False,
-                 cluster: DedupService | None = None) -> None:
+                 cluster: DedupService | None = None,
+                 unvaried: frozenset[str] = frozenset()) -> None:
         """`coalesce`: the route's misses are coalesced (config `coalesce`, and no dedup policy
         on the route, which would coalesce them a second time); `cluster`: the service that
-        coordinates flights across workers and instances."""
+        coordinates flights across workers and instances; `unvaried`: request fields named in
+        Vary that do not make variants here (Accept-Encoding on a route whose `compress`
+        policy gives each client a coding it takes from the one entry)."""
+        self.unvaried = unvaried
         self.route = route
         self.config = config
         self.service = service
@@ -727,6 +731,8 @@ class CachePolicy:
             else config.stale_if_error,
         )
         names = vary_names(vary)
+        if self.unvaried:
+            names = tuple(name for name in names if name not in self.unvaried)
         tags_raw = get_header(raw, self.tag_header)
         return CachedResponse(
             key=primary, uri=target, status=status, reason=reason, headers=headers, body=body,
