@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -92,12 +93,15 @@ def parse_wrk(name: str, output: str) -> Result:
 
 
 def wrk(name: str, port: int, duration: float, connections: int, path: str = "/",
-        after_warmup: Callable[[], object] | None = None) -> Result:
+        after_warmup: Callable[[], object] | None = None, *, scheme: str = "http",
+        headers: dict[str, str] | None = None) -> Result:
     """wrk on core 1: a 2 s warm-up, then `duration` seconds measured. `after_warmup` is
     called between the two (e.g. to read the server's CPU time at the start of the measured
-    run)."""
-    url = f"http://127.0.0.1:{port}{path}"
+    run). `scheme` https: wrk's TLS (OpenSSL), one handshake per connection."""
+    url = f"{scheme}://127.0.0.1:{port}{path}"
     base = ["taskset", "-c", "1", "wrk", "-t1", f"-c{connections}"]
+    for header, value in (headers or {}).items():
+        base += ["-H", f"{header}: {value}"]
     subprocess.run([*base, "-d2s", url], check=True, capture_output=True,  # warm-up
                    preexec_fn=die_with_parent)
     if after_warmup is not None:
@@ -215,10 +219,20 @@ def child(args: list[str], log: Path, sig: int = signal.SIGTERM) -> Iterator[Non
         stop(process, sig)
 
 
+def _unchecked_tls() -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
 def http_get(port: int, path: str, headers: dict[str, str] | None = None,
-             timeout: float = 5.0) -> tuple[int, dict[str, str], bytes]:
-    """One GET on a fresh connection: status, headers (lower-case names), body."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+             timeout: float = 5.0, *, tls: bool = False) -> tuple[int, dict[str, str], bytes]:
+    """One GET on a fresh connection: status, headers (lower-case names), body (as sent: not
+    decoded). `tls`: over HTTPS, the certificate not checked (the benchmarks make their own)."""
+    conn = (http.client.HTTPSConnection("127.0.0.1", port, timeout=timeout,
+                                        context=_unchecked_tls())
+            if tls else http.client.HTTPConnection("127.0.0.1", port, timeout=timeout))
     try:
         conn.request("GET", path, headers=headers or {})
         response = conn.getresponse()

@@ -15,7 +15,7 @@ A benchmark that fails does not stop the others. Ctrl-C (or SIGTERM) stops the c
 the rest and still writes the summary. Exits 0 when every benchmark exited 0 and wrote its
 JSON (or a skip), else 1.
 
-    .venv/bin/python loadtests/bench/run_all.py [--only edge,passthrough,cache,dedup,jobs]
+    .venv/bin/python loadtests/bench/run_all.py [--only edge,passthrough,cache,dedup,jobs,front]
         [--quick] [--strict] [--out DIR]
 """
 
@@ -58,6 +58,7 @@ BENCHES = (
     Bench("cache", "cache_hit.py", ("--duration", "2", "--rounds", "1"), strict=True),
     Bench("dedup", "dedup.py", ("--rounds", "1"), strict=True),
     Bench("jobs", "jobs.py", ("--duration", "2"), strict=False),
+    Bench("front", "front.py", ("--duration", "2", "--rounds", "1"), strict=False),
 )
 
 
