@@ -6,6 +6,7 @@ from __future__ import annotations
 import hmac
 import os
 import re
+import signal
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -14,7 +15,8 @@ from aiohttp import web
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from saq.job import Job, Status
 
-from . import __version__, native
+from . import __version__, audit, native
+from .core.access import ANYONE, Caller, identify
 from .core.jobs import (
     CANCELLED,
     FAILED,
@@ -64,37 +66,92 @@ class AdminHost(MetricsHost, JobsHost, Protocol):
     @property
     def worker_id(self) -> int: ...
 
+    async def reload(self, reason: str, *, audited: bool = True) -> bool: ...
+
 
 RUNTIME = web.AppKey("runtime", object)
 KNOWN_LANES = web.AppKey("known_lanes", set[str])
 _OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+PROGRESS_TOKEN = "X-Sidecar-Progress-Token"
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+CALLER = web.RequestKey("caller", Caller)  # who sent the request (core/access.py)
+AUDIT = web.RequestKey("audit", dict)  # what the action reports for its audit line
+
+
+def audited(action: str, target: Callable[[web.Request], str | None] = lambda _: None
+            ) -> Callable[[Handler], Handler]:
+    """Mark a handler as an admin action: exactly one audit line per call (audit.py), with
+    its outcome from the response (`ok` below 400, else `failed` and the status), and what the
+    handler put in `request[AUDIT]`. The guard writes the line of a refused call."""
+    def wrap(handler: Handler) -> Handler:
+        async def run(request: web.Request) -> web.StreamResponse:
+            request[AUDIT] = {}
+            status = 500
+            try:
+                response = await handler(request)
+                status = response.status
+                return response
+            finally:
+                _audit_line(request, action, target(request),
+                            audit.OK if status < 400 else audit.FAILED, status)
+        run.audit_action = action  # type: ignore[attr-defined]
+        run.audit_target = target  # type: ignore[attr-defined]
+        run.__doc__ = handler.__doc__
+        return run
+    return wrap
+
+
+def _audit_line(request: web.Request, action: str, target: str | None, outcome: str,
+                status: int) -> None:
+    runtime: AdminHost = request.app[RUNTIME]  # type: ignore[assignment]
+    caller: Caller | None = request.get(CALLER)
+    details = dict(request.get(AUDIT, {}))
+    target = details.pop("target", target)  # a handler may know it only from the body
+    audit.record(action.format_map(request.match_info), target, outcome,
+                 token=caller.name if caller else None, client=request.remote,
+                 worker=runtime.worker_id, status=status, **details)
 
 
 @web.middleware
-async def require_token(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    """Bearer token on everything but health probes, when admin.token is set."""
+async def require_token(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Bearer token on everything but health probes once any admin token is set; a `read`
+    token only reads (core/access.py). A refused admin action leaves its audit line."""
     runtime: AdminHost = request.app[RUNTIME]  # type: ignore[assignment]
-    token = runtime.config.admin.token
+    admin = runtime.config.admin
     # Progress reports carry their job's own secret instead (the upstream has no admin token).
-    if (token and request.path not in _OPEN_PATHS and not request.path.startswith("/internal/")
-            and not _bearer_matches(request.headers.getall("Authorization", []), token)):
+    if (not admin.protected or request.path in _OPEN_PATHS
+            or request.path.startswith("/internal/")):
+        request[CALLER] = ANYONE
+        return await handler(request)
+    caller = identify(request.headers.getall("Authorization", []), admin.named())
+    action = getattr(request.match_info.handler, "audit_action", None)
+    if caller is None:
+        if action is not None:
+            _refused(request, action, 401)
         return error_response(UnauthorizedError(
-            "send 'Authorization: Bearer <admin.token>' (one such header; not in the URL)",
+            "send 'Authorization: Bearer <token>' with a token of admin.token or admin.tokens "
+            "(one such header; not in the URL)",
             headers={"WWW-Authenticate": 'Bearer realm="sidecar-admin"'}), new_request_id())
+    request[CALLER] = caller
+    if not caller.may(request.method):
+        if action is not None:
+            _refused(request, action, 403)
+        return _json_error(403, "forbidden",
+                           f"the token {caller.name!r} has the read scope: it cannot "
+                           f"{request.method} {request.path} (an admin token can)")
     return await handler(request)
 
 
-def _bearer_matches(lines: list[str], token: str) -> bool:
-    """Exactly one `Authorization: Bearer <token>` line, compared in constant time. The scheme
-    is case-insensitive (RFC 9110 §11.1) and followed by 1*SP (RFC 6750 §2.1)."""
-    if len(lines) != 1:
-        return False
-    scheme, _, given = lines[0].partition(" ")
-    # surrogateescape: header bytes that are not UTF-8 compare as sent, rather than raising
-    return scheme.lower() == "bearer" and hmac.compare_digest(
-        given.lstrip(" ").encode("utf-8", "surrogateescape"), token.encode())
+def _refused(request: web.Request, action: str, status: int) -> None:
+    runtime: AdminHost = request.app[RUNTIME]  # type: ignore[assignment]
+    target = getattr(request.match_info.handler, "audit_target", lambda _: None)(request)
+    caller: Caller | None = identify(request.headers.getall("Authorization", []),
+                                     runtime.config.admin.named())
+    audit.record(action.format_map(request.match_info), target, audit.REFUSED,
+                 token=caller.name if caller else None, client=request.remote,
+                 worker=runtime.worker_id, status=status)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -118,6 +175,7 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response(body)
 
 
+@audited("cache.purge")
 async def purge(request: web.Request) -> web.Response:
     """POST {"key": "/api/products/42"} | {"prefix": "/api/products/"} | {"tag": "product-42"}.
 
@@ -135,10 +193,32 @@ async def purge(request: web.Request) -> web.Response:
             '"/path/"} or {"tag": "name"} as a JSON object with a non-empty string')
     kind = kinds[0]
     value = body[kind]
+    request[AUDIT]["target"] = f"{kind}={value}"
     if kind in ("key", "prefix") and not value.startswith("/"):
         return _json_error(400, "bad_request", f"a {kind} is a path starting with '/'")
     result = await runtime.cache.purge(kind, value)
+    request[AUDIT]["result"] = result
     return web.json_response(result)
+
+
+@audited("config.reload")
+async def reload_config(request: web.Request) -> web.Response:
+    """POST /admin/reload: read the config file again, as SIGHUP does. With several workers
+    the supervisor is signalled, so that every worker reloads (each writes its own audit line
+    then); answered 202 at once. With one, answered once the reload is over: 200, or 422 with
+    the problems while the previous config keeps serving."""
+    runtime: AdminHost = request.app[RUNTIME]  # type: ignore[assignment]
+    request[AUDIT]["target"] = str(runtime.state.loaded.path)
+    if runtime.config.server.workers > 1:
+        os.kill(os.getppid(), signal.SIGHUP)
+        request[AUDIT]["signalled"] = "supervisor"
+        return web.json_response({"reload": "signalled",
+                                  "workers": runtime.config.server.workers}, status=202)
+    if await runtime.reload("admin API", audited=False):
+        return web.json_response({"reload": "ok", "routes": len(runtime.state.routes.routes)})
+    request[AUDIT]["error"] = runtime.last_reload_error
+    return _json_error(422, "config_rejected", f"the previous config keeps serving: "
+                       f"{runtime.last_reload_error}")
 
 
 async def stats(request: web.Request) -> web.Response:
@@ -188,6 +268,7 @@ async def breakers(request: web.Request) -> web.Response:
                               "breakers": runtime.breakers.stats()})
 
 
+@audited("breaker.reset", lambda r: r.match_info["name"])
 async def reset_breaker(request: web.Request) -> web.Response:
     """Close a breaker now (cluster-scoped ones close on every instance)."""
     runtime: AdminHost = request.app[RUNTIME]  # type: ignore[assignment]
@@ -210,6 +291,7 @@ async def schedules_list(request: web.Request) -> web.Response:
     return web.json_response({"schedules": listed})
 
 
+@audited("schedule.run", lambda r: r.match_info["name"])
 async def schedule_run(request: web.Request) -> web.Response:
     """Run a schedule now, on this worker, whatever its timetable; answers once the run is
     over, with each request's status (a tick due meanwhile still runs)."""
@@ -324,6 +406,7 @@ async def _filter_body(request: web.Request, runtime: AdminHost, default: str,
                         default_status=default, allowed=allowed)
 
 
+@audited("jobs.retry")
 async def jobs_bulk_retry(request: web.Request) -> web.Response:
     """POST /admin/jobs/retry {"status": "failed", "queue": ..., "route": ..., "since": ...}:
     every failed (or cancelled) job the filter takes runs again from its first attempt."""
@@ -339,9 +422,11 @@ async def jobs_bulk_retry(request: web.Request) -> web.Response:
         return _json_error(400, "bad_request", str(exc))
     except REDIS_ERRORS as exc:
         return _json_error(503, "redis_unavailable", str(exc))
+    request[AUDIT].update(target=wanted.describe(), matched=len(jobs), retried=retried)
     return web.json_response({"matched": len(jobs), "retried": retried})
 
 
+@audited("jobs.cancel")
 async def jobs_bulk_cancel(request: web.Request) -> web.Response:
     """POST /admin/jobs/cancel {"status": "queued", ...}: queued jobs the filter takes are
     cancelled at once, running ones when their workers see it (within a second or so)."""
@@ -355,6 +440,7 @@ async def jobs_bulk_cancel(request: web.Request) -> web.Response:
         return _json_error(400, "bad_request", str(exc))
     except REDIS_ERRORS as exc:
         return _json_error(503, "redis_unavailable", str(exc))
+    request[AUDIT].update(target=wanted.describe(), matched=len(jobs), cancelled=len(jobs))
     return web.json_response({"matched": len(jobs), "cancelled": len(jobs)})
 
 
@@ -384,6 +470,7 @@ async def queues_list(request: web.Request) -> web.Response:
     return web.json_response({"queues": listed})
 
 
+@audited("queue.{action}", lambda r: r.match_info["name"])
 async def queue_action(request: web.Request) -> web.Response:
     """POST /admin/queues/{name}/pause | resume | drain."""
     runtime: AdminHost = request.app[RUNTIME]  # type: ignore[assignment]
@@ -402,6 +489,7 @@ async def queue_action(request: web.Request) -> web.Response:
         cancelled = await runtime.jobs.drain(name)
     except REDIS_ERRORS as exc:
         return _json_error(503, "redis_unavailable", str(exc))
+    request[AUDIT]["cancelled"] = cancelled
     return web.json_response({"queue": name, "cancelled": cancelled})
 
 
@@ -424,6 +512,7 @@ async def job_detail(request: web.Request) -> web.Response:
     return web.json_response(found)
 
 
+@audited("job.retry", lambda r: r.match_info["id"])
 async def job_retry(request: web.Request) -> web.Response:
     """Run a failed or cancelled job again, from its first attempt."""
     runtime: AdminHost = request.app[RUNTIME]  # type: ignore[assignment]
@@ -444,8 +533,9 @@ async def job_retry(request: web.Request) -> web.Response:
 
 
 async def job_progress(request: web.Request) -> web.Response:
-    """POST /internal/jobs/{id}/progress?token=... {"progress": 40, "message": "..."}: what an
-    upstream reports while it works on a job (the URL comes in X-Sidecar-Progress-URL)."""
+    """POST /internal/jobs/{id}/progress {"progress": 40, "message": "..."} with the job's
+    X-Sidecar-Progress-Token: what an upstream reports while it works on a job (the URL and the
+    token come in the job's request, X-Sidecar-Progress-URL and X-Sidecar-Progress-Token)."""
     runtime: AdminHost = request.app[RUNTIME]  # type: ignore[assignment]
     try:
         # orjson: nesting past 1024 levels is a JSONDecodeError, not a RecursionError (500)
@@ -456,10 +546,12 @@ async def job_progress(request: web.Request) -> web.Response:
     try:
         job, _ = await _find_job(request)
         token = (job.kwargs or {}).get("progress_token", "") if job is not None else ""
-        given = request.query.get("token", "").encode("utf-8", "surrogateescape")
-        if job is None or not hmac.compare_digest(token.encode(), given):
+        lines = request.headers.getall(PROGRESS_TOKEN, [])
+        # Exactly one line: two would leave which one counts to whoever reads them.
+        given = (lines[0] if len(lines) == 1 else "").encode("utf-8", "surrogateescape")
+        if job is None or not token or not hmac.compare_digest(token.encode(), given):
             return _json_error(404, "job_not_found",
-                               "no such job, or not this job's progress URL")
+                               "no such job, or not this job's X-Sidecar-Progress-Token")
         if public_status(job.status.value, job.error) in TERMINAL:
             return _json_error(409, "job_finished", "the job is over; progress is not taken")
         await runtime.jobs.set_progress(job, progress, message,
@@ -513,8 +605,14 @@ async def config_view(request: web.Request) -> web.Response:
     })
 
 
+async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
+    """`Server: sidecar`, not aiohttp's default naming Python's and aiohttp's versions."""
+    response.headers["Server"] = "sidecar"
+
+
 def build_admin_app(runtime: AdminHost) -> web.Application:
     app = web.Application(middlewares=[require_token])
+    app.on_response_prepare.append(_server_header)
     app[RUNTIME] = runtime
     app[KNOWN_LANES] = set()
     app.router.add_get("/healthz", healthz)
@@ -522,6 +620,7 @@ def build_admin_app(runtime: AdminHost) -> web.Application:
     app.router.add_post("/admin/cache/purge", purge)
     app.router.add_get("/admin/stats", stats)
     app.router.add_get("/admin/config", config_view)
+    app.router.add_post("/admin/reload", reload_config)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/admin/breakers", breakers)
     app.router.add_post("/admin/breakers/{name}/reset", reset_breaker)

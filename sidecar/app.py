@@ -26,7 +26,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from . import __version__, native
+from . import __version__, audit, native
 from .admin import build_admin_app
 from .aio import cancel_and_wait
 from .balancer import Upstream, make_upstream
@@ -443,8 +443,19 @@ class Runtime:
 
     # -- reload ---------------------------------------------------------------------------------
 
-    async def reload(self, reason: str) -> bool:
-        """Load, validate and swap the config; on any problem keep serving the old one."""
+    async def reload(self, reason: str, *, audited: bool = True) -> bool:
+        """Load, validate and swap the config; on any problem keep serving the old one. Writes
+        the reload's audit line unless the caller writes its own (`audited` False: the admin
+        API's, which knows who asked)."""
+        ok = await self._reload(reason)
+        if audited:
+            audit.record("config.reload", str(self.state.loaded.path),
+                         audit.OK if ok else audit.FAILED, token=None, client=None,
+                         worker=self.worker_id, reason=reason,
+                         **({} if ok else {"error": self.last_reload_error}))
+        return ok
+
+    async def _reload(self, reason: str) -> bool:
         async with self._reload_lock:
             old = self.state
             try:
@@ -473,7 +484,7 @@ class Runtime:
             await self._bound_embedded_redis(old.config, new.config)
             self.reloads["ok"] += 1
             self.last_reload_error = None
-            configure_logging(new.config.log)
+            configure_logging(new.config.log, new.loaded.path.parent)
             self.access_log.configure(new.config.log)
             self.metrics.configure(new.config)
             for name, pool in old.pools.items():

@@ -36,7 +36,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if loaded is None:
         return 1
     config = loaded.config
-    configure_logging(config.log)
+    configure_logging(config.log, loaded.path.parent)
     embedded: EmbeddedRedis | None = None
     redis_url = config.redis.url
     if redis_url == "embedded":
@@ -69,7 +69,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if loaded is None:
         return 1
     config = loaded.config
-    configure_logging(config.log)
+    configure_logging(config.log, loaded.path.parent)
     redis_url = config.redis.url
     if redis_url == "embedded":
         found = embedded_url(config)

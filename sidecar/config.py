@@ -616,10 +616,45 @@ class LogConfig(_Model):
     format: Literal["json", "logfmt"] = "json"
     level: Literal["debug", "info", "warning", "error"] = "info"
     access: bool = True
+    # Admin actions (audit.py) go to this file, one JSON line each, instead of stderr.
+    audit_file: str | None = None
+
+
+class AdminTokenConfig(_Model):
+    token: str = Field(min_length=16)  # a secret: `${ENV_VAR}`, 16 characters at least
+    scope: Literal["read", "admin"] = "admin"
 
 
 class AdminConfig(_Model):
+    """Bearer tokens of the admin listener (docs/security.md). `token`: one `admin` token,
+    named `admin` in the audit log; `tokens`: named ones, each `read` or `admin`."""
+
     token: str | None = None
+    tokens: dict[str, AdminTokenConfig] = {}
+
+    @model_validator(mode="after")
+    def _distinct(self) -> AdminConfig:
+        if self.token is not None and "admin" in self.tokens:
+            raise ValueError("admin.token is the token named 'admin': "
+                             "name the one under admin.tokens otherwise")
+        seen: dict[str, str] = {}
+        for name, entry in self.named().items():
+            if entry[0] in seen:
+                raise ValueError(f"tokens {seen[entry[0]]!r} and {name!r} are the same secret: "
+                                 "the audit log could not tell them apart")
+            seen[entry[0]] = name
+        return self
+
+    def named(self) -> dict[str, tuple[str, Literal["read", "admin"]]]:
+        """name -> (token, scope), `admin.token` included as `admin`."""
+        out = {name: (entry.token, entry.scope) for name, entry in self.tokens.items()}
+        if self.token:
+            out["admin"] = (self.token, "admin")
+        return out
+
+    @property
+    def protected(self) -> bool:
+        return bool(self.token) or bool(self.tokens)
 
 
 class RouteSlaConfig(_Model):
@@ -1229,10 +1264,11 @@ def _check_routes_raw(raw: dict[str, Any], doc: _Document, routes_raw: Any) -> l
 
 def _cross_check(config: Config, doc: _Document) -> list[Problem]:
     problems = []
-    if not config.server.admin_listen.is_loopback and not config.admin.token:
+    if not config.server.admin_listen.is_loopback and not config.admin.protected:
         problems.append(Problem(doc.file, "server.admin_listen",
                                 f"the admin listener {config.server.admin_listen} is not on "
-                                "loopback: set admin.token so its endpoints require a bearer token",
+                                "loopback: set admin.token (or admin.tokens) so its endpoints "
+                                "require a bearer token",
                                 doc.line_of(("server", "admin_listen"))))
     for i, route in enumerate(config.routes):
         if route.offload is not None and route.offload.queue not in config.queues:
@@ -1281,6 +1317,12 @@ def _cross_check(config: Config, doc: _Document) -> list[Problem]:
         except ValueError as exc:
             problems.append(Problem(doc.file, "server.tls", str(exc),
                                     doc.line_of(("server", "tls"))))
+    if config.log.audit_file is not None:
+        audit = Path(doc.file).parent / config.log.audit_file
+        if not audit.parent.is_dir():
+            problems.append(Problem(doc.file, "log.audit_file",
+                                    f"no directory {audit.parent} for the audit log",
+                                    doc.line_of(("log", "audit_file"))))
     if config.server.listen == config.server.admin_listen:
         problems.append(Problem(doc.file, "server.admin_listen",
                                 "the admin listener must not share the public address",

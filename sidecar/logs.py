@@ -12,6 +12,7 @@ import asyncio
 import logging
 import sys
 import time
+from pathlib import Path
 from typing import IO, Any
 
 import orjson
@@ -60,7 +61,9 @@ class StructuredFormatter(logging.Formatter):
         return render(fields, self.kind).decode().rstrip("\n")
 
 
-def configure_logging(config: LogConfig) -> None:
+def configure_logging(config: LogConfig, base: Path | None = None) -> None:
+    """Logs to stderr; audit lines to `log.audit_file` when set (relative to `base`, the
+    config file's directory)."""
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
@@ -69,6 +72,18 @@ def configure_logging(config: LogConfig) -> None:
     root.addHandler(handler)
     root.setLevel(config.level.upper())
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    audit = logging.getLogger("sidecar.audit")
+    for handler in list(audit.handlers):
+        audit.removeHandler(handler)
+        handler.close()
+    # Audit lines are written whatever log.level says: an operator's action is never noise.
+    audit.setLevel(logging.INFO)
+    audit.propagate = config.audit_file is None
+    if config.audit_file is not None:
+        path = Path(config.audit_file)
+        file = logging.FileHandler(path if base is None else base / path, encoding="utf-8")
+        file.setFormatter(StructuredFormatter("json"))
+        audit.addHandler(file)
 
 
 class AccessLog:

@@ -283,8 +283,9 @@ async def test_the_result_keeps_a_non_200_status_headers_and_bytes(
     assert headers["Content-Length"] == str(len(sent))
     assert headers["X-Client"] == "c-1"
     assert headers["X-Sidecar-Job-Id"] == accepted["id"]
-    assert headers["X-Sidecar-Progress-URL"].startswith(
-        f"{sidecar.admin_url}/internal/jobs/{accepted['id']}/progress?token=")
+    assert headers["X-Sidecar-Progress-URL"] == (
+        f"{sidecar.admin_url}/internal/jobs/{accepted['id']}/progress")
+    assert headers["X-Sidecar-Progress-Token"]
     assert "Prefer" not in headers  # respond-async is the sidecar's, not the upstream's
     assert origin.calls["/api/exports/42"] == 1
 
@@ -835,6 +836,8 @@ async def test_a_retried_job_starts_its_progress_again(
     async def reports_then_fails(request: web.Request, n: int) -> web.Response:
         async with aiohttp.ClientSession() as session, session.post(
                 request.headers["X-Sidecar-Progress-URL"],
+                headers={"X-Sidecar-Progress-Token":
+                         request.headers["X-Sidecar-Progress-Token"]},
                 json={"progress": 60, "message": "step 3/5"}) as posted:
             assert posted.status == 204
         return web.Response(status=503, text="lost the work")
@@ -965,6 +968,7 @@ async def test_progress_reports_are_checked_and_shown(
 
     async def hold(request: web.Request, n: int) -> web.Response:
         captured["url"] = request.headers["X-Sidecar-Progress-URL"]
+        captured["token"] = request.headers["X-Sidecar-Progress-Token"]
         return await holding(release, started)(request, n)
 
     origin.script("/api/hold", hold)
@@ -972,30 +976,33 @@ async def test_progress_reports_are_checked_and_shown(
     accepted = await submit(client, sidecar, "/api/hold")
     async with asyncio.timeout(10):
         await started.wait()
-    url = captured["url"]
-    base, _, token = url.partition("?token=")
-    assert base == f"{sidecar.admin_url}/internal/jobs/{accepted['id']}/progress" and token
+    url, token = captured["url"], captured["token"]
+    assert url == f"{sidecar.admin_url}/internal/jobs/{accepted['id']}/progress" and token
+    secret = {"X-Sidecar-Progress-Token": token}
 
     first = await call(client, "GET", sidecar.url + accepted["status_url"])
     etag = first.headers["ETag"]
-    for wrong in (base + "?token=wrong", base, base + "?token=" + token + "x",
-                  f"{sidecar.admin_url}/internal/jobs/work.5.{'A' * 24}/progress?token={token}",
-                  f"{sidecar.admin_url}/internal/jobs/nope/progress?token={token}"):
-        reply = await call(client, "POST", wrong, json_body={"progress": 50})
-        assert reply.status == 404, wrong
+    for wrong, sent in ((url, {"X-Sidecar-Progress-Token": "wrong"}), (url, {}),
+                        (url, {"X-Sidecar-Progress-Token": token + "x"}),
+                        (url + "?token=" + token, {}),
+                        (f"{sidecar.admin_url}/internal/jobs/work.5.{'A' * 24}/progress", secret),
+                        (f"{sidecar.admin_url}/internal/jobs/nope/progress", secret)):
+        reply = await call(client, "POST", wrong, json_body={"progress": 50}, headers=sent)
+        assert reply.status == 404, (wrong, sent)
     for bad in ({"progress": 150}, {"progress": -1}, {"progress": "half"}, {"progress": True},
                 {"message": "no progress"}, {"progress": 10, "extra": 1},
                 {"progress": 10, "message": 7}, [10], "10"):
-        reply = await call(client, "POST", url, json_body=bad)
+        reply = await call(client, "POST", url, json_body=bad, headers=secret)
         assert reply.status == 400, bad
     not_json = await call(client, "POST", url, data=b"{not json",
-                          headers={"Content-Type": "application/json"})
+                          headers={"Content-Type": "application/json", **secret})
     assert not_json.status == 400
     unchanged = await call(client, "GET", sidecar.url + accepted["status_url"],
                            headers={"If-None-Match": etag})
     assert unchanged.status == 304  # nothing refused above was taken
 
-    ok = await call(client, "POST", url, json_body={"progress": 42.5, "message": "halfway"})
+    ok = await call(client, "POST", url, json_body={"progress": 42.5, "message": "halfway"},
+                    headers=secret)
     assert ok.status == 204
     changed = await call(client, "GET", sidecar.url + accepted["status_url"],
                          headers={"If-None-Match": etag})
@@ -1003,7 +1010,7 @@ async def test_progress_reports_are_checked_and_shown(
     assert (changed.json()["progress"], changed.json()["message"]) == (42.5, "halfway")
     release.set()
     assert (await wait_for(client, sidecar, accepted))["status"] == "succeeded"
-    late = await call(client, "POST", url, json_body={"progress": 60})
+    late = await call(client, "POST", url, json_body={"progress": 60}, headers=secret)
     assert late.status == 409
 
 

@@ -150,8 +150,9 @@ async def test_result_is_the_upstreams_response_byte_for_byte(
         assert await result.read() == payload
     assert seen["body"] == b"the request body"
     assert seen["headers"]["X-Sidecar-Job-Id"] == accepted["id"]
-    assert "/internal/jobs/" + accepted["id"] + "/progress?token=" in (
-        seen["headers"]["X-Sidecar-Progress-URL"])
+    assert seen["headers"]["X-Sidecar-Progress-URL"].endswith(
+        "/internal/jobs/" + accepted["id"] + "/progress")  # no secret in the URL
+    assert len(seen["headers"]["X-Sidecar-Progress-Token"]) >= 20
     assert seen["headers"]["Prefer"] == "return=minimal"  # respond-async is the sidecar's
     assert seen["headers"]["Content-Length"] == str(len(b"the request body"))
 
@@ -404,6 +405,7 @@ async def test_progress_reports_are_checked(sidecar_factory: Factory, origin: Or
 
     async def hold(request: web.Request, n: int) -> web.Response:
         captured["url"] = request.headers["X-Sidecar-Progress-URL"]
+        captured["token"] = request.headers["X-Sidecar-Progress-Token"]
         await release.wait()
         return web.Response(text="ok")
 
@@ -413,19 +415,24 @@ async def test_progress_reports_are_checked(sidecar_factory: Factory, origin: Or
     await until(lambda: _has(captured, "url"))
     progress_url = captured["url"]
     assert progress_url.startswith(sidecar.admin_url + "/internal/jobs/")
-    wrong = progress_url.rsplit("=", 1)[0] + "=wrong"
-    async with client.post(wrong, json={"progress": 50}) as response:
-        assert response.status == 404
+    token = {"X-Sidecar-Progress-Token": captured["token"]}
+    for wrong in ({"X-Sidecar-Progress-Token": "wrong"}, {}):
+        async with client.post(progress_url, json={"progress": 50}, headers=wrong) as response:
+            assert response.status == 404
+    async with client.post(progress_url + "?token=" + captured["token"],
+                           json={"progress": 50}) as response:
+        assert response.status == 404  # in the URL, it is not taken
     for bad in ({"progress": 150}, {"progress": "half"}, [1]):
-        async with client.post(progress_url, json=bad) as response:
+        async with client.post(progress_url, json=bad, headers=token) as response:
             assert response.status == 400, bad
-    async with client.post(progress_url, json={"progress": 55, "message": "halfway"}) as r:
+    async with client.post(progress_url, json={"progress": 55, "message": "halfway"},
+                           headers=token) as r:
         assert r.status == 204
     state = await status_of(client, sidecar, url)
     assert (state["progress"], state["message"]) == (55, "halfway")
     release.set()
     assert (await finished(client, sidecar, url))["status"] == "succeeded"
-    async with client.post(progress_url, json={"progress": 60}) as response:
+    async with client.post(progress_url, json={"progress": 60}, headers=token) as response:
         assert response.status == 409  # the job is over
 
 

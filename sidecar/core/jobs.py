@@ -164,10 +164,12 @@ _REFRAMED = frozenset({b"content-length", b"transfer-encoding", b"x-sidecar-job-
                        b"x-sidecar-progress-url"})
 
 
-def replay_head(head: bytes, job_id: str, progress_url: str, body_length: int | None) -> bytes:
+def replay_head(head: bytes, job_id: str, progress_url: str, progress_token: str,
+                body_length: int | None) -> bytes:
     """The upstream request head of a job: the client's forwarded head, framed by
-    Content-Length (the body was read whole), with the job's id and progress URL, without the
-    asynchronous preferences."""
+    Content-Length (the body was read whole), with the job's id, its progress URL and the
+    secret to send there in `X-Sidecar-Progress-Token` (a header, not in the URL: URLs end up
+    in logs), without the asynchronous preferences."""
     lines = head.split(b"\r\n")
     out = [lines[0]]
     for line in lines[1:]:
@@ -187,6 +189,7 @@ def replay_head(head: bytes, job_id: str, progress_url: str, body_length: int | 
         out.append(b"Content-Length: %d" % body_length)
     out.append(b"X-Sidecar-Job-Id: " + job_id.encode("ascii"))
     out.append(b"X-Sidecar-Progress-URL: " + progress_url.encode("ascii"))
+    out.append(b"X-Sidecar-Progress-Token: " + progress_token.encode("ascii"))
     return b"\r\n".join(out) + b"\r\n\r\n"
 
 
@@ -308,6 +311,19 @@ class JobFilter:
                 and (self.route is None or route == self.route)
                 and (self.since is None or created >= self.since)
                 and (self.until is None or created < self.until))
+
+    def describe(self) -> str:
+        """The filter in words for an audit line: `status=failed queue=reports`, or `all`."""
+        parts = []
+        if self.statuses is not None:
+            parts.append("status=" + ",".join(sorted(self.statuses)))
+        if self.queues is not None:
+            parts.append("queue=" + ",".join(sorted(self.queues)))
+        for name in ("route", "since", "until"):
+            value = getattr(self, name)
+            if value is not None:
+                parts.append(f"{name}={value}")
+        return " ".join(parts) or "all"
 
 
 def parse_filter(fields: Mapping[str, Any], known_queues: Iterable[str], *,

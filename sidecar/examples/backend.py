@@ -68,14 +68,18 @@ async def reports(request: web.Request) -> web.Response:
     body = await request.read()
     seconds = float(request.query.get("seconds", "3"))
     progress_url = request.headers.get("X-Sidecar-Progress-Url")
+    # The job's secret for that URL: sent back as it came, in a header.
+    progress_auth = {"X-Sidecar-Progress-Token": request.headers.get("X-Sidecar-Progress-Token",
+                                                                     "")}
     steps = 5
     async with ClientSession() as session:
         for step in range(1, steps + 1):
             await asyncio.sleep(seconds / steps)
             if progress_url:
                 with contextlib.suppress(OSError):
-                    await session.post(progress_url, json={"progress": step * 100 // steps,
-                                                           "message": f"step {step}/{steps}"})
+                    await session.post(progress_url, headers=progress_auth,
+                                       json={"progress": step * 100 // steps,
+                                             "message": f"step {step}/{steps}"})
     return web.json_response({"report": "ready", "request_bytes": len(body),
                               "digest": hashlib.sha256(body).hexdigest()}, status=200)
 

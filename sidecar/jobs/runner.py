@@ -356,10 +356,9 @@ class JobRunner:
             body = await self.service.body(job.key)
             if body is None:
                 self._give_up(job, "the request body is gone (older than jobs.max_age)")
-        progress_url = (f"{self.host.progress_base()}/internal/jobs/{job.key}/progress"
-                        f"?token={spec['progress_token']}")
+        progress_url = f"{self.host.progress_base()}/internal/jobs/{job.key}/progress"
         head = replay_head(spec["head"].encode("latin-1"), job.key, progress_url,
-                           len(body) if body is not None else None)
+                           spec["progress_token"], len(body) if body is not None else None)
         try:
             upstream = await pool.request(head, body, timeout=float(job.timeout or 600),
                                           is_head=spec["method"] == "HEAD")

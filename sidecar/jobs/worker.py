@@ -69,7 +69,7 @@ class StandaloneWorker:
         for name, pool in old.items():
             if self.pools.get(name) is not pool:
                 await pool.close()
-        configure_logging(loaded.config.log)
+        configure_logging(loaded.config.log, loaded.path.parent)
         log.info("config reloaded", extra={"queues": sorted(loaded.config.queues)})
 
 

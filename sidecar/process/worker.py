@@ -19,7 +19,7 @@ def run_worker(loaded: LoadedConfig, redis_url: str, *, reuse_port: bool = False
                worker_id: int = 0) -> int:
     from ..app import StartupError, serve
 
-    configure_logging(loaded.config.log)
+    configure_logging(loaded.config.log, loaded.path.parent)
     # A SIGHUP that arrives before the runtime's handler is installed must not kill the process
     # (its default action); the reload it asks for is moot, the config is being read anyway.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)

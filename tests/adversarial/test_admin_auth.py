@@ -26,6 +26,7 @@ from support import InProcessSidecar, Origin, make_config, until
 
 from sidecar import admin
 from sidecar.cli import main as sidecar_main
+from sidecar.core import access
 
 Factory = Callable[..., Awaitable[InProcessSidecar]]
 TOKEN = "s3cret-Token_42"
@@ -181,12 +182,14 @@ async def test_no_spelling_of_a_path_slips_past_the_guard(guarded, target):
 
 async def test_progress_endpoint_answers_only_its_jobs_secret(sidecar_factory, origin,
                                                               redis_url):
-    """/internal/ is not behind admin.token: the progress URL carries its job's own secret,
-    compared in constant time; anything else looks like a job that does not exist."""
+    """/internal/ is not behind admin.token: a progress report carries its job's own secret
+    in X-Sidecar-Progress-Token, compared in constant time; anything else looks like a job
+    that does not exist, and a secret in the URL is not taken."""
     release = asyncio.Event()
     seen: dict[str, str] = {}
 
     async def work(request, n):
+        seen["token"] = request.headers["X-Sidecar-Progress-Token"]
         seen["url"] = request.headers["X-Sidecar-Progress-URL"]
         await release.wait()
         return web.Response(text="done")
@@ -204,26 +207,33 @@ async def test_progress_endpoint_answers_only_its_jobs_secret(sidecar_factory, o
 
     await until(running, 20)
     url = yarl.URL(seen["url"])
-    secret = url.query["token"]
+    assert not url.query  # no secret in a URL
+    secret = seen["token"]
     path = url.path
+    header = "X-Sidecar-Progress-Token"
     report = b'{"progress": 40, "message": "step 2"}'
-    wrong = [f"{path}", f"{path}?token=", f"{path}?token={secret}x", f"{path}?token={secret[:-1]}",
-             f"{path}?token={secret.swapcase()}", f"{path}?token=%ff%fe",
-             f"{path}?token={TOKEN}", path.replace("/progress", "") + f"/progress?token={secret}x"]
-    for target in wrong:
-        for headers in ([], [("Authorization", f"Bearer {TOKEN}")]):
-            answer = await send(sidecar.admin_url, target, headers, method="POST", body=report)
-            assert answer.status == 404, (target, answer.body)
+    wrong: list[tuple[str, list[tuple[str, str | bytes]]]] = [
+        (path, []), (path, [(header, "")]), (path, [(header, secret + "x")]),
+        (path, [(header, secret[:-1])]), (path, [(header, secret.swapcase())]),
+        (path, [(header, b"\xff\xfe")]), (path, [(header, TOKEN)]),
+        (path, [(header, secret), (header, secret)]),
+        (f"{path}?token={secret}", []),
+        (path.replace("/progress", "") + "/progress", [(header, secret + "x")])]
+    for target, headers in wrong:
+        for extra in ([], [("Authorization", f"Bearer {TOKEN}")]):
+            answer = await send(sidecar.admin_url, target, [*headers, *extra], method="POST",
+                                body=report)
+            assert answer.status == 404, (target, headers, answer.body)
             assert answer.json()["error"] == "job_not_found"
     hostile_bodies = [b"[" * 100_000, b'{"progress": ' * 50_000, b"\xff\xfe", b"null",
                       b'{"progress": 1e999}', b'{"progress": 40, "message": "' + b"x" * 5000
                       + b'"}']
     for body in hostile_bodies:
-        answer = await send(sidecar.admin_url, f"{path}?token={secret}", method="POST",
+        answer = await send(sidecar.admin_url, path, [(header, secret)], method="POST",
                             body=body)
         assert answer.status == 400, (body[:30], answer.status, answer.body[:200])
         assert answer.json()["error"] == "bad_request"
-    good = await send(sidecar.admin_url, f"{path}?token={secret}", method="POST", body=report)
+    good = await send(sidecar.admin_url, path, [(header, secret)], method="POST", body=report)
     assert good.status == 204
     release.set()
 
@@ -240,10 +250,9 @@ def _compares(function: Callable[..., Any]) -> tuple[list[str], list[str]]:
 
 def test_secrets_are_compared_in_constant_time():
     """Both secrets of the admin listener go through hmac.compare_digest, never `==`."""
-    guard = [admin.require_token, *(getattr(admin, name) for name in dir(admin)
-                                    if name.startswith("_bearer"))]
+    guard = [admin.require_token, access.identify, access.bearer]
     digests = [call for function in guard for call in _compares(function)[0]]
-    assert any("token" in call for call in digests), digests
+    assert any("offered" in call and "token" in call for call in digests), digests
     for function in guard:
         assert not [e for e in _compares(function)[1] if "token" in e or "given" in e]
     digests, equalities = _compares(admin.job_progress)

@@ -105,7 +105,7 @@ def test_replay_head_reframes_and_adds_the_job_headers() -> None:
     head = (b"POST /api/reports?x=1 HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: chunked\r\n"
             b"Prefer: respond-async, return=minimal\r\nX-Sidecar-Job-Id: forged\r\n"
             b"Authorization: Bearer t\r\n\r\n")
-    out = replay_head(head, "reports.5." + "a" * 24, "http://127.0.0.1:9901/p?token=x", 11)
+    out = replay_head(head, "reports.5." + "a" * 24, "http://127.0.0.1:9901/p", "s3cret", 11)
     lines = out.split(b"\r\n")
     assert lines[0] == b"POST /api/reports?x=1 HTTP/1.1"
     assert out.endswith(b"\r\n\r\n")
@@ -114,13 +114,14 @@ def test_replay_head_reframes_and_adds_the_job_headers() -> None:
     assert b"Prefer: return=minimal" in lines
     assert b"X-Sidecar-Job-Id: forged" not in lines
     assert lines.count(b"X-Sidecar-Job-Id: reports.5." + b"a" * 24) == 1
-    assert b"X-Sidecar-Progress-URL: http://127.0.0.1:9901/p?token=x" in lines
+    assert b"X-Sidecar-Progress-URL: http://127.0.0.1:9901/p" in lines
+    assert b"X-Sidecar-Progress-Token: s3cret" in lines
     assert b"Authorization: Bearer t" in lines
 
 
 def test_replay_head_without_a_body_has_no_length_and_drops_an_empty_prefer() -> None:
     head = b"GET /r HTTP/1.1\r\nHost: app\r\nPrefer: respond-async\r\nContent-Length: 0\r\n\r\n"
-    out = replay_head(head, "q.1." + "b" * 24, "http://x/p", None)
+    out = replay_head(head, "q.1." + "b" * 24, "http://x/p", "t", None)
     assert b"Content-Length" not in out
     assert b"Prefer" not in out
 
