@@ -23,11 +23,15 @@ $(STAMP): pyproject.toml setup.py mypyc.ini sidecar/native.py $(NATIVE)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); scripts/ensure-debian-packages python3-venv && $(PYTHON) -m venv $(VENV); }
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@[ -n "$$SIDECAR_PURE" ] || $(BIN)/python -c 'from sidecar import native; \
+		n, want = len(native.compiled()), len(native.COMPILED); \
+		n < want and print(f"make: only {n} of {want} modules compiled; the others run interpreted. " \
+		"See why: $(BIN)/python -m pip install -v -e . 2>&1 | grep sidecar:")'
 	@touch $(STAMP)
 
 setup: $(STAMP)
 	@[ -n "$$SIDECAR_PURE" ] || $(BIN)/python -c 'import sys; from sidecar import native; \
-		sys.exit(len(native.compiled()) < len(native.COMPILED))' \
+		sys.exit(len(native.compiled()) < len(native.COMPILED) or bool(native.stale()))' \
 		|| $(BIN)/python -m pip install --quiet -e '.[test]'
 	@scripts/ensure-debian-packages redis-server
 

@@ -31,6 +31,7 @@ from .admin import build_admin_app
 from .aio import cancel_and_wait
 from .balancer import Upstream, make_upstream
 from .config import Config, ConfigError, LoadedConfig, Problem, RouteConfig, load_config
+from .core.redact import Redactor
 from .edge.handler import EdgeHandler
 from .edge.protocol import EdgeServer
 from .edge.tls import server_context
@@ -238,6 +239,7 @@ def build_state(loaded: LoadedConfig, previous: State | None, cache: CacheServic
         via_response_bytes=f"1.1 {config.server.via}".encode("latin-1"),
         via_request_id=f"Via: 1.1 {config.server.via}\r\nX-Request-ID: ".encode("latin-1"),
         jobs_path=config.jobs.path,
+        redactor=Redactor(config.log.redact.query, config.log.redact.headers),
     )
 
 

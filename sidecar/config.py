@@ -612,12 +612,21 @@ class RouteConfig(PolicyKeys):
     use: list[str] = []
 
 
+class RedactConfig(_Model):
+    """Query parameters and headers whose values logs and spans show as `<redacted>`, added to
+    the defaults of core/redact.py (Authorization and Cookie are always redacted)."""
+
+    query: list[str] = []
+    headers: list[str] = []
+
+
 class LogConfig(_Model):
     format: Literal["json", "logfmt"] = "json"
     level: Literal["debug", "info", "warning", "error"] = "info"
     access: bool = True
     # Admin actions (audit.py) go to this file, one JSON line each, instead of stderr.
     audit_file: str | None = None
+    redact: RedactConfig = RedactConfig()
 
 
 class AdminTokenConfig(_Model):

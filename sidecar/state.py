@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from .balancer import Upstream
 from .config import Config, LoadedConfig
+from .core.redact import Redactor
 from .pipeline import Handler
 from .routing import RouteTable
 
@@ -26,3 +27,4 @@ class State:
     via_response_bytes: bytes  # `1.1 <server.via>`, this hop in a response's Via
     via_request_id: bytes  # `Via: 1.1 <server.via>\r\nX-Request-ID: `, ahead of the id
     jobs_path: str
+    redactor: Redactor  # log.redact: what the access log and spans do not show

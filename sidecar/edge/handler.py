@@ -24,6 +24,7 @@ from .responses import error_response, new_request_id, response_head, status_lin
 from .upgrade import Tunnel
 
 if TYPE_CHECKING:
+    from ..core.redact import Redactor
     from ..http.request import RequestHead
     from ..logs import AccessLog
     from ..metrics import Recorder
@@ -134,7 +135,7 @@ class EdgeHandler:
                 sent = await self._respond(conn, exchange, result, request_id, state, timing)
         except SidecarError as exc:
             status = exc.status
-            self._refused(exc, exchange, conn, request_id, route)
+            sent = self._refused(exc, exchange, conn, request_id, route)
         except ConnectionError:  # ClientGone included: nobody to answer
             status = 499
         except Exception:
@@ -142,7 +143,8 @@ class EdgeHandler:
                                                    "route": route.name if route else None})
             status = 500
             if not exchange.started:
-                self._write_error(conn, exchange, SidecarError("internal error"), request_id)
+                sent = self._write_error(conn, exchange, SidecarError("internal error"),
+                                         request_id)
             exchange.close = True
         finally:
             metrics.inflight -= 1
@@ -151,17 +153,19 @@ class EdgeHandler:
                                 status, elapsed or time.perf_counter() - started)
             access = runtime.access_log
             if access.enabled:
-                access.write(_access_fields(head, route, status, request_id, started, sent))
+                access.write(_access_fields(head, route, label, status, request_id, started,
+                                            sent, state.redactor))
 
     # -- errors ----------------------------------------------------------------------------------
 
     def _refused(self, exc: SidecarError, exchange: Exchange, conn: EdgeProtocol,
-                 request_id: str, route: Route | None) -> None:
+                 request_id: str, route: Route | None) -> int:
+        """Log and answer a refusal; the body bytes written (for the access log)."""
         if exchange.started:
             # Too late for an error response: cut the connection so the client sees a
             # truncated response, never a clean end of a wrong one.
             conn.abort()
-            return
+            return 0
         if isinstance(exc, UpstreamError) and exc.code != "breaker_open":
             # (an open breaker is logged once, when it opens, not once per refusal)
             log.warning("upstream request failed", extra={
@@ -184,11 +188,12 @@ class EdgeHandler:
                 "route": route.name if route else None, "status": exc.status,
                 "error": exc.code, "detail": exc.detail,
             })
-        self._write_error(conn, exchange, exc, request_id)
+        return self._write_error(conn, exchange, exc, request_id)
 
     @staticmethod
     def _write_error(conn: EdgeProtocol, exchange: Exchange, exc: SidecarError,
-                     request_id: str) -> None:
+                     request_id: str) -> int:
+        """The JSON error written; its body's size (0 for HEAD)."""
         head = exchange.head
         close = exc.close_connection or not head.keep_alive or conn.closing
         body = exchange.body
@@ -200,9 +205,10 @@ class EdgeHandler:
         if close:
             exchange.close = True
         exchange.started = True
+        answer = error_response(exc, request_id, close=close, head_only=head.method == "HEAD")
         with contextlib.suppress(ClientGone):
-            conn.write(error_response(exc, request_id, close=close,
-                                      head_only=head.method == "HEAD"))
+            conn.write(answer)
+        return 0 if head.method == "HEAD" else len(answer) - answer.index(b"\r\n\r\n") - 4
 
     # -- responses -------------------------------------------------------------------------------
 
@@ -350,15 +356,18 @@ _TOTAL_ONLY: dict[bytes, bytes] = {}
 _WITH_UPSTREAM: dict[bytes, bytes] = {}
 
 
-def _access_fields(head: RequestHead, route: Route | None, status: int, request_id: str,
-                   started: float, sent: int) -> dict[str, Any]:
+def _access_fields(head: RequestHead, route: Route | None, label: str, status: int,
+                   request_id: str, started: float, sent: int, redactor: Redactor
+                   ) -> dict[str, Any]:
+    """`route`: the matched route's name, else what answered (`_jobs`, the jobs API), else
+    None (no route matched)."""
     return {
         "ts": AccessLogClock.now(),
         "request_id": request_id,
         "client": head.client,
         "method": head.method,
-        "path": head.target[:512],
-        "route": route.name if route else None,
+        "path": redactor.target(head.target[:512]),
+        "route": route.name if route else (None if label == NO_ROUTE else label),
         "upstream": route.upstream if route else None,
         "status": status,
         "duration_ms": round((time.perf_counter() - started) * 1000, 3),
