@@ -68,6 +68,7 @@ from .stores.tiered import CacheService
 
 if TYPE_CHECKING:
     from .jobs.runner import JobRunner
+    from .tracing import Tracing
 
 log = logging.getLogger("sidecar")
 
@@ -84,14 +85,22 @@ def _upstream_handler(pool: Upstream, recorder: Recorder, *,
         head = (build_request_head(request.head, request.route, request.request_id,
                                    request.chunked, upgrade=True)
                 if upgrade else request.upstream_head)
+        trace = request.trace
+        span = None
+        if trace is not None:  # a client span per attempt, its context in traceparent
+            span, head = trace.upstream(name, head)
         try:
             response = await pool.request(head, request.body, request.chunked, request.timeout,
                                           request.method == "HEAD", upgrade, request)
-        except UpstreamError:
+        except UpstreamError as exc:
             recorder.upstream_call(name, None, time.perf_counter() - started)
+            if trace is not None and span is not None:
+                trace.end_upstream(span, None, exc.code)
             raise
         seconds = time.perf_counter() - started
         recorder.upstream_call(name, response.status, seconds)
+        if trace is not None and span is not None:
+            trace.end_upstream(span, response.status)
         result = ProxyResponse.from_upstream(response)
         result.upstream_seconds = seconds
         return result
@@ -243,6 +252,16 @@ def build_state(loaded: LoadedConfig, previous: State | None, cache: CacheServic
     )
 
 
+def tracing_for(config: Config, worker_id: int) -> Tracing | None:
+    """The worker's tracer for `tracing:`, or None; the SDK is imported only then."""
+    if config.tracing is None:
+        return None
+    from .tracing import Tracing
+
+    redact = config.log.redact
+    return Tracing(config.tracing, Redactor(redact.query, redact.headers), worker_id)
+
+
 def _signature(loaded: LoadedConfig) -> tuple[Any, ...]:
     """What the watcher compares: every file read, plus what the include globs match now."""
     entries: list[tuple[str, int | None, int | None]] = []
@@ -280,6 +299,7 @@ class Runtime:
         self.reuse_port = reuse_port
         self.worker_id = worker_id
         self.access_log = AccessLog(loaded.config.log)
+        self.tracing: Tracing | None = None  # started with the worker when `tracing:` is set
         self.redis: aioredis.Redis | None = None
         self.redis_up = False
         self.edge: EdgeServer | None = None
@@ -325,6 +345,8 @@ class Runtime:
         failed start) undoes them in reverse, the last started first."""
         config = self.config
         stack.callback(self.access_log.flush)
+        self.tracing = tracing_for(config, self.worker_id)
+        stack.callback(self._stop_tracing)
         self.redis = aioredis.Redis.from_url(
             self.redis_url, socket_connect_timeout=config.redis.connect_timeout,
             socket_timeout=max(config.redis.connect_timeout, 1.0), health_check_interval=0,
@@ -412,6 +434,11 @@ class Runtime:
                         "rebuild with `make setup` (or `pip install -e .`)",
                         extra={"modules": stale})
 
+    def _stop_tracing(self) -> None:
+        tracing, self.tracing = self.tracing, None
+        if tracing is not None:
+            tracing.shutdown()
+
     async def _stop_edge(self) -> None:
         if self.edge is not None:
             await self.edge.stop(self.config.server.shutdown_grace)
@@ -487,6 +514,11 @@ class Runtime:
             self.reloads["ok"] += 1
             self.last_reload_error = None
             configure_logging(new.config.log, new.loaded.path.parent)
+            if new.config.tracing != old.config.tracing or (
+                    new.config.log.redact != old.config.log.redact):
+                tracing, self.tracing = self.tracing, tracing_for(new.config, self.worker_id)
+                if tracing is not None:  # what it holds is exported in its own thread
+                    await asyncio.to_thread(tracing.shutdown)
             self.access_log.configure(new.config.log)
             self.metrics.configure(new.config)
             for name, pool in old.pools.items():

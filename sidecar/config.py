@@ -811,6 +811,26 @@ class ScheduleConfig(_Model):
         return Every(self.every)
 
 
+class TracingConfig(_Model):
+    """OpenTelemetry spans exported over OTLP/HTTP (docs/metrics.md, Tracing)."""
+
+    exporter: Literal["otlp"] = "otlp"
+    endpoint: str = "http://127.0.0.1:4318"  # the collector; spans go to <endpoint>/v1/traces
+    # Share of requests traced when the client sends no traceparent; one that does is followed.
+    sample: float = Field(0.1, ge=0, le=1)
+    service_name: str = "sidecar"
+    batch_delay: Duration = 1.0  # spans wait at most this long before an export
+    timeout: Duration = 5.0  # one export's time limit
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("an http:// or https:// URL of an OTLP/HTTP collector "
+                             "(e.g. http://127.0.0.1:4318)")
+        return value
+
+
 class Config(_Model):
     server: ServerConfig = ServerConfig()
     redis: RedisConfig = RedisConfig()
@@ -824,6 +844,7 @@ class Config(_Model):
     jobs: JobsConfig = JobsConfig()
     metrics: MetricsConfig = MetricsConfig()
     schedules: dict[str, ScheduleConfig] = {}
+    tracing: TracingConfig | None = None  # off unless set
 
     @field_validator("schedules")
     @classmethod

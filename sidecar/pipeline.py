@@ -29,6 +29,7 @@ from .http.headers import RawHeaders
 if TYPE_CHECKING:
     from .http.request import RequestHead
     from .routing import Route
+    from .tracing import Trace
     from .upstream import Body, UpstreamResponse, UpstreamTunnel
 
 # The one list of the order (app.POLICY_BUILDERS says how each is built for a route).
@@ -68,11 +69,12 @@ class ProxyRequest:
     through a policy (nothing stores, shares or replays them)."""
 
     __slots__ = ("_upstream_head", "body", "chunked", "head", "method", "request_id", "route",
-                 "sink", "timeout")
+                 "sink", "timeout", "trace")
 
     def __init__(self, head: RequestHead, route: Route, request_id: str, body: Body,
                  chunked: bool, timeout: float | None,
-                 upstream_head: bytes | None = None, sink: InterimSink | None = None) -> None:
+                 upstream_head: bytes | None = None, sink: InterimSink | None = None,
+                 trace: Trace | None = None) -> None:
         self.head = head
         self.method = head.method
         self.route = route
@@ -82,6 +84,7 @@ class ProxyRequest:
         self.timeout = timeout
         self._upstream_head = upstream_head
         self.sink = sink
+        self.trace = trace  # the request's spans when it is traced (tracing.py)
 
     def interim(self, status: int, reason: str, headers: RawHeaders) -> None:
         """An interim response from the upstream (upstream.Interim): to the client, if any."""
@@ -102,12 +105,12 @@ class ProxyRequest:
     def with_upstream_head(self, upstream_head: bytes) -> ProxyRequest:
         """The same request, forwarded with other headers."""
         return ProxyRequest(self.head, self.route, self.request_id, self.body, self.chunked,
-                            self.timeout, upstream_head, self.sink)
+                            self.timeout, upstream_head, self.sink, self.trace)
 
     def with_body(self, body: bytes, upstream_head: bytes) -> ProxyRequest:
         """The same request with its body read whole (and the head framing it so)."""
         return ProxyRequest(self.head, self.route, self.request_id, body, False, self.timeout,
-                            upstream_head, self.sink)
+                            upstream_head, self.sink, self.trace)
 
 
 class BodyTooLarge(Exception):

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from ..metrics import Recorder
     from ..routing import Route
     from ..state import State
+    from ..tracing import Tracing
     from ..upstream import Body
     from .protocol import EdgeProtocol, Exchange
 
@@ -58,6 +59,11 @@ class EdgeHost(JobsHost, Protocol):
 
     @property
     def access_log(self) -> AccessLog: ...
+
+    @property
+    def tracing(self) -> Tracing | None:
+        """The worker's tracer when `tracing:` is set; None costs the request nothing."""
+        ...
 
 
 class EdgeHandler:
@@ -91,6 +97,10 @@ class EdgeHandler:
         label = NO_ROUTE  # the metrics' route label when no route matched
         status = 499
         sent = 0
+        tracing = runtime.tracing
+        trace = tracing.start(head) if tracing is not None else None
+        answered: ProxyResponse | None = None  # for the span
+        failure: str | None = None
         try:
             if exchange.error is not None:
                 raise exchange.error
@@ -106,16 +116,18 @@ class EdgeHandler:
                 # as they come (EdgeProtocol.interim).
                 if exchange.body is None:
                     request = ProxyRequest(head, route, request_id, None, False, route.timeout,
-                                           None, conn)
+                                           None, conn, trace)
                 else:
                     body, chunked = await _request_body(exchange, conn)
                     request = ProxyRequest(head, route, request_id, body, chunked,
-                                           route.timeout, None, conn)
+                                           route.timeout, None, conn, trace)
                 if exchange.upgrade:
                     result = await state.upgrade_chains[route.name](request)
                 else:
                     result = await state.chains[route.name](request)
             status = result.status
+            if trace is not None:
+                answered = result
             if result.body is not None and (
                     head.http11 and head.keep_alive and not conn.closing and not exchange.close
                     and status >= 200 and status != 204 and status != 304
@@ -135,6 +147,7 @@ class EdgeHandler:
                 sent = await self._respond(conn, exchange, result, request_id, state, timing)
         except SidecarError as exc:
             status = exc.status
+            failure = exc.code
             sent = self._refused(exc, exchange, conn, request_id, route)
         except ConnectionError:  # ClientGone included: nobody to answer
             status = 499
@@ -155,6 +168,9 @@ class EdgeHandler:
             if access.enabled:
                 access.write(_access_fields(head, route, label, status, request_id, started,
                                             sent, state.redactor))
+            if trace is not None:
+                trace.end(route.name if route is not None else None, status,
+                          _span_attributes(answered, failure, request_id, sent))
 
     # -- errors ----------------------------------------------------------------------------------
 
@@ -354,6 +370,25 @@ def _server_timing(result: ProxyResponse, elapsed: float) -> bytes:
 # cache outcome (pipeline.ProxyResponse.cache: a few constants) -> its Server-Timing format
 _TOTAL_ONLY: dict[bytes, bytes] = {}
 _WITH_UPSTREAM: dict[bytes, bytes] = {}
+
+
+def _span_attributes(result: ProxyResponse | None, failure: str | None, request_id: str,
+                     sent: int) -> dict[str, Any]:
+    """What a request's server span says besides its method, route and status."""
+    attributes: dict[str, Any] = {"sidecar.request_id": request_id,
+                                  "http.response.body.size": sent}
+    if failure is not None:
+        attributes["error.type"] = failure
+        if failure == "breaker_open":
+            attributes["sidecar.breaker"] = "open"
+    if result is not None:
+        if result.cache is not None:  # b"cache;desc=hit, "
+            attributes["sidecar.cache"] = result.cache.decode("latin-1").split("=", 1)[-1] \
+                .rstrip(", ")
+        for name, value in result.headers:
+            if name.lower() == b"x-sidecar-dedup":
+                attributes["sidecar.dedup"] = value.decode("latin-1")
+    return attributes
 
 
 def _access_fields(head: RequestHead, route: Route | None, label: str, status: int,

@@ -34,6 +34,7 @@ from .queue import CANCELLED_BY_CLIENT, REPLAY, SCHEDULE_EVERY, JobService, Side
 if TYPE_CHECKING:
     from ..balancer import Upstream
     from ..config import Config
+    from ..tracing import Trace, Tracing
 
 log = logging.getLogger("sidecar.jobs")
 
@@ -71,6 +72,9 @@ class JobHost(Protocol):
     def pools(self) -> Mapping[str, Upstream]: ...
 
     def progress_base(self) -> str: ...
+
+    @property
+    def tracing(self) -> Tracing | None: ...
 
 
 class JobFailure(Exception):
@@ -359,13 +363,36 @@ class JobRunner:
         progress_url = f"{self.host.progress_base()}/internal/jobs/{job.key}/progress"
         head = replay_head(spec["head"].encode("latin-1"), job.key, progress_url,
                            spec["progress_token"], len(body) if body is not None else None)
+        tracing = self.host.tracing
+        trace = (tracing.job_attempt(spec.get("traceparent"), job.key, job.key.split(".", 1)[0],
+                                     job.attempts) if tracing is not None else None)
+        if trace is None:
+            return await self._send(job, spec, pool, head, body, None)
+        failure: str | None = None
+        try:
+            return await self._send(job, spec, pool, head, body, trace)
+        except BaseException as exc:
+            failure = str(exc)[:200] or type(exc).__name__
+            raise
+        finally:
+            trace.finish(spec["route"], failure)
+
+    async def _send(self, job: Job, spec: dict[str, Any], pool: Upstream, head: bytes,
+                    body: bytes | None, trace: Trace | None) -> dict[str, Any]:
+        span = None
+        if trace is not None:
+            span, head = trace.upstream(spec["upstream"], head, job.attempts)
         try:
             upstream = await pool.request(head, body, timeout=float(job.timeout or 600),
                                           is_head=spec["method"] == "HEAD")
             response = ProxyResponse.from_upstream(upstream)
             data = await response.read_whole(spec["max_body"])
         except UpstreamError as exc:
+            if trace is not None and span is not None:
+                trace.end_upstream(span, None, exc.code)
             raise JobFailure(f"{exc.code}: {exc.detail}") from None
+        if trace is not None and span is not None:
+            trace.end_upstream(span, upstream.status)
         if data is None:
             if response.stream is not None:
                 response.stream.close()

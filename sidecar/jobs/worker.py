@@ -8,7 +8,7 @@ import logging
 import os
 import signal
 
-from ..app import attach_jobs, progress_base
+from ..app import attach_jobs, progress_base, tracing_for
 from ..balancer import make_upstream
 from ..config import Config, ConfigError, LoadedConfig, load_config
 from ..logs import configure_logging
@@ -27,6 +27,7 @@ class StandaloneWorker:
                       for name, upstream in loaded.config.upstreams.items()}
         self.service = JobService()
         self.runner = JobRunner(self, self.service)
+        self.tracing = tracing_for(loaded.config, os.getpid())
         self._stopped = asyncio.Event()
 
     @property
@@ -52,6 +53,8 @@ class StandaloneWorker:
         await self.service.close()
         for pool in self.pools.values():
             await pool.close()
+        if self.tracing is not None:
+            self.tracing.shutdown()
 
     async def reload(self) -> None:
         """SIGHUP: queues, limits and upstreams from the config file again."""

@@ -81,6 +81,12 @@ class OffloadPolicy:
             "request_id": request.request_id,
             "created": int(time.time() * 1000),  # kept when an operator retries the job
         }
+        trace = request.trace
+        span = None
+        if trace is not None:  # the job's attempts link to this span (tracing.job_attempt)
+            span = trace.child("enqueue", {"sidecar.job.id": str(job_id),
+                                           "sidecar.job.queue": self.config.queue})
+            spec["traceparent"] = trace.context_of(span)
         if self.service.redis is None or not self.service.redis_up:
             raise self._unavailable()
         limit = self.max_queued
@@ -94,6 +100,9 @@ class OffloadPolicy:
                                            max_age=jobs.max_age, start_at=start_at)
         except REDIS_ERRORS:
             raise self._unavailable() from None
+        finally:
+            if span is not None:
+                span.end()
         if start_at is not None:
             return self.accepted(job_id, jobs, preferences, SCHEDULED, start_at)
         status = QUEUED
