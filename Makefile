@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: help setup pure run test lint loadtest bench bench-passthrough bench-cache bench-dedup bench-jobs bench-edge bench-front soak check clean
+.PHONY: help setup pure run test lint loadtest bench bench-passthrough bench-cache bench-dedup bench-jobs bench-edge bench-front bench-tracing soak check clean
 
 help:
 	@echo "make run     start the example backend and the sidecar in front of it (:8080, admin :9901)"
@@ -79,6 +79,10 @@ bench-edge: setup
 bench-front: setup
 	@scripts/ensure-debian-packages nginx wrk
 	$(BIN)/python loadtests/bench/front.py
+
+bench-tracing: setup
+	@scripts/ensure-debian-packages nginx wrk
+	$(BIN)/python loadtests/bench/tracing.py
 
 soak: setup
 	$(BIN)/python loadtests/soak.py

@@ -15,8 +15,8 @@ A benchmark that fails does not stop the others. Ctrl-C (or SIGTERM) stops the c
 the rest and still writes the summary. Exits 0 when every benchmark exited 0 and wrote its
 JSON (or a skip), else 1.
 
-    .venv/bin/python loadtests/bench/run_all.py [--only edge,passthrough,cache,dedup,jobs,front]
-        [--quick] [--strict] [--out DIR]
+    .venv/bin/python loadtests/bench/run_all.py
+        [--only edge,passthrough,cache,dedup,jobs,front,tracing] [--quick] [--strict] [--out DIR]
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ BENCHES = (
     Bench("dedup", "dedup.py", ("--rounds", "1"), strict=True),
     Bench("jobs", "jobs.py", ("--duration", "2"), strict=False),
     Bench("front", "front.py", ("--duration", "2", "--rounds", "1"), strict=False),
+    Bench("tracing", "tracing.py", ("--duration", "2", "--rounds", "1"), strict=False),
 )
 
 
