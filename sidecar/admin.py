@@ -31,6 +31,7 @@ from .core.jobs import (
     parse_progress,
     public_status,
 )
+from .crypto import SealError
 from .edge.responses import error_body, new_request_id
 from .errors import SidecarError, UnauthorizedError
 from .jobs.api import JobsHost, find_job, view
@@ -318,11 +319,18 @@ def _admin_view(runtime: AdminHost, job: Job) -> dict[str, object]:
     found = view(job, {}, runtime.config.jobs.path)
     found.update({
         "queue": job.key.split(".", 1)[0], "route": spec.get("route"),
-        "method": spec.get("method"), "target": spec.get("target"),
+        "method": spec.get("method"), "target": _target(runtime, job),
         "request_id": spec.get("request_id"), "error_detail": job.error,
         "max_attempts": job.retries,
     })
     return found
+
+
+def _target(runtime: AdminHost, job: Job) -> str | None:
+    try:
+        return runtime.jobs.request_field(job, "target") or None
+    except SealError as exc:
+        return f"<sealed: {exc}>"
 
 
 def error_response(exc: SidecarError, request_id: str) -> web.Response:

@@ -32,6 +32,7 @@ from .aio import cancel_and_wait
 from .balancer import Upstream, make_upstream
 from .config import Config, ConfigError, LoadedConfig, Problem, RouteConfig, load_config
 from .core.redact import Redactor
+from .crypto import Sealer
 from .edge.handler import EdgeHandler
 from .edge.protocol import EdgeServer
 from .edge.tls import server_context
@@ -286,6 +287,10 @@ class Runtime:
         self.dedup = DedupService()
         self.breakers = BreakerService()
         self.jobs = JobService()
+        # One sealer for everything stored from clients and upstreams (crypto.py); a reload
+        # gives it the keys of the new config (a rotation).
+        self.sealer = Sealer(loaded.config.redis.keys())
+        self.cache.sealer = self.dedup.sealer = self.jobs.sealer = self.sealer
         self.runner: JobRunner | None = None
         self.scheduler: Scheduler | None = None
         self.metrics = Recorder(loaded.config)
@@ -510,6 +515,7 @@ class Runtime:
                 self.edge.tls = tls  # new connections get the certificate read just now
             self.cache.set_quota(new.config.cache.redis.max_bytes)
             self.cache.set_l1_without_redis(new.config.cache.l1_without_redis)
+            self.sealer.configure(new.config.redis.keys())
             await self._bound_embedded_redis(old.config, new.config)
             self.reloads["ok"] += 1
             self.last_reload_error = None
@@ -599,14 +605,14 @@ class Runtime:
 
 def _restart_needed(old: Config, new: Config) -> list[str]:
     """The sections whose changes a reload cannot apply; redis.headroom it can (it only moves
-    the embedded Redis's maxmemory)."""
+    the embedded Redis's maxmemory), and redis.encryption_keys (a key rotation)."""
     # TLS files and settings apply at a reload (Runtime._tls_for); turning TLS on or off does
     # not: the listener accepts differently with it.
     found = ["server"] if (old.server.model_copy(update={"tls": None})
                            != new.server.model_copy(update={"tls": None})
                            or (old.server.tls is None) != (new.server.tls is None)) else []
-    if old.redis.model_copy(update={"headroom": 0}) != new.redis.model_copy(
-            update={"headroom": 0}):
+    applied = {"headroom": 0, "encryption_keys": []}  # a reload applies these
+    if old.redis.model_copy(update=applied) != new.redis.model_copy(update=applied):
         found.append("redis")
     return found
 

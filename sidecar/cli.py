@@ -98,6 +98,13 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from .crypto import new_key
+
+    print(new_key())
+    return 0
+
+
 def cmd_loadtest(args: argparse.Namespace) -> int:
     from .core.units import parse_duration
     from .loadtest import runner
@@ -186,6 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
             "else prints every problem with its file, key path and line, and exits 1."))
     check.add_argument("-c", "--config", default="config.yaml", help="config file (config.yaml)")
     check.set_defaults(func=cmd_check)
+    keygen = sub.add_parser(
+        "keygen", help="print a new key for redis.encryption_keys", description=(
+            "Print 32 random bytes in base64: a key for redis.encryption_keys. Put the new key "
+            "first to rotate; keep the old one listed until what it sealed has expired "
+            "(docs/security.md)."))
+    keygen.set_defaults(func=cmd_keygen)
     loadtest = sub.add_parser(
         "loadtest", help="run a load test against SLAs", description=(
             "Run locust headless against the target of an SLA file, one task per SLA (an "

@@ -33,6 +33,7 @@ from pydantic import (
 from .core.encoding import DEFAULT_TYPES
 from .core.schedule import Cron, Every, Ticks, zone
 from .core.units import format_size, parse_duration, parse_percent, parse_size
+from .crypto import parse_key
 
 # --- value types -------------------------------------------------------------------------------
 
@@ -139,6 +140,20 @@ class RedisConfig(_Model):
     # for idempotency records, dedup hand-offs, finished jobs' results, jobs in backoff, breakers,
     # rate limits and Redis's own buffers (docs/caching.md, "The embedded Redis").
     headroom: Size = 256 * 1024**2
+    # AES-256-GCM keys (base64 of 32 bytes, `sidecar keygen`): the first seals what the sidecar
+    # stores in Redis from clients and upstreams, every one opens (crypto.py; docs/security.md).
+    encryption_keys: list[str] = []
+
+    @field_validator("encryption_keys")
+    @classmethod
+    def _check_keys(cls, keys: list[str]) -> list[str]:
+        parsed = [parse_key(key) for key in keys]
+        if len(set(parsed)) != len(parsed):
+            raise ValueError("the same key is listed twice")
+        return keys
+
+    def keys(self) -> list[bytes]:
+        return [parse_key(key) for key in self.encryption_keys]
 
     @field_validator("headroom")
     @classmethod

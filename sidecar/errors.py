@@ -214,6 +214,14 @@ class JobNotFoundError(SidecarError):
     code = "job_not_found"
 
 
+class JobResultUnreadableError(SidecarError):
+    """The stored result is sealed with a key no longer in redis.encryption_keys, or altered:
+    never served as if it were the response."""
+
+    status = 500
+    code = "job_result_unreadable"
+
+
 class JobNotFinishedError(SidecarError):
     status = 425
     code = "job_not_finished"

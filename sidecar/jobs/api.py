@@ -34,11 +34,13 @@ from ..core.jobs import (
     status_view,
     view_etag,
 )
+from ..crypto import SealError
 from ..errors import (
     JobFinishedError,
     JobNotFinishedError,
     JobNotFoundError,
     JobQueueUnavailableError,
+    JobResultUnreadableError,
     MethodNotAllowedError,
 )
 from ..pipeline import ProxyResponse
@@ -176,6 +178,9 @@ class JobsEndpoint:
                 result = await self.service.result(job.key)
         except REDIS_ERRORS:
             raise self._unavailable() from None
+        except SealError as exc:
+            raise JobResultUnreadableError(f"{exc}; add the key it was sealed with to "
+                                           "redis.encryption_keys") from None
         if result is None:
             raise JobNotFoundError("the job's result expired (offload.result_ttl)")
         headers: RawHeaders = [*result.headers, (b"X-Sidecar-Job-Id", job.key.encode())]
@@ -202,7 +207,7 @@ class JobsEndpoint:
         if job.status == Status.ABORTING:
             try:
                 async with service.bounded():
-                    if await service.result(job.key) is not None:
+                    if await service.has_result(job.key):
                         # The job succeeded between the read above and saq's abort, which
                         # wrote its stale copy back as "aborting" over the finished record:
                         # put it right (the worker counted it already).

@@ -37,6 +37,7 @@ from ..core.jobs import (
     iso_time,
     lane,
 )
+from ..crypto import Sealer
 from ..stores.dedup import SharedResult
 from ..stores.subscriber import REDIS_ERRORS, Subscriber
 
@@ -252,6 +253,11 @@ def result_key(job_id: str) -> str:
     return PREFIX + "result:" + job_id
 
 
+def spec_where(job_id: str, field: str) -> str:
+    """What a sealed field of a job's record is bound to (crypto.Sealer: associated data)."""
+    return f"{PREFIX}job:{job_id}:{field}"
+
+
 def history_key(job_id: str) -> str:
     return PREFIX + "history:" + job_id
 
@@ -300,6 +306,8 @@ class JobService(Subscriber):
     def __init__(self) -> None:
         super().__init__()
         self.redis_up = False
+        # Seals a job's request (head, target, body) and its result in Redis (crypto.py).
+        self.sealer = Sealer()
         self._queues: dict[str, SidecarQueue] = {}
         self._known_lanes: set[str] = set()
         self._wake_callbacks: list[Callable[[str], None]] = []
@@ -362,9 +370,14 @@ class JobService(Subscriber):
         key = str(job_id)
         client = self.client
         lane_name = lane(job_id.queue, job_id.priority)
+        sealer = self.sealer
+        if sealer.enabled:  # the client's headers (Authorization...) and target, not in clear
+            spec = {**spec, "head": sealer.seal_text(spec["head"], spec_where(key, "head")),
+                    "target": sealer.seal_text(spec["target"], spec_where(key, "target"))}
         pipe = client.pipeline(transaction=False)
         if body is not None:
-            pipe.set(body_key(key), body, ex=math.ceil(max_age + config.result_ttl))
+            pipe.set(body_key(key), sealer.seal(body, body_key(key)),
+                     ex=math.ceil(max_age + config.result_ttl))
         if lane_name not in self._known_lanes:
             pipe.sadd(lanes_key(job_id.queue), job_id.priority)
         if len(pipe):
@@ -407,14 +420,30 @@ class JobService(Subscriber):
         return [orjson.loads(entry) for entry in entries]
 
     async def body(self, job_id: str) -> bytes | None:
-        return cast("bytes | None", await self.client.get(body_key(job_id)))
+        """The job's request body; crypto.SealError when it does not open."""
+        data = cast("bytes | None", await self.client.get(body_key(job_id)))
+        return None if data is None else self.sealer.open(data, body_key(job_id))
 
     async def result(self, job_id: str) -> SharedResult | None:
+        """The job's stored response; crypto.SealError when it does not open."""
         data = cast("bytes | None", await self.client.get(result_key(job_id)))
-        return SharedResult.unpack(data) if data is not None else None
+        if data is None:
+            return None
+        return SharedResult.unpack(self.sealer.open(data, result_key(job_id)))
+
+    async def has_result(self, job_id: str) -> bool:
+        return bool(await self.client.exists(result_key(job_id)))
+
+    def request_field(self, job: Job, name: str) -> str:
+        """A job's `head` or `target` as the client sent it; crypto.SealError when sealed with
+        a key no longer listed (or altered)."""
+        return self.sealer.open_text(str((job.kwargs or {}).get(name, "")),
+                                     spec_where(job.key, name))
 
     async def put_result(self, job_id: str, result: SharedResult, ttl: float) -> None:
-        await self.client.set(result_key(job_id), result.pack(), ex=math.ceil(ttl))
+        await self.client.set(result_key(job_id),
+                              self.sealer.seal(result.pack(), result_key(job_id)),
+                              ex=math.ceil(ttl))
 
     async def wait_finished(self, job_id: JobId, timeout: float) -> None:
         """Return when the job reaches a final state, or after `timeout` seconds."""

@@ -25,6 +25,7 @@ from saq.worker import Worker
 
 from ..aio import cancel_and_wait
 from ..core.jobs import SWEPT_ERROR, client_error, lane, replay_head
+from ..crypto import SealError
 from ..errors import UpstreamError
 from ..pipeline import ProxyResponse
 from ..stores.dedup import SharedResult
@@ -356,12 +357,17 @@ class JobRunner:
         if pool is None:
             self._give_up(job, f"upstream {spec['upstream']!r} is no longer in the config")
         body: bytes | None = None
-        if spec["has_body"]:
-            body = await self.service.body(job.key)
-            if body is None:
-                self._give_up(job, "the request body is gone (older than jobs.max_age)")
+        try:
+            if spec["has_body"]:
+                body = await self.service.body(job.key)
+                if body is None:
+                    self._give_up(job, "the request body is gone (older than jobs.max_age)")
+            client_head = self.service.request_field(job, "head")
+        except SealError as exc:
+            self._give_up(job, f"the job's request cannot be read: {exc}; add the key it was "
+                               "sealed with to redis.encryption_keys")
         progress_url = f"{self.host.progress_base()}/internal/jobs/{job.key}/progress"
-        head = replay_head(spec["head"].encode("latin-1"), job.key, progress_url,
+        head = replay_head(client_head.encode("latin-1"), job.key, progress_url,
                            spec["progress_token"], len(body) if body is not None else None)
         tracing = self.host.tracing
         trace = (tracing.job_attempt(spec.get("traceparent"), job.key, job.key.split(".", 1)[0],

@@ -26,6 +26,7 @@ class StandaloneWorker:
         self.pools = {name: make_upstream(name, upstream)
                       for name, upstream in loaded.config.upstreams.items()}
         self.service = JobService()
+        self.service.sealer.configure(loaded.config.redis.keys())
         self.runner = JobRunner(self, self.service)
         self.tracing = tracing_for(loaded.config, os.getpid())
         self._stopped = asyncio.Event()
@@ -69,6 +70,7 @@ class StandaloneWorker:
                       else make_upstream(name, upstream)
                       for name, upstream in loaded.config.upstreams.items()}
         self.loaded = loaded
+        self.service.sealer.configure(loaded.config.redis.keys())
         for name, pool in old.items():
             if self.pools.get(name) is not pool:
                 await pool.close()

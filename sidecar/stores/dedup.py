@@ -23,6 +23,7 @@ from typing import Any, cast
 import orjson
 import redis.asyncio as aioredis
 
+from ..crypto import Sealer, SealError
 from .subscriber import REDIS_ERRORS, Subscriber
 
 log = logging.getLogger("sidecar.dedup")
@@ -98,6 +99,9 @@ class DedupService(Subscriber):
     def __init__(self) -> None:
         super().__init__()
         self.redis_up = False
+        # What seals the responses it hands to other instances, and the idempotency records
+        # of the policies that reach Redis through this service (crypto.py).
+        self.sealer = Sealer()
         self.counts: Counter[tuple[str, str]] = Counter()  # (route, event)
         self.flights: dict[str, Any] = {}  # key -> policies.dedup.Flight, this worker
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
@@ -178,10 +182,11 @@ class DedupService(Subscriber):
         such as CACHED), let go of the lock and wake every instance's followers, in one step:
         a request arriving after it starts a flight of its own, never joins the finished one."""
         assert self._bulk is not None
+        where = PREFIX + "result:" + key + ":" + token
         await self._finish(
-            keys=[PREFIX + "result:" + key + ":" + token, PREFIX + "lock:" + key],
-            args=[result.pack() if isinstance(result, SharedResult) else result or NOT_SHARED,
-                  RESULT_TTL_MS, token, CHANNEL, key])
+            keys=[where, PREFIX + "lock:" + key],
+            args=[self.sealer.seal(result.pack(), where) if isinstance(result, SharedResult)
+                  else result or NOT_SHARED, RESULT_TTL_MS, token, CHANNEL, key])
 
     async def wake(self, key: str) -> None:
         """Wake the followers of `key` without a result: they look at the lock again."""
@@ -192,10 +197,15 @@ class DedupService(Subscriber):
         """What the leader holding `token` published: a result, a marker (NOT_SHARED,
         CACHED), or None (yet)."""
         assert self._bulk is not None
-        data = cast("bytes | None", await self._bulk.get(PREFIX + "result:" + key + ":" + token))
+        where = PREFIX + "result:" + key + ":" + token
+        data = cast("bytes | None", await self._bulk.get(where))
         if data is None or data in _MARKERS:
             return data
-        return SharedResult.unpack(data)
+        try:
+            return SharedResult.unpack(self.sealer.open(data, where))
+        except SealError as exc:  # the follower asks for itself, as without a result
+            log.warning("a shared response did not open", extra={"error": str(exc)})
+            return NOT_SHARED
 
     # -- a flight's part in the cluster, Redis errors handled -----------------------------------
 

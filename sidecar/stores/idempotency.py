@@ -17,6 +17,8 @@ from typing import Any, cast
 import orjson
 import redis.asyncio as aioredis
 
+from ..crypto import Sealer
+
 PREFIX = "sidecar:idem:"
 
 _RENEW = """
@@ -83,8 +85,11 @@ class IdempotencyRecord:
 class IdempotencyStore:
     """The Redis operations of the idempotency policy; Redis errors propagate to the caller."""
 
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(self, client: aioredis.Redis, sealer: Sealer) -> None:
+        """A finished record (the response) is sealed; a claim holds no client data and stays
+        as it is, since the scripts compare it byte for byte."""
         self.client = client
+        self.sealer = sealer
         self._renew: Any = client.register_script(_RENEW)
         self._complete: Any = client.register_script(_COMPLETE)
         self._release: Any = client.register_script(_RELEASE)
@@ -99,11 +104,16 @@ class IdempotencyStore:
         if claimed:
             return None
         # SET NX failed inside MULTI: the GET that follows sees the record that made it fail.
-        return IdempotencyRecord.unpack(cast(bytes, current))
+        return self._read(key, cast(bytes, current))
 
     async def get(self, key: str) -> IdempotencyRecord | None:
         data = cast("bytes | None", await self.client.get(key))
-        return None if data is None else IdempotencyRecord.unpack(data)
+        return None if data is None else self._read(key, data)
+
+    def _read(self, key: str, data: bytes) -> IdempotencyRecord:
+        """SealError for a record that does not open: the policy answers it as Redis down
+        (the request goes through without replay), never with a wrong response."""
+        return IdempotencyRecord.unpack(self.sealer.open(data, key))
 
     async def renew(self, key: str, claim: IdempotencyRecord, lease: float) -> bool:
         """Extend the lease; False when the record is no longer this claim."""
@@ -111,7 +121,9 @@ class IdempotencyStore:
 
     async def complete(self, key: str, claim: IdempotencyRecord, done: IdempotencyRecord,
                        ttl: float) -> bool:
-        return bool(await self._complete(keys=[key], args=[claim.pack(), done.pack(), _ms(ttl)]))
+        return bool(await self._complete(keys=[key], args=[claim.pack(),
+                                                          self.sealer.seal(done.pack(), key),
+                                                          _ms(ttl)]))
 
     async def release(self, key: str, claim: IdempotencyRecord) -> None:
         """Give the key up (no response was had) so that the client's retry can go through."""

@@ -35,6 +35,7 @@ Redis server (or a primary), not a Redis Cluster.
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from collections.abc import Awaitable, Iterable
 from typing import Any, cast
@@ -42,8 +43,11 @@ from typing import Any, cast
 import orjson
 import redis.asyncio as aioredis
 
+from ..crypto import Sealer, SealError
 from .entry import CachedResponse
 from .memory import MAX_VARIANTS
+
+log = logging.getLogger("sidecar.cache")
 
 PREFIX = "sidecar:cache:"
 CHANNEL = PREFIX + "purge"
@@ -227,9 +231,15 @@ def _variant(values: tuple[str | None, ...]) -> bytes:
     return orjson.dumps(values)
 
 
+def _where(name: str, field: bytes) -> str:
+    """What a sealed entry is bound to: its hash and its variant's field."""
+    return name + "/" + field.hex()
+
+
 class RedisStore:
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(self, client: aioredis.Redis, sealer: Sealer) -> None:
         self.client = client
+        self.sealer = sealer  # entries are sealed in Redis when encryption keys are set
         self._put = client.register_script(_PUT)
         self._trim = client.register_script(_TRIM)
         self._forget = client.register_script(_FORGET)
@@ -238,8 +248,20 @@ class RedisStore:
         self._publish_purge = client.register_script(_PUBLISH_PURGE)
 
     async def get(self, primary: str) -> list[CachedResponse]:
-        fields = await cast(_Hash, self.client.hgetall(PREFIX + "e:" + key_hash(primary)))
-        return [CachedResponse.unpack(value) for value in fields.values()]
+        """The stored variants; one that does not open (crypto.SealError) is left out, as if
+        it were not there: a miss, and the next store replaces it."""
+        name = PREFIX + "e:" + key_hash(primary)
+        fields = await cast(_Hash, self.client.hgetall(name))
+        return [entry for field, value in fields.items()
+                if (entry := self._open(name, field, value)) is not None]
+
+    def _open(self, name: str, field: bytes, value: bytes) -> CachedResponse | None:
+        try:
+            return CachedResponse.unpack(self.sealer.open(value, _where(name, field)))
+        except SealError as exc:
+            log.warning("a cache entry did not open; served as a miss",
+                        extra={"error": str(exc)})
+            return None
 
     async def put(self, entry: CachedResponse, retention: float, *, quota: int,
                   now: float) -> int:
@@ -253,15 +275,16 @@ class RedisStore:
         stale_variants = []
         kept = []
         for old_field, value in existing.items():
-            old = CachedResponse.unpack(value)
-            if old.vary_names != entry.vary_names:
+            old = self._open(name, old_field, value)
+            if old is None or old.vary_names != entry.vary_names:
                 stale_variants.append(old_field)
             elif old_field != field:
                 kept.append((old.freshness.stored_at, old_field))
         # At most MAX_VARIANTS per key, as in memory: the oldest go.
         kept.sort()
         stale_variants += [f for _, f in kept[:max(0, len(kept) - MAX_VARIANTS + 1)]]
-        args: list[Any] = [PREFIX, h, field, entry.pack(), ttl_ms, int(now * 1000), quota,
+        args: list[Any] = [PREFIX, h, field, self.sealer.seal(entry.pack(), _where(name, field)),
+                           ttl_ms, int(now * 1000), quota,
                            entry.uri, len(stale_variants), *stale_variants, *entry.tags]
         return int(await self._put(keys=[name], args=args))
 

@@ -28,6 +28,7 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import OutOfMemoryError
 
+from ..crypto import Sealer
 from .entry import CachedResponse
 from .memory import MemoryStore
 from .misses import MissLocks
@@ -58,6 +59,7 @@ class CacheService(Subscriber):
         self.memory: dict[str, MemoryStore] = {}
         self.misses = MissLocks()  # kept across reloads, as the misses in flight are
         self.store: RedisStore | None = None
+        self.sealer = Sealer()  # L2 entries sealed in Redis (redis.encryption_keys)
         self.redis_up = False
         self.counts: Counter[tuple[str, str, str]] = Counter()  # (route, layer, result)
         self._refreshing: set[str] = set()
@@ -88,7 +90,7 @@ class CacheService(Subscriber):
     # -- lifecycle ------------------------------------------------------------------------------
 
     def attach(self, client: aioredis.Redis, listener: aioredis.Redis) -> None:
-        self.store = RedisStore(client)
+        self.store = RedisStore(client, self.sealer)
         if not self.serve_cut_off:
             self.l1_until = 0.0
         super().attach(client, listener)
