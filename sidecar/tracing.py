@@ -58,23 +58,26 @@ def _remote(parent: Parent, state: str | None) -> SpanContext:
 class Trace:
     """One traced request: its server span, and the client spans of its upstream calls."""
 
-    __slots__ = ("span", "state", "tracing")
+    __slots__ = ("attempts", "span", "state", "tracing")
 
     def __init__(self, tracing: Tracing, span: Span, state: str | None) -> None:
         self.tracing = tracing
         self.span = span
         self.state = state  # the client's tracestate, passed on unchanged
+        self.attempts = 0  # upstream attempts so far: retries are the ones past the first
 
     def traceparent(self) -> str:
         context = self.span.get_span_context()
         return traceparent(context.trace_id, context.span_id)
 
-    def upstream(self, upstream: str, head: bytes, attempt: int = 0) -> tuple[Span, bytes]:
-        """A client span for one upstream attempt, and the request head carrying it."""
+    def upstream(self, upstream: str, head: bytes) -> tuple[Span, bytes]:
+        """A client span for one upstream attempt (numbered from 1), and the request head
+        carrying it."""
+        self.attempts += 1
         span = self.tracing.tracer.start_span(
             f"{head.split(b' ', 1)[0].decode('latin-1')} {upstream}", kind=SpanKind.CLIENT,
             context=set_span_in_context(self.span),
-            attributes={"sidecar.upstream": upstream, "sidecar.attempt": attempt})
+            attributes={"sidecar.upstream": upstream, "sidecar.attempt": self.attempts})
         context = span.get_span_context()
         return span, with_trace_headers(head, traceparent(context.trace_id, context.span_id),
                                         self.state)
@@ -114,6 +117,9 @@ class Trace:
             span.update_name(f"{span.name} {route}")  # type: ignore[attr-defined]
             span.set_attribute("http.route", route)
         span.set_attribute("http.response.status_code", status)
+        if self.attempts:
+            span.set_attribute("sidecar.upstream.attempts", self.attempts)
+            span.set_attribute("sidecar.retries", self.attempts - 1)
         for key, value in attributes.items():
             if value is not None:
                 span.set_attribute(key, value)

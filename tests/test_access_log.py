@@ -29,6 +29,7 @@ async def test_access_lines_redact_secrets_and_count_bytes(
     async with client.get(proc.url + "/_sidecar/jobs/nope.1.x") as response:
         job_answer = await response.read()
         assert response.status == 404
+        assert "Server" not in response.headers  # the sidecar's own answers name no versions
 
     def lines() -> list[dict[str, Any]]:
         return [line for line in (json.loads(text) for text in proc.logs().splitlines()

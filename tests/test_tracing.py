@@ -125,6 +125,9 @@ async def test_the_client_trace_is_continued_and_the_upstream_sees_the_sidecars_
     assert seen["traceparent"] == f"00-{TRACE}-{upstream['span_id']}-01"
     assert seen["tracestate"] == "shop=1"
     assert upstream["attributes"]["http.response.status_code"] == 200
+    assert upstream["attributes"]["sidecar.attempt"] == 1
+    assert (miss["attributes"]["sidecar.retries"], "sidecar.retries" in hit["attributes"]) == (
+        0, False)  # the hit made no attempt
     assert SECRET not in repr(receiver.spans)  # neither the query's token nor Authorization
 
 

@@ -387,7 +387,7 @@ class JobRunner:
                     body: bytes | None, trace: Trace | None) -> dict[str, Any]:
         span = None
         if trace is not None:
-            span, head = trace.upstream(spec["upstream"], head, job.attempts)
+            span, head = trace.upstream(spec["upstream"], head)
         try:
             upstream = await pool.request(head, body, timeout=float(job.timeout or 600),
                                           is_head=spec["method"] == "HEAD")
