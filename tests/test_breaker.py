@@ -53,6 +53,13 @@ async def breaker_state(admin_url: str, name: str = "route:api") -> str:
     return states.get(name, "missing")
 
 
+
+def move_clock(sidecar: Any, seconds: float) -> None:
+    """Moves the sidecar's breaker clock forward: a reset elapses without sleeping."""
+    service = sidecar.runtime.breakers
+    before = service.clock
+    service.clock = lambda: before() + seconds
+
 async def test_opens_after_failures_and_answers_fast_without_the_upstream(
         sidecar_factory, origin, redis_url, client):
     origin.script("/x", Flaky())
@@ -82,12 +89,12 @@ async def test_half_opens_after_reset_and_a_good_trial_closes_it(sidecar_factory
         await get(client, sidecar.url + "/x")
     assert (await get(client, sidecar.url + "/x"))[0] == 503
     assert origin.calls["/x"] == 2
-    await asyncio.sleep(0.6)
+    move_clock(sidecar, 0.6)  # past `reset`: half-open
     assert (await get(client, sidecar.url + "/x"))[0] == 503  # the trial fails: open again
     assert origin.calls["/x"] == 3
     assert await breaker_state(sidecar.admin_url) == "open"
     flaky.failing = False
-    await asyncio.sleep(0.6)
+    move_clock(sidecar, 0.6)
     status, _, body = await get(client, sidecar.url + "/x")
     assert (status, body) == (200, "ok #4")
     assert await breaker_state(sidecar.admin_url) == "closed"
@@ -108,10 +115,13 @@ async def test_half_open_lets_a_limited_number_of_trials_through(sidecar_factory
     async with aiohttp.ClientSession() as session:
         await get(session, sidecar.url + "/x")
         flaky.failing = False
-        await asyncio.sleep(0.4)
+        move_clock(sidecar, 0.4)
         requests = [asyncio.ensure_future(get(session, sidecar.url + "/x")) for _ in range(10)]
         await until(lambda: asyncio.sleep(0, origin.calls["/x"] == 2))
-        await asyncio.sleep(0.1)
+        counts = sidecar.runtime.breakers.counts
+        # The nine others are refused while the trial is held at the upstream.
+        await until(lambda: asyncio.sleep(0, sum(
+            n for (_, event), n in counts.items() if event == "rejected") == 9))
         gate.set()
         statuses = sorted(r[0] for r in await asyncio.gather(*requests))
     assert statuses == [200] + [503] * 9
@@ -195,7 +205,9 @@ async def test_stale_fallback_serves_the_cached_body_while_open(sidecar_factory,
     status, _, body = await get(client, sidecar.url + "/p")
     assert (status, body) == (200, "ok #1")
     flaky.failing = True
-    await asyncio.sleep(1.1)
+    cache = sidecar.runtime.cache
+    before = cache.clock
+    cache.clock = lambda: before() + 1.1  # the entry is stale now
     status, headers, body = await get(client, sidecar.url + "/p")  # trips the breaker
     assert await breaker_state(sidecar.admin_url) == "open"
     status, headers, body = await get(client, sidecar.url + "/p")

@@ -8,7 +8,6 @@ with a stale entry when it has one (`Cache-Status: sidecar; fwd=stale; detail=br
 from __future__ import annotations
 
 import math
-import time
 from typing import TYPE_CHECKING
 
 from ..errors import (
@@ -49,12 +48,15 @@ class BreakerPolicy:
         self.exclude = frozenset(config.exclude_status)
         self.serve_stale = config.fallback == "stale"
         self.counts = service.counts
+        self.service = service  # its clock: the time the breaker's reset is measured in
 
     async def handle(self, request: ProxyRequest, call_next: Handler) -> ProxyResponse:
         breaker = self.breaker
-        if not breaker.allow(time.time()):
+        clock = self.service.clock
+        now = clock()
+        if not breaker.allow(now):
             self.counts[(self.name, "rejected")] += 1
-            raise BreakerOpenError(self.upstream, self.name, breaker.retry_after(time.time()),
+            raise BreakerOpenError(self.upstream, self.name, breaker.retry_after(now),
                                    serve_stale=self.serve_stale)
         generation = breaker.transitions
         try:
@@ -67,26 +69,27 @@ class BreakerPolicy:
             raise
         except UpstreamUnavailableError:
             # this worker's pool is full: not the upstream's fault
-            breaker.ignored(time.time(), generation)
+            breaker.ignored(clock(), generation)
             raise
         except UpstreamError:
             self._report("5xx", generation)  # an invalid response
             raise
         except BaseException:
-            breaker.ignored(time.time(), generation)
+            breaker.ignored(clock(), generation)
             raise
         status = response.status
         if status >= 500:
             if status in self.exclude:
-                breaker.ignored(time.time(), generation)
+                breaker.ignored(clock(), generation)
             else:
                 self._report("5xx", generation)
         else:
-            breaker.success(time.time(), generation)
+            breaker.success(clock(), generation)
         return response
 
     def _report(self, kind: str, generation: int) -> None:
+        now = self.service.clock()
         if kind in self.failure_on:
-            self.breaker.failure(time.time(), generation)
+            self.breaker.failure(now, generation)
         else:
-            self.breaker.ignored(time.time(), generation)
+            self.breaker.ignored(now, generation)

@@ -15,6 +15,7 @@ import logging
 import os
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any, cast
 
 import orjson
@@ -40,6 +41,9 @@ class BreakerService(Subscriber):
         self._instance = os.urandom(8).hex()
         self._applying_remote = False
         self._changed_at: dict[str, float] = {}  # when the shared state last changed, by name
+        # The breakers' wall clock (openings are shared between instances as wall times): a
+        # test moves it forward instead of sleeping through a reset.
+        self.clock: Callable[[], float] = time.time
 
     def breaker(self, name: str, *, failures: int, reset: float, half_open_trials: int,
                 cluster: bool) -> Breaker:
@@ -83,7 +87,7 @@ class BreakerService(Subscriber):
         breaker = self.breakers.get(name)
         if breaker is None:
             return False
-        now = time.time()
+        now = self.clock()
         was_closed = breaker.state is State.CLOSED
         breaker.force_close(now)
         if was_closed and name in self.cluster:
@@ -120,9 +124,9 @@ class BreakerService(Subscriber):
         self._applying_remote = True
         try:
             if state == "open":
-                breaker.force_open(at, time.time())
+                breaker.force_open(at, self.clock())
             elif breaker.state is not State.CLOSED:
-                breaker.force_close(time.time())
+                breaker.force_close(self.clock())
         finally:
             self._applying_remote = False
 
@@ -147,7 +151,7 @@ class BreakerService(Subscriber):
     # -- stats ----------------------------------------------------------------------------------
 
     def stats(self) -> list[dict[str, Any]]:
-        now = time.time()
+        now = self.clock()
         return [{
             "name": name, "state": b.state.value,
             "scope": "cluster" if name in self.cluster else "local",
