@@ -65,6 +65,7 @@ from .routing import RouteTable
 from .state import State
 from .stores.breakers import BreakerService
 from .stores.dedup import DedupService
+from .stores.subscriber import Bus
 from .stores.tiered import CacheService
 
 if TYPE_CHECKING:
@@ -253,6 +254,11 @@ def build_state(loaded: LoadedConfig, previous: State | None, cache: CacheServic
     )
 
 
+def _client_name(role: str) -> str:
+    """How a connection of this process shows in Redis's CLIENT LIST."""
+    return f"sidecar:{role}:{os.getpid()}"
+
+
 def tracing_for(config: Config, worker_id: int) -> Tracing | None:
     """The worker's tracer for `tracing:`, or None; the SDK is imported only then."""
     if config.tracing is None:
@@ -352,29 +358,34 @@ class Runtime:
         stack.callback(self.access_log.flush)
         self.tracing = tracing_for(config, self.worker_id)
         stack.callback(self._stop_tracing)
+        # Three clients besides the job queue's, each named in Redis's CLIENT LIST
+        # (sidecar:<role>:<pid>): the commands, one pub/sub connection for every service's
+        # channels, and dedup's bulk transfers.
         self.redis = aioredis.Redis.from_url(
             self.redis_url, socket_connect_timeout=config.redis.connect_timeout,
             socket_timeout=max(config.redis.connect_timeout, 1.0), health_check_interval=0,
-        )
+            client_name=_client_name("commands"))
         stack.push_async_callback(self.redis.aclose)
         await self._check_redis()
-        self.cache.attach(self.redis, aioredis.Redis.from_url(
-            self.redis_url, socket_connect_timeout=config.redis.connect_timeout))
+        bus = Bus(aioredis.Redis.from_url(
+            self.redis_url, socket_connect_timeout=config.redis.connect_timeout,
+            client_name=_client_name("pubsub")))
+        stack.push_async_callback(bus.close)  # after the services, unwinding in reverse
+        self.cache.attach(self.redis, bus)
         stack.push_async_callback(self.cache.close)
         # Dedup moves whole responses (up to dedup.max_body) through Redis: a read timeout
         # sized for small commands would turn a big, slow transfer into a second upstream call.
         self.dedup.attach(
-            self.redis,
-            aioredis.Redis.from_url(
-                self.redis_url, socket_connect_timeout=config.redis.connect_timeout),
+            self.redis, bus,
             bulk=aioredis.Redis.from_url(
                 self.redis_url, socket_connect_timeout=config.redis.connect_timeout,
-                socket_timeout=max(config.redis.connect_timeout, 10.0), health_check_interval=0),
+                socket_timeout=max(config.redis.connect_timeout, 10.0), health_check_interval=0,
+                client_name=_client_name("bulk")),
             command_timeout=max(config.redis.connect_timeout, 1.0))
         stack.push_async_callback(self.dedup.close)
-        self.breakers.attach(self.redis, aioredis.Redis.from_url(
-            self.redis_url, socket_connect_timeout=config.redis.connect_timeout))
+        self.breakers.attach(self.redis, bus)
         stack.push_async_callback(self.breakers.close)
+        bus.start()
         attach_jobs(self.jobs, self.redis_url, config)
         stack.push_async_callback(self.jobs.close)
         stack.push_async_callback(self._close_pools)  # once the edge and the jobs are done
@@ -622,8 +633,10 @@ def attach_jobs(service: JobService, redis_url: str, config: Config) -> None:
     the wake-up subscription is idle by nature. Client requests bound their calls with the
     command timeout of the other clients."""
     service.attach(
-        aioredis.Redis.from_url(redis_url, socket_connect_timeout=config.redis.connect_timeout),
-        aioredis.Redis.from_url(redis_url, socket_connect_timeout=config.redis.connect_timeout),
+        aioredis.Redis.from_url(redis_url, socket_connect_timeout=config.redis.connect_timeout,
+                                client_name=_client_name("jobs")),
+        aioredis.Redis.from_url(redis_url, socket_connect_timeout=config.redis.connect_timeout,
+                                client_name=_client_name("jobs-wake")),
         command_timeout=max(config.redis.connect_timeout, 1.0))
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import redis.asyncio as aioredis
 from aiohttp import web
 from support import (
     Backend,
@@ -24,6 +25,7 @@ from support import (
     SidecarProcess,
     free_port,
     make_config,
+    until,
     write_config,
 )
 
@@ -659,3 +661,28 @@ def test_sidecar_run_with_its_admin_port_taken_exits_with_one_line(
     assert len(lines) == 1, proc.logs()
     assert f"127.0.0.1:{admin}" in lines[0] and "server.admin_listen" in lines[0], lines[0]
     assert "Traceback" not in proc.logs()
+
+
+async def test_a_worker_holds_three_redis_connections_besides_the_job_queues(
+        sidecar_process: StartProcess, backend: Backend, redis_url: str) -> None:
+    """The commands, one pub/sub connection for every service's channels, dedup's bulk
+    transfers; the job queue's own two come on top. Each is named in CLIENT LIST."""
+    proc = sidecar_process(make_config(backend.url, redis_url))
+    client = aioredis.Redis.from_url(redis_url)
+    pid = str(proc.process.pid)
+    try:
+        async def named() -> list[str]:
+            return sorted(str(entry.get("name", "")).split(":")[1]
+                          for entry in await client.client_list()
+                          if str(entry.get("name", "")).endswith(":" + pid))
+
+        async def all_up() -> bool:
+            return {"commands", "pubsub", "jobs", "jobs-wake"} <= set(await named())
+        await until(all_up)
+        # bulk connects on its first transfer; commands is a pool, one per command at once
+        # (one when idle, as here)
+        roles = await named()
+        assert set(roles) <= {"bulk", "commands", "jobs", "jobs-wake", "pubsub"}, roles
+        assert len([role for role in roles if not role.startswith("jobs")]) <= 3, roles
+    finally:
+        await client.aclose()

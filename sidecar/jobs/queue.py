@@ -39,7 +39,7 @@ from ..core.jobs import (
 )
 from ..crypto import Sealer
 from ..stores.dedup import SharedResult
-from ..stores.subscriber import REDIS_ERRORS, Subscriber
+from ..stores.subscriber import REDIS_ERRORS, Bus, Subscriber
 
 if TYPE_CHECKING:
     from ..config import OffloadConfig, WindowRate
@@ -315,7 +315,7 @@ class JobService(Subscriber):
         self._renew: Any = None
         self.command_timeout = 1.0  # what a client's request waits for Redis (`bounded`)
 
-    def attach(self, client: aioredis.Redis, listener: aioredis.Redis, *,
+    def attach(self, client: aioredis.Redis, listener: aioredis.Redis | Bus, *,
                command_timeout: float = 1.0) -> None:
         """`client` has no read timeout: saq's pub/sub for job changes shares it. A client's
         request bounds its own calls instead (`bounded`)."""

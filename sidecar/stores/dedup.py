@@ -24,7 +24,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from ..crypto import Sealer, SealError
-from .subscriber import REDIS_ERRORS, Subscriber
+from .subscriber import REDIS_ERRORS, Bus, Subscriber
 
 log = logging.getLogger("sidecar.dedup")
 
@@ -116,7 +116,7 @@ class DedupService(Subscriber):
 
     # -- lifecycle ------------------------------------------------------------------------------
 
-    def attach(self, client: aioredis.Redis, listener: aioredis.Redis,
+    def attach(self, client: aioredis.Redis, listener: aioredis.Redis | Bus,
                bulk: aioredis.Redis | None = None, *, command_timeout: float = 1.0) -> None:
         """`bulk` (this service's own, closed with it) carries whole responses: its read
         timeout is sized for them, not for the small commands of `client`."""

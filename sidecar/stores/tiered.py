@@ -33,7 +33,7 @@ from .entry import CachedResponse
 from .memory import MemoryStore
 from .misses import MissLocks
 from .redis import CHANNEL, EVICT_BATCH, RedisStore, worker_channel
-from .subscriber import REDIS_ERRORS, Subscriber
+from .subscriber import REDIS_ERRORS, Bus, Subscriber
 
 if TYPE_CHECKING:
     from ..config import CacheConfig
@@ -89,7 +89,7 @@ class CacheService(Subscriber):
 
     # -- lifecycle ------------------------------------------------------------------------------
 
-    def attach(self, client: aioredis.Redis, listener: aioredis.Redis) -> None:
+    def attach(self, client: aioredis.Redis, listener: aioredis.Redis | Bus) -> None:
         self.store = RedisStore(client, self.sealer)
         if not self.serve_cut_off:
             self.l1_until = 0.0
