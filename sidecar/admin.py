@@ -257,6 +257,11 @@ async def _job_stats(runtime: AdminHost) -> dict[str, object]:
     try:
         stats["queues"] = {name: await runtime.jobs.queue_stats(name)
                            for name in runtime.config.queues}
+        stats["callbacks_pending"] = await runtime.jobs.callbacks_pending()
+        callbacks: dict[str, dict[str, int]] = {}
+        for (route, outcome), n in sorted((await runtime.jobs.callback_counts()).items()):
+            callbacks.setdefault(route, {})[outcome] = n
+        stats["callbacks"] = callbacks
     except (*REDIS_ERRORS, RuntimeError) as exc:
         stats["error"] = f"redis unreachable: {exc}"
     return stats

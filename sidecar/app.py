@@ -38,6 +38,7 @@ from .edge.protocol import EdgeServer
 from .edge.tls import server_context
 from .errors import UpstreamError
 from .forwarding import build_request_head
+from .jobs.callbacks import CallbackSender
 from .jobs.queue import JobService
 from .jobs.schedules import Scheduler
 from .logs import AccessLog, configure_logging
@@ -297,6 +298,7 @@ class Runtime:
         # gives it the keys of the new config (a rotation).
         self.sealer = Sealer(loaded.config.redis.keys())
         self.cache.sealer = self.dedup.sealer = self.jobs.sealer = self.sealer
+        self.callbacks = CallbackSender(self, self.jobs)
         self.runner: JobRunner | None = None
         self.scheduler: Scheduler | None = None
         self.metrics = Recorder(loaded.config)
@@ -388,6 +390,9 @@ class Runtime:
         bus.start()
         attach_jobs(self.jobs, self.redis_url, config)
         stack.push_async_callback(self.jobs.close)
+        # Every process sends callbacks, job workers or not: a cancel made here owes one too.
+        await self.callbacks.start()
+        stack.push_async_callback(self.callbacks.stop)
         stack.push_async_callback(self._close_pools)  # once the edge and the jobs are done
         tls = None
         if config.server.tls is not None:

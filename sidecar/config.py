@@ -568,6 +568,41 @@ class IdempotencyConfig(_Model):
         return [m.upper() for m in methods]
 
 
+_CALLBACK_URL = re.compile(r"https?://(?:[^@/\s?#]*@)?([^/\s:?#@]+|\[[0-9a-fA-F:.]+\])"
+                           r"(?::(\d{1,5}))?(?:[/?][^\s#]*)?")
+MIN_SECRET = 16
+
+
+class CallbackConfig(_Model):
+    """POST a job's final status to `url`, signed with `secret` (docs/jobs.md, "Callbacks")."""
+
+    url: str
+    secret: str = Field(repr=False)  # HMAC-SHA256 key; never logged or shown
+    attempts: int = Field(5, ge=1, le=100)  # deliveries tried at most
+    backoff: Duration = Field(2.0, ge=0)  # before the second; doubled after, with full jitter
+    max_backoff: Duration = Field(600.0, gt=0)  # the doubling stops here
+    timeout: Duration = Field(10.0, gt=0)  # per delivery, connecting to the last byte of the head
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, url: str) -> str:
+        match = _CALLBACK_URL.fullmatch(url)
+        if match is None or (match.group(2) is not None and int(match.group(2)) > 65535):
+            raise ValueError(
+                "expected an http:// or https:// URL like https://app.example/hooks/jobs, "
+                f"got {url!r}")
+        return url
+
+    @field_validator("secret")
+    @classmethod
+    def _check_secret(cls, secret: str) -> str:
+        if len(secret) < MIN_SECRET:
+            raise ValueError(
+                f"a signing secret needs at least {MIN_SECRET} characters (got {len(secret)}); "
+                "make one with `openssl rand -hex 32` and pass it as ${VAR}")
+        return secret
+
+
 class OffloadConfig(_Model):
     """Answer at once with 202 and replay the request from the job queue (docs/jobs.md)."""
 
@@ -581,6 +616,7 @@ class OffloadConfig(_Model):
     max_body: Size = 16 * 1024**2
     # The latest start a client may ask for (`Prefer: run-at=...` or `delay=...`), from now.
     max_delay: Duration = Field(86400.0, ge=0)
+    callback: CallbackConfig | None = None  # tell the job's creator when it is over
 
 
 class CompressConfig(_Model):
@@ -976,7 +1012,9 @@ def _read_yaml(path: Path, problems: list[Problem]) -> _Document | None:
     except ValueError as exc:
         problems.append(Problem(name, "", f"invalid YAML: a value cannot be read: {exc}"))
         return None
-    doc.data = _expand_env(doc.data, (), doc, problems)
+    routes = doc.data.get("routes") if isinstance(doc.data, dict) else None
+    doc.data = _expand_env(doc.data, (), doc, problems,
+                           routes if isinstance(routes, list) else None)
     return doc
 
 
@@ -1013,11 +1051,13 @@ def _walk(node: yaml.Node, loc: Loc, doc: _Document, problems: list[Problem],
     return size
 
 
-def _expand_env(value: Any, loc: Loc, doc: _Document, problems: list[Problem]) -> Any:
+def _expand_env(value: Any, loc: Loc, doc: _Document, problems: list[Problem],
+                routes: list[Any] | None = None) -> Any:
+    """`routes`: the document's route list, so that a problem inside one names it."""
     if isinstance(value, dict):
-        return {k: _expand_env(v, (*loc, k), doc, problems) for k, v in value.items()}
+        return {k: _expand_env(v, (*loc, k), doc, problems, routes) for k, v in value.items()}
     if isinstance(value, list):
-        return [_expand_env(v, (*loc, i), doc, problems) for i, v in enumerate(value)]
+        return [_expand_env(v, (*loc, i), doc, problems, routes) for i, v in enumerate(value)]
     if isinstance(value, str) and "${" in value:
         def substitute(match: re.Match[str]) -> str:
             name, default = match.group(1), match.group(2)
@@ -1026,7 +1066,7 @@ def _expand_env(value: Any, loc: Loc, doc: _Document, problems: list[Problem]) -
             if default is not None:
                 return default
             problems.append(Problem(
-                doc.file, _format_loc(loc, None),
+                doc.file, _format_loc(loc, routes),
                 f"environment variable {name} is not set (write ${{{name}:-default}} to give a "
                 "default)", doc.line_of(loc),
             ))

@@ -35,6 +35,7 @@ from prometheus_client.core import (
 from prometheus_client.process_collector import ProcessCollector
 
 from . import __version__
+from .core.callbacks import OUTCOMES as CALLBACK_OUTCOMES
 from .core.jobs import DURATION_BUCKETS as JOB_BUCKETS
 from .stores.subscriber import REDIS_ERRORS
 
@@ -101,6 +102,9 @@ SPEC: dict[str, tuple[str, tuple[str, ...], str]] = {
         "counter", ("route",), "Requests refused with 429 by a rate limit"),
     "sidecar_jobs_total": (
         "counter", ("queue", "outcome"), "Job outcomes, whole cluster (aggregate with max)"),
+    "sidecar_job_callbacks_total": (
+        "counter", ("route", "outcome"),
+        "Job callback deliveries, whole cluster: delivered, retried, failed"),
     "sidecar_job_duration_seconds": (
         "histogram", ("queue",), "Duration of finished job attempts, whole cluster"),
     "sidecar_queue_depth": ("gauge", ("queue",), "Jobs waiting in a queue, whole cluster"),
@@ -498,7 +502,7 @@ async def render(runtime: MetricsHost) -> bytes:
 
 async def _cluster_figures(runtime: MetricsHost) -> dict[str, Any]:
     """What lives in Redis: the L2 cache's size and the job queues."""
-    figures: dict[str, Any] = {"queues": {}, "l2": None}
+    figures: dict[str, Any] = {"queues": {}, "l2": None, "callbacks": None}
     if not runtime.redis_up:
         return figures
     with contextlib.suppress(*REDIS_ERRORS, asyncio.TimeoutError):
@@ -508,6 +512,7 @@ async def _cluster_figures(runtime: MetricsHost) -> dict[str, Any]:
                 figures["l2"] = l2
             for name in runtime.config.queues:
                 figures["queues"][name] = await runtime.jobs.queue_stats(name)
+            figures["callbacks"] = await runtime.jobs.callback_counts()
     return figures
 
 
@@ -571,6 +576,7 @@ class SidecarCollector:
         yield info
 
     def _cluster_families(self) -> Iterator[Metric]:
+        yield from self._callback_families()
         queues = self.cluster["queues"]
         if not queues:
             return
@@ -596,6 +602,25 @@ class SidecarCollector:
         yield depth
         yield running
         yield durations
+
+
+    def _callback_families(self) -> Iterator[Metric]:
+        """Every route with a callback from the start at 0, and any other route still counted
+        in Redis (one whose callback a reload removed)."""
+        counts: dict[tuple[str, str], int] | None = self.cluster.get("callbacks")
+        if counts is None:
+            return
+        family = CounterMetricFamily("sidecar_job_callbacks_total",
+                                     SPEC["sidecar_job_callbacks_total"][2],
+                                     labels=("route", "outcome"))
+        found = dict(counts)
+        for route in self.config.routes:
+            if route.offload is not None and route.offload.callback is not None:
+                for outcome in CALLBACK_OUTCOMES:
+                    found.setdefault((route.name, outcome), 0)
+        for (route_name, outcome), n in sorted(found.items()):
+            family.add_metric([route_name, outcome], n)
+        yield family
 
 
 def _cumulative(bounds: Iterable[float], counts: list[int]) -> list[tuple[str, float]]:

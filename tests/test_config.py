@@ -221,6 +221,17 @@ BAD: dict[str, Case] = {
         edit(BASE, l16="    cache: {targeted: [CDN-Cache-Control, cdn-cache-control]}"), (
             Expect(16, ROUTE0 + r"\.cache\.targeted",
                    "'cdn-cache-control' is listed twice (field names are case-insensitive)"),)),
+    "bad_callback_url": Case(edit(
+        BASE, l16="    offload: {callback: {url: 'ftp://hooks.example/jobs', secret: "
+                  "0123456789abcdef}}"), (
+        Expect(16, ROUTE0 + r"\.offload\.callback\.url",
+               "expected an http:// or https:// URL like https://app.example/hooks/jobs, "
+               "got 'ftp://hooks.example/jobs'"),)),
+    "callback_secret_unset": Case(edit(
+        BASE, l16="    offload: {callback: {url: 'https://hooks.example/jobs', "
+                  "secret: '${SIDECAR_TEST_SECRET}'}}"), (
+        Expect(16, ROUTE0 + r"\.offload\.callback\.secret",
+               "environment variable SIDECAR_TEST_SECRET is not set"),)),
     "wrong_type": Case(edit(BASE, l5="log: {level: loud}"), (
         Expect(5, r"log\.level", "got 'loud'"),)),
     "not_a_mapping": Case("- a\n- list\n", (Expect(1, "", "the file must be a mapping"),)),
@@ -242,6 +253,10 @@ GOOD: dict[str, Case] = {
     "no_bundles": Case(
         edit(BASE, l4="include: []", l19="    use: []"), (), policies={}),
     "targeted_off": Case(edit(BASE, l16="    cache: {targeted: []}"), ()),
+    "callback_secret_from_env": Case(edit(
+        BASE, l16="    offload: {callback: {url: 'https://hooks.example/jobs', "
+                  "secret: '${SIDECAR_TEST_SECRET}', attempts: 3, backoff: 1s, timeout: 5s}}"),
+        (), env={"SIDECAR_TEST_SECRET": "a-secret-of-32-characters-000000"}),
     "cache_quota": Case(edit(BASE, l16="    cache: {redis: {max_entry: 1MiB}}")
                         + "cache: {redis: {max_bytes: 2MiB}}\nredis: {headroom: 64MiB}\n", ()),
     "cache_entry_over_the_quota_without_l2": Case(
@@ -293,7 +308,8 @@ IN_PROCESS = frozenset({
     "bad_targeted_field", "targeted_cache_control",
     "targeted_listed_twice", "targeted_off", "cache_quota_too_small", "bad_cache_quota",
     "cache_quota_on_a_route", "route_entry_over_the_quota", "redis_headroom_too_small",
-    "cache_quota", "cache_entry_over_the_quota_without_l2",
+    "cache_quota", "cache_entry_over_the_quota_without_l2", "bad_callback_url",
+    "callback_secret_unset", "callback_secret_from_env",
 })
 
 

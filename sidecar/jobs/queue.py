@@ -11,7 +11,10 @@ does not do on Redis is written here, each for a reason:
 - progress: saq's `Job.update` rewrites the whole record from the worker's copy, so a progress
   report written by another process (the admin listener that received it) would be undone by
   the worker's next heartbeat; progress lives in its own hash instead;
-- bodies and results: bytes, kept out of the JSON record so a status poll never reads them.
+- bodies and results: bytes, kept out of the JSON record so a status poll never reads them;
+- callbacks owed (jobs/callbacks.py sends them): a sorted set of job ids by when a delivery is
+  due, written when the job is queued, so that a worker dying between a job's end and its
+  callback loses nothing; any process takes due entries under a lease (`_CLAIM`).
 """
 
 from __future__ import annotations
@@ -49,6 +52,10 @@ log = logging.getLogger("sidecar.jobs")
 PREFIX = "sidecar:jobs:"
 WAKE_CHANNEL = PREFIX + "wake"
 PAUSED = PREFIX + "paused"  # the set of paused queues: no job of theirs starts
+CALLBACKS = PREFIX + "callbacks"  # zset: job id -> when its callback is due (ms, Redis's clock)
+CALLBACK_TRIES = PREFIX + "callbacks:tries"  # hash: job id -> deliveries tried
+CALLBACK_ROUTES = PREFIX + "callbacks:routes"  # hash: job id -> its route, while one is owed
+CALLBACK_COUNTS = PREFIX + "callbacks:counts"  # hash: "<route>:<outcome>" -> deliveries
 REPLAY = "replay"  # the one job function: replay a request to its upstream
 CANCELLED_BY_CLIENT = "cancelled by the client"
 CANCELLED_BY_OPERATOR = "cancelled by an operator"
@@ -149,6 +156,62 @@ return {}
 SCHEDULE_EVERY = 0.25  # how often due jobs (delayed starts, retries) move to their queue
 
 
+# Callbacks owed. Every score is on Redis's clock (ms). A claim moves a due entry's score to the
+# end of its lease, and the claimer's later writes apply only while the score is still that
+# lease (someone else may have re-owed the entry meanwhile: a job run again by the admin). The
+# route is kept beside the entry so that a callback dropped after its job's record expired is
+# still counted under its route.
+
+# KEYS[1] callbacks, KEYS[2] tries, KEYS[3] routes; ARGV job id, delay ms, route: owe a
+# callback, due after the delay, its deliveries counted from none.
+_OWE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
+return 1
+"""
+
+# KEYS[1] callbacks, KEYS[2] tries, KEYS[3] routes; ARGV lease ms, limit. Returns the lease's
+# end, then for each due job id: the id, the deliveries tried so far, the route.
+_CLAIM = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local lease = now + tonumber(ARGV[1])
+local out = {lease}
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
+for _, id in ipairs(due) do
+  redis.call('ZADD', KEYS[1], lease, id)
+  out[#out + 1] = id
+  out[#out + 1] = redis.call('HGET', KEYS[2], id) or '0'
+  out[#out + 1] = redis.call('HGET', KEYS[3], id) or ''
+end
+return out
+"""
+
+# KEYS[1] callbacks, KEYS[2] tries, KEYS[3] routes, KEYS[4] the counts; ARGV job id, lease,
+# delay ms (-1: done, forget it), 1 when an attempt was made, the outcome to count ('' for
+# none), counted as `<route>:<outcome>`.
+_SETTLE = """
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not score or tonumber(score) ~= tonumber(ARGV[2]) then return 0 end
+local route = redis.call('HGET', KEYS[3], ARGV[1]) or ''
+if tonumber(ARGV[3]) < 0 then
+  redis.call('ZREM', KEYS[1], ARGV[1])
+  redis.call('HDEL', KEYS[2], ARGV[1])
+  redis.call('HDEL', KEYS[3], ARGV[1])
+else
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+  if ARGV[4] == '1' then redis.call('HINCRBY', KEYS[2], ARGV[1], 1) end
+end
+if ARGV[5] ~= '' then redis.call('HINCRBY', KEYS[4], route .. ':' .. ARGV[5], 1) end
+return 1
+"""
+
+
 class SidecarQueue(RedisQueue):
     """saq's Redis queue with a dequeue that does not block (a worker polls its lanes in
     priority order and must not sit on an empty one) and marks the job active as it moves it
@@ -240,9 +303,15 @@ class SidecarQueue(RedisQueue):
                 pipe.expire(body_key(job.key), ttl)
                 pipe.expire(progress_key(job.key), ttl)
                 pipe.hincrby(stats_key(queue), "failed", 1)
+                if owes_callback(job):
+                    callback_due_now(pipe, job)
             await pipe.execute()
             swept.append(job_id.decode())
+            if owes_callback(job) and self.on_callback_due is not None:
+                self.on_callback_due()
         return swept
+
+    on_callback_due: Callable[[], None] | None = None  # set by the JobService that made it
 
 
 def body_key(job_id: str) -> str:
@@ -289,6 +358,17 @@ def rate_key(queue: str) -> str:
     return PREFIX + "starts:" + queue
 
 
+def owes_callback(job: Job) -> bool:
+    """The job's route had `offload.callback` when the job was queued."""
+    return bool((job.kwargs or {}).get("callback"))
+
+
+def callback_due_now(pipe: Any, job: Job) -> None:
+    """The job is over: its callback (owed since it was queued) is due at once."""
+    pipe.zadd(CALLBACKS, {job.key: 0})
+    pipe.hset(CALLBACK_ROUTES, job.key, str((job.kwargs or {}).get("route", "")))
+
+
 def stats_key(queue: str) -> str:
     return PREFIX + "stats:" + queue
 
@@ -311,8 +391,12 @@ class JobService(Subscriber):
         self._queues: dict[str, SidecarQueue] = {}
         self._known_lanes: set[str] = set()
         self._wake_callbacks: list[Callable[[str], None]] = []
+        self._callback_due: list[Callable[[], None]] = []
         self._acquire: Any = None
         self._renew: Any = None
+        self._owe: Any = None
+        self._claim: Any = None
+        self._settle: Any = None
         self.command_timeout = 1.0  # what a client's request waits for Redis (`bounded`)
 
     def attach(self, client: aioredis.Redis, listener: aioredis.Redis | Bus, *,
@@ -322,6 +406,9 @@ class JobService(Subscriber):
         super().attach(client, listener)
         self._acquire = client.register_script(_ACQUIRE)
         self._renew = client.register_script(_RENEW)
+        self._owe = client.register_script(_OWE)
+        self._claim = client.register_script(_CLAIM)
+        self._settle = client.register_script(_SETTLE)
         self.command_timeout = command_timeout
 
     def bounded(self, extra: float = 0.0) -> asyncio.Timeout:
@@ -356,6 +443,7 @@ class JobService(Subscriber):
             queue = self._queues[name] = SidecarQueue(
                 self.client, name=name, dump=orjson.dumps, load=orjson.loads,
                 max_concurrent_ops=MAX_CONCURRENT_OPS, swept_error_message=SWEPT_ERROR)
+            queue.on_callback_due = self._callbacks_due
         return queue
 
     def queue_of(self, job_id: JobId) -> SidecarQueue:
@@ -366,7 +454,10 @@ class JobService(Subscriber):
     async def enqueue(self, job_id: JobId, spec: dict[str, Any], body: bytes | None,
                       config: OffloadConfig, *, heartbeat: float, max_age: float,
                       start_at: float | None = None) -> None:
-        """Queue a job; `start_at` (Unix seconds) for one that must not start before then."""
+        """Queue a job; `start_at` (Unix seconds) for one that must not start before then.
+        `spec["callback"]` true: the job owes a callback, recorded before the job exists,
+        first due a `heartbeat` (the visibility timeout) from now; the job's end makes it due
+        at once."""
         key = str(job_id)
         client = self.client
         lane_name = lane(job_id.queue, job_id.priority)
@@ -375,6 +466,10 @@ class JobService(Subscriber):
             spec = {**spec, "head": sealer.seal_text(spec["head"], spec_where(key, "head")),
                     "target": sealer.seal_text(spec["target"], spec_where(key, "target"))}
         pipe = client.pipeline(transaction=False)
+        if spec.get("callback"):
+            await self._owe(keys=[CALLBACKS, CALLBACK_TRIES, CALLBACK_ROUTES],
+                            args=[key, int(heartbeat * 1000), str(spec.get("route", ""))],
+                            client=pipe)
         if body is not None:
             pipe.set(body_key(key), sealer.seal(body, body_key(key)),
                      ex=math.ceil(max_age + config.result_ttl))
@@ -522,6 +617,12 @@ class JobService(Subscriber):
         pipe.delete(progress_key(job.key), result_key(job.key), job.abort_id)
         pipe.persist(body_key(job.key))
         pipe.persist(history_key(job.key))
+        if owes_callback(job):
+            # A new end, a new callback, its deliveries counted afresh; one of the previous end
+            # still waiting to be sent is superseded (the new one says more).
+            await self._owe(keys=[CALLBACKS, CALLBACK_TRIES, CALLBACK_ROUTES],
+                            args=[job.key, int(max(job.heartbeat, 1) * 1000),
+                                  str(spec.get("route", ""))], client=pipe)
         await pipe.execute()
         if await queue.enqueue(job) is None:
             raise RuntimeError(f"job {job.key} is already queued")
@@ -529,8 +630,8 @@ class JobService(Subscriber):
 
     async def finished(self, job: Job, outcome: str, duration_ms: int | None,
                        started: int | None = None) -> None:
-        """A job reached a final state: its side keys now live as long as its record, and the
-        queue's counters move."""
+        """A job reached a final state: its side keys now live as long as its record, the
+        queue's counters move, and its callback (if it owes one) is due now."""
         client = self.client
         queue = job.key.split(".", 1)[0]
         ttl = max(job.ttl, 1)
@@ -546,7 +647,12 @@ class JobService(Subscriber):
             pipe.hincrby(stats_key(queue), "duration_count", 1)
             slot = duration_bucket(duration_ms / 1000)
             pipe.hincrby(stats_key(queue), f"duration_bucket_{slot}", 1)
+        callback = owes_callback(job)
+        if callback:
+            callback_due_now(pipe, job)
         await pipe.execute()
+        if callback:
+            self._callbacks_due()
 
     async def count_retry(self, job: Job, started: int | None = None) -> None:
         """A failed attempt went back to its queue: count it, and forget its progress (the next
@@ -603,6 +709,52 @@ class JobService(Subscriber):
         for priority in await self.lanes(queue):
             async for job in self.queue(lane(queue, priority)).iter_jobs(statuses, 500):
                 found.append(job)
+        return found
+
+    # -- callbacks owed (jobs/callbacks.py) ------------------------------------------------------
+
+    def on_callback_due(self, callback: Callable[[], None]) -> None:
+        """`callback()`: this process made a callback due (a job it finished, cancelled or
+        swept); the sender looks at once instead of at its next poll."""
+        self._callback_due.append(callback)
+
+    def _callbacks_due(self) -> None:
+        for callback in self._callback_due:
+            callback()
+
+    async def claim_callbacks(self, lease: float, limit: int
+                              ) -> tuple[int, list[tuple[str, int, str]]]:
+        """Due callbacks, each held by this process for `lease` seconds: (the lease's end,
+        [(job id, deliveries tried, route)])."""
+        reply = await self._claim(keys=[CALLBACKS, CALLBACK_TRIES, CALLBACK_ROUTES],
+                                  args=[int(lease * 1000), limit])
+        lease_end = int(reply[0])
+        rest = reply[1:]
+        return lease_end, [(rest[i].decode(), int(rest[i + 1]), rest[i + 2].decode())
+                           for i in range(0, len(rest), 3)]
+
+    async def settle_callback(self, job_id: str, lease_end: int, *, delay: float | None,
+                              tried: bool = False, count: str | None = None) -> bool:
+        """After an attempt (`tried`) or a look: due again in `delay` seconds, or forgotten
+        (`delay` None); `count` adds one to the route's count of that outcome. False when the
+        entry was owed again by someone else meanwhile (nothing was changed)."""
+        args = [job_id, lease_end, -1 if delay is None else int(delay * 1000),
+                1 if tried else 0, count or ""]
+        return bool(await self._settle(
+            keys=[CALLBACKS, CALLBACK_TRIES, CALLBACK_ROUTES, CALLBACK_COUNTS], args=args))
+
+    async def callbacks_pending(self) -> int:
+        """Callbacks owed, across the cluster: jobs not over yet that have one to send, and
+        those being sent or waiting to be sent again."""
+        return int(await self.client.zcard(CALLBACKS))
+
+    async def callback_counts(self) -> dict[tuple[str, str], int]:
+        """Callback outcomes across the cluster, by (route, outcome)."""
+        counts = await cast(Any, self.client.hgetall(CALLBACK_COUNTS))
+        found: dict[tuple[str, str], int] = {}
+        for field, value in counts.items():
+            route, _, outcome = field.decode().rpartition(":")
+            found[route, outcome] = int(value)
         return found
 
     # -- lanes and slots (workers) --------------------------------------------------------------

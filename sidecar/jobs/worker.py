@@ -13,6 +13,7 @@ from ..balancer import make_upstream
 from ..config import Config, ConfigError, LoadedConfig, load_config
 from ..logs import configure_logging
 from ..process.embedded_redis import EmbeddedRedis
+from .callbacks import CallbackSender
 from .queue import JobService
 from .runner import JobRunner
 
@@ -29,6 +30,7 @@ class StandaloneWorker:
         self.service.sealer.configure(loaded.config.redis.keys())
         self.runner = JobRunner(self, self.service)
         self.tracing = tracing_for(loaded.config, os.getpid())
+        self.callbacks = CallbackSender(self, self.service)
         self._stopped = asyncio.Event()
 
     @property
@@ -45,12 +47,14 @@ class StandaloneWorker:
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
         attach_jobs(self.service, self.redis_url, self.config)
         self.service.redis_up = True
+        await self.callbacks.start()
         await self.runner.start()
         log.info("sidecar worker running", extra={"pid": os.getpid(),
                                                   "queues": sorted(self.config.queues)})
         await self._stopped.wait()
         log.info("sidecar worker stopping; running jobs go back to their queues")
         await self.runner.stop()
+        await self.callbacks.stop()
         await self.service.close()
         for pool in self.pools.values():
             await pool.close()

@@ -81,6 +81,7 @@ class OffloadPolicy:
             "progress_token": secrets.token_urlsafe(16),
             "request_id": request.request_id,
             "created": int(time.time() * 1000),  # kept when an operator retries the job
+            "callback": self.config.callback is not None,  # owed when it ends (jobs/callbacks.py)
         }
         trace = request.trace
         span = None
