@@ -233,3 +233,18 @@ class JobFinishedError(SidecarError):
 
     status = 409
     code = "job_finished"
+
+
+class WebSocketHandshakeError(BadRequestError):
+    """A WebSocket request the sidecar answers itself (a job's events) that RFC 6455 §4.2.1
+    refuses: no Sec-WebSocket-Key or a malformed one, not GET, not HTTP/1.1."""
+
+    code = "bad_websocket_handshake"
+
+
+class WebSocketVersionError(SidecarError):
+    """A Sec-WebSocket-Version other than 13: the answer names the version the sidecar speaks
+    (RFC 6455 §4.4) and the protocol to upgrade to (RFC 9110 §15.5.22)."""
+
+    status = 426
+    code = "websocket_version_not_supported"

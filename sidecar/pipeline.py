@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from .forwarding import build_request_head
@@ -49,6 +49,12 @@ class BodyStream(Protocol):
     async def read(self) -> bytes: ...
 
     def close(self) -> None: ...
+
+
+# What the sidecar itself says over a WebSocket it accepts (a job's events, jobs/api.py): each
+# item a text message, None when there was nothing to say for a while (the edge pings, so that
+# proxies keep the idle connection); its end closes the WebSocket normally.
+SocketMessages = AsyncGenerator[str | None, None]
 
 
 class InterimSink(Protocol):
@@ -141,8 +147,8 @@ async def whole_body(request: ProxyRequest, limit: int) -> bytes | None:
 class ProxyResponse:
     """A response on its way back: whole (`body`) or streaming from the upstream (`stream`)."""
 
-    __slots__ = ("body", "cache", "etag", "headers", "reason", "status", "stream", "tunnel",
-                 "upstream_seconds", "wire")
+    __slots__ = ("body", "cache", "etag", "headers", "reason", "socket", "status", "stream",
+                 "tunnel", "upstream_seconds", "wire")
 
     def __init__(self, status: int, reason: str, headers: RawHeaders, body: bytes | None = None,
                  stream: BodyStream | None = None, *, wire: bytes | None = None,
@@ -162,6 +168,9 @@ class ProxyResponse:
         # A 101 to an upgrade: the upstream connection, handed over for the edge to join to
         # the client's (edge/upgrade.py).
         self.tunnel: UpstreamTunnel | None = None
+        # A 101 the sidecar answers itself (a WebSocket of a job's events): what it sends over
+        # the connection (edge/websocket.py).
+        self.socket: SocketMessages | None = None
 
     async def read_whole(self, limit: int) -> bytes | None:
         """The whole body when it is at most `limit` bytes (a streamed one is read into

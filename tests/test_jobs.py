@@ -122,22 +122,27 @@ async def queue_stats(client: aiohttp.ClientSession, sidecar: InProcessSidecar,
 
 async def read_events(client: aiohttp.ClientSession, url: str,
                       headers: dict[str, str] | None = None,
-                      timeout: float = 20.0) -> list[tuple[str, int, dict[str, Any]]]:
-    """Every SSE frame of a stream, read until the server ends it: (event, id, data)."""
-    frames: list[tuple[str, int, dict[str, Any]]] = []
+                      timeout: float = 20.0) -> list[tuple[str, str, dict[str, Any]]]:
+    """Every SSE frame of a stream, read until the server ends it: (event, id, data). A
+    `status` event's id must be the ETag of its data, unquoted (docs/jobs.md)."""
+    frames: list[tuple[str, str, dict[str, Any]]] = []
     async with client.get(url, headers=headers or {}) as stream:
         assert stream.status == 200
         assert stream.headers["Content-Type"] == "text/event-stream"
-        event, number = "", 0
+        event, number = "", ""
         async with asyncio.timeout(timeout):  # the stream must end by itself
             async for raw in stream.content:
                 line = raw.decode().rstrip("\r\n")
                 if line.startswith("event: "):
                     event = line[len("event: "):]
                 elif line.startswith("id: "):
-                    number = int(line[len("id: "):])
+                    number = line[len("id: "):]
                 elif line.startswith("data: "):
-                    frames.append((event, number, json.loads(line[len("data: "):])))
+                    data = line[len("data: "):].encode()
+                    if event == "status":
+                        assert number == hashlib.blake2b(data, digest_size=12).hexdigest()
+                    frames.append((event, number, json.loads(data)))
+                    event, number = "", ""
     return frames
 
 
@@ -335,7 +340,8 @@ async def test_events_stream_the_changes_and_end_after_the_last(
     frames = await read_events(client, sidecar.url + accepted["events_url"])
     assert frames, "no event at all"
     assert {event for event, _, _ in frames} == {"status"}
-    assert [number for _, number, _ in frames] == list(range(1, len(frames) + 1))
+    ids = [number for _, number, _ in frames]
+    assert len(set(ids)) == len(ids)  # each status its own id
     views = [data for _, _, data in frames]
     assert all(set(v) == VIEW_KEYS and v["id"] == accepted["id"] for v in views)
     statuses = [v["status"] for v in views]
@@ -345,8 +351,10 @@ async def test_events_stream_the_changes_and_end_after_the_last(
     assert progress == sorted(progress), progress
     assert len({p for p in progress if 0 < p < 100}) >= 2, progress
     assert all(a != b for a, b in itertools.pairwise(views))  # changes only
-    # The last frame is what a poll says now.
+    # The last frame is what a poll says now, and its id that answer's ETag.
     assert views[-1] == await status_of(client, sidecar, accepted)
+    polled = await call(client, "GET", sidecar.url + accepted["status_url"])
+    assert polled.headers["ETag"] == f'"{ids[-1]}"'
     # A stream opened once the job is over: one frame, then the end.
     late = await read_events(client, sidecar.url + accepted["events_url"], timeout=5)
     assert [data for _, _, data in late] == [views[-1]]

@@ -22,6 +22,7 @@ from ..pipeline import ProxyRequest, ProxyResponse
 from .body import ClientGone
 from .responses import error_response, new_request_id, response_head, status_line
 from .upgrade import Tunnel
+from .websocket import WebSocket
 
 if TYPE_CHECKING:
     from ..core.redact import Redactor
@@ -141,6 +142,8 @@ class EdgeHandler:
                                          if metrics.server_timing else b"")
             elif result.tunnel is not None:
                 self._join(conn, exchange, result, request_id, state)
+            elif result.socket is not None:
+                await self._accept_socket(conn, exchange, result, request_id, state)
             else:
                 timing = (_server_timing(result, time.perf_counter() - started)
                           if metrics.server_timing else None)
@@ -331,6 +334,23 @@ class EdgeHandler:
             upstream.abort()
             raise
         Tunnel(conn, upstream).open()
+
+
+    @staticmethod
+    async def _accept_socket(conn: EdgeProtocol, exchange: Exchange, result: ProxyResponse,
+                             request_id: str, state: State) -> None:
+        """Write the sidecar's own 101 and serve the WebSocket until it closes."""
+        messages = result.socket
+        assert messages is not None
+        exchange.started = True
+        try:
+            conn.write(response_head(101, result.reason, result.headers, request_id,
+                                     state.via_response_bytes, length=None, upgrade=True,
+                                     framing=b"Connection: upgrade\r\n"))
+        except ClientGone:
+            await messages.aclose()
+            raise
+        await WebSocket(conn, messages).run()
 
 
 async def _request_body(exchange: Exchange, conn: EdgeProtocol) -> tuple[Body, bool]:

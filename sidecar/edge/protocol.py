@@ -57,7 +57,7 @@ from .tls import TlsAcceptor, listening_socket
 if TYPE_CHECKING:
     from ..config import LimitsConfig
     from ..pipeline import ProxyRequest
-    from .upgrade import Tunnel
+    from .upgrade import ClientPeer
 
 log = logging.getLogger("sidecar.connection")
 
@@ -131,7 +131,7 @@ class EdgeProtocol(asyncio.Protocol):
         self._lingering: Exchange | None = None  # answered; the rest of its body read away
         self._upgrading: Exchange | None = None
         self._rest = b""  # bytes after an upgrade request, until it is settled
-        self._tunnel: Tunnel | None = None
+        self._tunnel: ClientPeer | None = None
         self._idle_since = 0.0
         self._body_time = 0.0
         self._read_paused = 0  # bit 1: a body's buffer is full, bit 2: the queue is
@@ -560,8 +560,9 @@ class EdgeProtocol(asyncio.Protocol):
                 return
         transport.write(interim_head(status, reason, headers, b"1.1 " + request.route.via))
 
-    def start_tunnel(self, tunnel: Tunnel) -> None:
-        """The 101 is written: from now on bytes pass through both ways, untouched."""
+    def start_tunnel(self, tunnel: ClientPeer) -> None:
+        """The 101 is written: from now on the connection's bytes go to `tunnel` (the upstream's
+        connection joined to this one, or the sidecar's own WebSocket), not to the parser."""
         self._tunnel = tunnel
         self._upgrading = None
         self._queue.clear()

@@ -30,8 +30,9 @@ _REASONS = {
     304: "Not Modified", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
     404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout", 409: "Conflict",
     413: "Content Too Large", 414: "URI Too Long", 422: "Unprocessable Content",
-    425: "Too Early", 429: "Too Many Requests", 431: "Request Header Fields Too Large",
-    499: "Client Closed Request", 500: "Internal Server Error", 501: "Not Implemented",
+    425: "Too Early", 426: "Upgrade Required", 429: "Too Many Requests",
+    431: "Request Header Fields Too Large", 499: "Client Closed Request",
+    500: "Internal Server Error", 501: "Not Implemented",
     502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout",
     505: "HTTP Version Not Supported",
 }

@@ -12,13 +12,33 @@ if TYPE_CHECKING:
     from ..upstream import UpstreamTunnel
 
 
+class ClientPeer(Protocol):
+    """What takes over a client's connection once it stops speaking HTTP (a 101): a Tunnel to
+    the upstream, or the sidecar's own WebSocket (edge/websocket.py). The connection
+    (edge/protocol.py) hands it every byte and event from then on."""
+
+    def from_client(self, data: bytes) -> None: ...
+
+    def client_eof(self) -> bool:
+        """The client half-closed; True keeps the connection open for writing."""
+        ...
+
+    def client_lost(self) -> None: ...
+
+    def client_paused(self) -> None:
+        """The client's write buffer is full."""
+        ...
+
+    def client_resumed(self) -> None: ...
+
+
 class ClientSide(Protocol):
     """What a tunnel needs of the client's connection (edge/protocol.py)."""
 
     client: str  # the peer's address, for logs
     transport: asyncio.Transport | None
 
-    def start_tunnel(self, tunnel: Tunnel) -> None: ...
+    def start_tunnel(self, tunnel: ClientPeer) -> None: ...
 
     def close(self) -> None: ...
 

@@ -3,7 +3,9 @@
 
     GET    <path>/<id>          status, progress, attempts, times (ETag; 304 when unchanged)
     GET    <path>/<id>/result   the upstream's stored response, once the job succeeded
-    GET    <path>/<id>/events   Server-Sent Events of the status, until the job is over
+    GET    <path>/<id>/events   Server-Sent Events of the status, until the job is over (from
+                                `Last-Event-ID` on); the same events over a WebSocket when the
+                                request asks to upgrade to one
     DELETE <path>/<id>          cancel a queued or running job
 
 A job is visible only to the client that created it (same Authorization and Cookie lines);
@@ -15,13 +17,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import orjson
 from saq.job import Job, Status
 
 from ..core.etag import none_match
+from ..core.jobevents import (
+    GONE,
+    GONE_DATA,
+    KEEPALIVE_COMMENT,
+    STATUS,
+    already_seen,
+    socket_message,
+    sse_frame,
+)
 from ..core.jobs import (
     CANCELLED,
     FAILED,
@@ -34,6 +45,7 @@ from ..core.jobs import (
     status_view,
     view_etag,
 )
+from ..core.websocket import VERSION, HandshakeRefused, accept_token, wants_websocket
 from ..crypto import SealError
 from ..errors import (
     JobFinishedError,
@@ -42,8 +54,10 @@ from ..errors import (
     JobQueueUnavailableError,
     JobResultUnreadableError,
     MethodNotAllowedError,
+    WebSocketHandshakeError,
+    WebSocketVersionError,
 )
-from ..pipeline import ProxyResponse
+from ..pipeline import ProxyResponse, SocketMessages
 from ..policies.offload import RETRY_AFTER, job_urls
 from ..stores.subscriber import REDIS_ERRORS
 from .queue import lanes_key
@@ -53,6 +67,9 @@ if TYPE_CHECKING:
     from ..http.headers import RawHeaders
     from ..http.request import RequestHead
     from .queue import JobService
+
+# A job's events, (event, data), and None after each RECHECK without one (JobsEndpoint._changes).
+_Changes = AsyncGenerator[tuple[str, bytes] | None, None]
 
 KEEPALIVE = 15.0  # an SSE comment this often keeps proxies from closing an idle stream
 RECHECK = 2.0  # an SSE stream re-reads the job this often even without a notification
@@ -132,7 +149,10 @@ class JobsEndpoint:
         if action == "result":
             return await self._result(job)
         if action == "events":
-            return self._events(job_id, job, progress, base)
+            last_event_id = request.headers.get("Last-Event-ID")
+            if wants_websocket(_values(request, b"upgrade")):
+                return self._socket(request, job_id, job, progress, base, last_event_id)
+            return self._events(job_id, job, progress, base, last_event_id)
         if request.method == "DELETE":
             return await self._cancel(job_id, job, base)
         body = orjson.dumps(view(job, progress, base))
@@ -227,13 +247,39 @@ class JobsEndpoint:
             return ProxyResponse(200, "OK", [*_NO_CACHE, _JSON], body)
         return ProxyResponse(202, "Accepted", [*_NO_CACHE, _JSON], body)
 
-    def _events(self, job_id: JobId, job: Job, progress: dict[bytes, bytes],
-                base: str) -> ProxyResponse:
-        return ProxyResponse(200, "OK", list(_EVENTS),
-                             stream=_EventStream(self._event_chunks(job_id, job, progress, base)))
+    def _events(self, job_id: JobId, job: Job, progress: dict[bytes, bytes], base: str,
+                last_event_id: str | None) -> ProxyResponse:
+        changes = self._changes(job_id, job, progress, base, last_event_id)
+        return ProxyResponse(200, "OK", list(_EVENTS), stream=_EventStream(_sse(changes)))
 
-    async def _event_chunks(self, job_id: JobId, job: Job, progress: dict[bytes, bytes],
-                            base: str) -> AsyncIterator[bytes]:
+    def _socket(self, request: RequestHead, job_id: JobId, job: Job,
+                progress: dict[bytes, bytes], base: str,
+                last_event_id: str | None) -> ProxyResponse:
+        """The 101 to a WebSocket handshake; the edge then sends the events (edge/websocket.py).
+        Looked up first like any request here: a client that may not see the job gets the same
+        404, not a WebSocket."""
+        try:
+            accept = accept_token(
+                method=request.method, http11=request.http11,
+                connection=_values(request, b"connection"),
+                versions=_values(request, b"sec-websocket-version"),
+                keys=_values(request, b"sec-websocket-key"))
+        except HandshakeRefused as exc:
+            if exc.status == 426:
+                raise WebSocketVersionError(
+                    exc.detail, headers={"Sec-WebSocket-Version": VERSION}) from None
+            raise WebSocketHandshakeError(exc.detail) from None
+        response = ProxyResponse(101, "Switching Protocols",
+                                 [(b"Upgrade", b"websocket"), (b"Sec-WebSocket-Accept", accept)])
+        response.socket = _socket_messages(
+            self._changes(job_id, job, progress, base, last_event_id))
+        return response
+
+    async def _changes(self, job_id: JobId, job: Job, progress: dict[bytes, bytes], base: str,
+                       last_event_id: str | None) -> _Changes:
+        """The job's events, (event, data), until it is over (or its record is gone); None
+        after each RECHECK without one. The status a resuming client names is not sent
+        again (core/jobevents.py)."""
         service = self.service
         queue = service.queue_of(job_id)
         changed = asyncio.Event()
@@ -244,26 +290,21 @@ class JobsEndpoint:
 
         listener = asyncio.create_task(queue.listen([job.key], notified, timeout=None))
         sent: bytes | None = None
-        number = 0
-        idle = 0.0
+        current = orjson.dumps(view(job, progress, base))
+        if already_seen(current, last_event_id):
+            sent = current
         try:
             while True:
-                current = orjson.dumps(view(job, progress, base))
                 if current != sent:
-                    number += 1
-                    yield b"event: status\nid: %d\ndata: %s\n\n" % (number, current)
+                    yield STATUS, current
                     sent = current
-                    idle = 0.0
                 if public_status(job.status.value, job.error) in TERMINAL:
                     break
                 try:
                     async with asyncio.timeout(RECHECK):
                         await changed.wait()
                 except TimeoutError:
-                    idle += RECHECK
-                    if idle >= KEEPALIVE:
-                        yield b": keep-alive\n\n"
-                        idle = 0.0
+                    yield None
                 changed.clear()
                 try:
                     async with service.bounded():  # keep-alives go on while Redis hangs
@@ -271,13 +312,49 @@ class JobsEndpoint:
                 except REDIS_ERRORS:
                     continue
                 if found is None:
-                    yield b'event: gone\ndata: {"error": "job_not_found"}\n\n'
+                    yield GONE, GONE_DATA
                     break
                 job = found
+                current = orjson.dumps(view(job, progress, base))
         finally:
             listener.cancel()
             with contextlib.suppress(BaseException):
                 await listener
+
+
+def _values(request: RequestHead, lname: bytes) -> list[bytes]:
+    """Every value of one header field, as sent (a WebSocket handshake counts them)."""
+    return [value for name, value in request.headers.raw if name.lower() == lname]
+
+
+async def _sse(changes: _Changes) -> AsyncIterator[bytes]:
+    """The events as Server-Sent Events, a keep-alive comment every KEEPALIVE without one."""
+    idle = 0.0
+    async with contextlib.aclosing(changes):
+        async for change in changes:
+            if change is None:
+                idle += RECHECK
+                if idle >= KEEPALIVE:
+                    yield KEEPALIVE_COMMENT
+                    idle = 0.0
+                continue
+            idle = 0.0
+            yield sse_frame(*change)
+
+
+async def _socket_messages(changes: _Changes) -> SocketMessages:
+    """The events as WebSocket text messages; None every KEEPALIVE without one (a ping)."""
+    idle = 0.0
+    async with contextlib.aclosing(changes):
+        async for change in changes:
+            if change is None:
+                idle += RECHECK
+                if idle >= KEEPALIVE:
+                    yield None
+                    idle = 0.0
+                continue
+            idle = 0.0
+            yield socket_message(*change)
 
 
 _NO_CACHE = ((b"Cache-Control", b"no-cache"),)
