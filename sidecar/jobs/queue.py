@@ -121,7 +121,7 @@ job['started'] = now
 job['touched'] = now
 raw = cjson.encode(job)
 redis.call('SET', id, raw)
-return raw
+return {raw, redis.call('LLEN', KEYS[1])}
 """
 
 
@@ -229,12 +229,16 @@ class SidecarQueue(RedisQueue):
                            args=[queue, rate.starts if rate else 0,
                                  int(rate.period * 1000) if rate else 0])
         self.held = None
+        if isinstance(raw, list):  # a job, and how many are left in the lane
+            record, self.left = raw
+            return self.deserialize(record)
+        self.left = 0
         if raw == 0:
             self.held = "paused"
         elif isinstance(raw, int) and raw < 0:
             self.held = "rate"
             self.rate_wait = -raw / 1000
-        return self.deserialize(raw) if isinstance(raw, bytes) else None
+        return None
 
     async def schedule(self, lock: int = 1) -> list[str]:
         """Move the jobs that became due (a delayed start, a retry's backoff) to the queue.
@@ -257,6 +261,9 @@ class SidecarQueue(RedisQueue):
     # (then `rate_wait` says for how long), for the runner to wait accordingly.
     held: str | None = None
     rate_wait: float = 0.0
+    # Jobs left in the lane after the last dequeue: the runner wakes another loop only when
+    # there are (waking one on the chance made three of every four dequeues find nothing).
+    left: int = 0
     _snapshot_script: Any = None
 
     async def sweep(self, lock: int = 60, abort: float = 5.0) -> list[str]:

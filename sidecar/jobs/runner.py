@@ -289,7 +289,8 @@ class JobRunner:
         if took is not None:
             took[0] = True
         job: Job = ctx["job"]
-        self.wake(job.key.split(".", 1)[0])  # more may be waiting: let the other loops look
+        if isinstance(job.queue, SidecarQueue) and job.queue.left > 0:
+            self.wake(job.key.split(".", 1)[0])  # more are waiting: let another loop look
         self.running += 1
         ctx["counted"] = True
         ctx["started"] = job.started  # for the history: saq clears it when it queues a retry
