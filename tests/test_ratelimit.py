@@ -286,8 +286,10 @@ async def test_redis_killed_requests_keep_flowing_then_cluster_limits_resume(
 async def test_redis_killed_under_concurrent_load_fails_no_request(
         sidecar_factory: Factory, origin: Origin, own_redis: Any) -> None:
     origin.reply("/item")
-    sidecar = await sidecar_factory(limited(origin, own_redis.url, rate="1000/s", burst=1000,
-                                            scope="cluster"))
+    # A limit no load here reaches (8 clients in a loop made more than 1,000 requests a second
+    # on a fast machine): what is tested is that no request fails while Redis is away.
+    sidecar = await sidecar_factory(limited(origin, own_redis.url, rate="100000/s",
+                                            burst=1000000, scope="cluster"))
     seen: list[int] = []
     stop = asyncio.Event()
 
@@ -308,8 +310,12 @@ async def test_redis_killed_under_concurrent_load_fails_no_request(
     await until(lambda: sidecar.runtime.dedup.redis_up)
     mark = len(seen)
     await until(lambda: len(seen) > mark + 50)
+    fell_back = await events(sidecar.admin_url, "rate_limit_local_fallback")
+    mark = len(seen)
+    await until(lambda: len(seen) > mark + 50)
     stop.set()
     await asyncio.gather(*workers)
     assert set(seen) == {200}
-    assert await events(sidecar.admin_url, "rate_limit_local_fallback") > 0
-    assert await bucket_keys(own_redis.url) != []
+    assert fell_back > 0
+    # Redis back: the limits are shared through it again, no request falls back any more.
+    assert await events(sidecar.admin_url, "rate_limit_local_fallback") == fell_back
