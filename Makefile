@@ -40,6 +40,7 @@ run: setup
 
 test: setup
 	@scripts/ensure-debian-packages prometheus || echo "prometheus could not be installed: tests/test_prometheus.py will be skipped" >&2
+	@scripts/ensure-debian-packages chromium chromium-driver || echo "chromium could not be installed: tests/test_dashboard.py will be skipped" >&2
 	$(BIN)/python -m pytest
 
 check: setup

@@ -7,6 +7,7 @@ import hmac
 import os
 import re
 import signal
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -31,7 +32,9 @@ from .core.jobs import (
     parse_progress,
     public_status,
 )
+from .core.series import route_view
 from .crypto import SealError
+from .dashboard import Sampler, add_routes
 from .edge.responses import error_body, new_request_id
 from .errors import SidecarError, UnauthorizedError
 from .jobs.api import JobsHost, find_job, view
@@ -67,12 +70,15 @@ class AdminHost(MetricsHost, JobsHost, Protocol):
     @property
     def worker_id(self) -> int: ...
 
+    @property
+    def series(self) -> Sampler: ...
+
     async def reload(self, reason: str, *, audited: bool = True) -> bool: ...
 
 
 RUNTIME = web.AppKey("runtime", object)
 KNOWN_LANES = web.AppKey("known_lanes", set[str])
-_OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+_OPEN_PATHS = frozenset({"/healthz", "/readyz", "/"})
 PROGRESS_TOKEN = "X-Sidecar-Progress-Token"
 
 
@@ -122,8 +128,9 @@ async def require_token(request: web.Request, handler: Handler) -> web.StreamRes
     runtime: AdminHost = request.app[RUNTIME]  # type: ignore[assignment]
     admin = runtime.config.admin
     # Progress reports carry their job's own secret instead (the upstream has no admin token).
+    # The dashboard's page and assets are public files; what they show comes from the API.
     if (not admin.protected or request.path in _OPEN_PATHS
-            or request.path.startswith("/internal/")):
+            or request.path.startswith(("/internal/", "/ui/"))):
         request[CALLER] = ANYONE
         return await handler(request)
     caller = identify(request.headers.getall("Authorization", []), admin.named())
@@ -265,6 +272,34 @@ async def _job_stats(runtime: AdminHost) -> dict[str, object]:
     except (*REDIS_ERRORS, RuntimeError) as exc:
         stats["error"] = f"redis unreachable: {exc}"
     return stats
+
+
+async def series(request: web.Request) -> web.Response:
+    """GET /admin/series?seconds=120: per configured route, one point a second of requests/s,
+    error and cache hit ratios, p50/p95/p99 latency, coalesced and rate-limited requests (whole
+    cluster, sampled from the metrics' counters: dashboard/), with its SLA targets; and who
+    asks (the page greys out actions for a `read` token)."""
+    runtime: AdminHost = request.app[RUNTIME]  # type: ignore[assignment]
+    seconds_text = request.query.get("seconds", "120")
+    if not seconds_text.isdigit() or not 1 <= int(seconds_text) <= 3600:
+        return _json_error(400, "bad_request", "seconds is a number from 1 to 3600")
+    samples = runtime.series.ring.last(int(seconds_text))
+    config = runtime.config
+    caller = request[CALLER]
+    routes = []
+    for route in config.routes:
+        latency_p95, error_ratio = config.metrics.sla.for_route(route.name)
+        routes.append({
+            "name": route.name, "upstream": route.upstream,
+            "policies": [key for key in ("cache", "etag", "dedup", "idempotency", "rate_limit",
+                                         "offload", "breaker", "retry", "compress")
+                         if getattr(route, key)],
+            "sla": {"latency_p95": latency_p95, "error_ratio": error_ratio},
+            **route_view(samples, route.name)})
+    return web.json_response({
+        "now": time.time(), "interval": 1, "seconds": len(samples),
+        "start": samples[0].at if samples else None, "worker": runtime.worker_id,
+        "caller": {"name": caller.name, "scope": caller.scope}, "routes": routes})
 
 
 async def breakers(request: web.Request) -> web.Response:
@@ -525,6 +560,26 @@ async def job_detail(request: web.Request) -> web.Response:
     return web.json_response(found)
 
 
+@audited("job.cancel", lambda r: r.match_info["id"])
+async def job_cancel(request: web.Request) -> web.Response:
+    """Cancel one queued or running job (a running one stops when its worker sees it)."""
+    runtime: AdminHost = request.app[RUNTIME]  # type: ignore[assignment]
+    try:
+        job, _ = await _find_job(request)
+        if job is None:
+            return _json_error(404, "job_not_found", "no such job (or its record expired)")
+        status = public_status(job.status.value, job.error)
+        if status not in (QUEUED, RUNNING):
+            return _json_error(409, "job_not_cancellable",
+                               f"the job is {status}; only queued or running jobs are cancelled")
+        await runtime.jobs.cancel(job, CANCELLED_BY_OPERATOR)
+        job, _ = await _find_job(request)
+    except REDIS_ERRORS as exc:
+        return _json_error(503, "redis_unavailable", str(exc))
+    assert job is not None
+    return web.json_response(_admin_view(runtime, job))
+
+
 @audited("job.retry", lambda r: r.match_info["id"])
 async def job_retry(request: web.Request) -> web.Response:
     """Run a failed or cancelled job again, from its first attempt."""
@@ -646,5 +701,8 @@ def build_admin_app(runtime: AdminHost) -> web.Application:
     app.router.add_post(r"/admin/queues/{name}/{action:pause|resume|drain}", queue_action)
     app.router.add_get("/admin/jobs/{id}", job_detail)
     app.router.add_post("/admin/jobs/{id}/retry", job_retry)
+    app.router.add_post("/admin/jobs/{id}/cancel", job_cancel)
+    app.router.add_get("/admin/series", series)
     app.router.add_post("/internal/jobs/{id}/progress", job_progress)
+    add_routes(app)  # the dashboard: GET / and /ui/{name}
     return app

@@ -33,6 +33,7 @@ from .balancer import Upstream, make_upstream
 from .config import Config, ConfigError, LoadedConfig, Problem, RouteConfig, load_config
 from .core.redact import Redactor
 from .crypto import Sealer
+from .dashboard import Sampler
 from .edge.handler import EdgeHandler
 from .edge.protocol import EdgeServer
 from .edge.tls import server_context
@@ -303,6 +304,7 @@ class Runtime:
         self.scheduler: Scheduler | None = None
         self.metrics = Recorder(loaded.config)
         self.metrics_share: Share | None = share_from_env()
+        self.series = Sampler()  # the dashboard's time series, from the counters above
         self.compression: CompressCounts = Counter()  # (route, coding, result) -> count
         self.state = build_state(loaded, None, self.cache, self.dedup, self.breakers, self.jobs,
                                  self.metrics, self.compression)
@@ -428,6 +430,7 @@ class Runtime:
         self._tasks = [
             asyncio.create_task(self.access_log.run(), name="access-log"),
             asyncio.create_task(self._watch_redis(), name="redis-health"),
+            asyncio.create_task(self.series.run(self), name="dashboard-series"),
         ]
         stack.push_async_callback(cancel_and_wait, self._tasks)  # those appended below too
         if self.metrics_share is not None:
