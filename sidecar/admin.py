@@ -354,9 +354,10 @@ _LIBRARY_STATES = {
 }
 
 
-def _admin_view(runtime: AdminHost, job: Job) -> dict[str, object]:
+def _admin_view(runtime: AdminHost, job: Job,
+                progress: dict[bytes, bytes] | None = None) -> dict[str, object]:
     spec = job.kwargs or {}
-    found = view(job, {}, runtime.config.jobs.path)
+    found = view(job, progress or {}, runtime.config.jobs.path)
     found.update({
         "queue": job.key.split(".", 1)[0], "route": spec.get("route"),
         "method": spec.get("method"), "target": _target(runtime, job),
@@ -410,14 +411,16 @@ async def jobs_list(request: web.Request) -> web.Response:
         jobs = await _matching(runtime, wanted)
         shown, cursor = page([(_created(job), job.key) for job in jobs], int(limit_text),
                              request.query.get("cursor"))
+        progress = await runtime.jobs.progress_of([key for _, key in shown])
     except ValueError as exc:
         return _json_error(400, "bad_request", str(exc))
     except REDIS_ERRORS as exc:
         return _json_error(503, "redis_unavailable", str(exc))
     by_key = {job.key: job for job in jobs}
     status = request.query.get("status", FAILED)
-    return web.json_response({"status": status, "next": cursor,
-                              "jobs": [_admin_view(runtime, by_key[key]) for _, key in shown]})
+    return web.json_response({"status": status, "next": cursor, "jobs": [
+        _admin_view(runtime, by_key[key], reported)
+        for (_, key), reported in zip(shown, progress, strict=True)]})
 
 
 def _created(job: Job) -> int:

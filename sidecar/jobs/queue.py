@@ -517,6 +517,13 @@ class JobService(Subscriber):
         record, progress = await pipe.execute()
         return queue.deserialize(record), progress
 
+    async def progress_of(self, job_ids: list[str]) -> list[dict[bytes, bytes]]:
+        """The progress hashes of several jobs, in one round trip (the admin API's list)."""
+        pipe = self.client.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hgetall(progress_key(job_id))
+        return list(await pipe.execute()) if job_ids else []
+
     async def history(self, job_id: str) -> list[dict[str, Any]]:
         entries = await cast(Any, self.client.lrange(history_key(job_id), 0, -1))
         return [orjson.loads(entry) for entry in entries]
