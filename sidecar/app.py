@@ -427,6 +427,7 @@ class Runtime:
         self.admin_port = _bound_port(admin)
         if self.metrics_share is not None:
             stack.callback(self.metrics_share.close, self)  # after its task has ended
+        self.series.sample(self)  # the baseline: what comes after it shows in the series
         self._tasks = [
             asyncio.create_task(self.access_log.run(), name="access-log"),
             asyncio.create_task(self._watch_redis(), name="redis-health"),

@@ -337,9 +337,11 @@ async def test_every_tab_renders(
     async with client.post(sidecar.url + "/api/reports/q1", data=b"{}") as response:
         assert response.status == 202
     await until(lambda: _series_has_traffic(client, sidecar))
+    folder = os.environ.get("SIDECAR_SCREENSHOTS")
+    if folder:  # some history for the sparklines: traffic until the series spans 20 s
+        await _traffic_for(client, sidecar, 20)
     page = browser(sidecar)
     await page.open(ADMIN)
-    folder = os.environ.get("SIDECAR_SCREENSHOTS")
     ready = {
         "routes": "#routes [data-route=products] polyline",
         "upstreams": "[data-breaker='route:flaky']",
@@ -371,3 +373,16 @@ async def _series_has_traffic(client: aiohttp.ClientSession, sidecar: InProcessS
                           headers={"Authorization": f"Bearer {ADMIN}"}) as response:
         data = await response.json()
     return any(r["window"]["requests"] for r in data["routes"] if r["name"] == "products")
+
+
+async def _traffic_for(client: aiohttp.ClientSession, sidecar: InProcessSidecar,
+                       seconds: int) -> None:
+    """Uneven traffic on every route until the series holds `seconds` samples."""
+    n = 0
+    while len(sidecar.runtime.series.ring.samples) < seconds:
+        n += 1
+        for path in ("/api/products/1", "/api/products/1", f"/other/{n % 7}",
+                     *(["/flaky"] if n % 5 == 0 else []),
+                     *([f"/api/products/{n}"] if n % 3 == 0 else [])):
+            await get(client, sidecar.url + path)
+        await asyncio.sleep(0.01 * (n % 10))  # a wavy rate for the pictures, not a wait

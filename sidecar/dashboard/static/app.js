@@ -189,9 +189,14 @@ function flatten(prefix, value, out) {
 
 async function showCache() {
   const [stats, data] = await Promise.all([api("GET", "/admin/stats"), loadSeries()]);
-  const rows = flatten("", stats.cache, []).map(([k, v]) =>
-    h("tr", {}, td(k), num(/bytes/.test(k) && typeof v === "number" ? fmt.bytes(v) : Array.isArray(v) ? v.join(", ") : String(v))));
+  const { requests, ...layers } = stats.cache;
+  const rows = flatten("", layers, []).map(([k, v]) =>
+    h("tr", {}, td(k), num(/bytes|quota|used_memory/.test(k) && typeof v === "number" ? fmt.bytes(v) : Array.isArray(v) ? v.join(", ") : String(v))));
   table($("layers"), ["figure", { label: "value", num: true }], rows);
+  const lookups = Array.isArray(requests) ? requests : [];
+  const columns = lookups.length ? Object.keys(lookups[0]) : ["route", "count"];
+  table($("cache-lookups"), columns.map((c) => (c === "count" ? { label: c, num: true } : c)),
+    lookups.map((row) => h("tr", {}, columns.map((c) => (c === "count" ? num(row[c]) : td(row[c]))))));
   table($("cache-routes"), ["route", { label: "hit ratio", num: true }, { label: "requests", num: true }, "hits"],
     data.routes.filter((r) => r.policies.includes("cache")).map((r) =>
       h("tr", { "data-route": r.name }, td(r.name), num(fmt.pct(r.window.hit_ratio)), num(r.window.requests),
