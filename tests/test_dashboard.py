@@ -366,6 +366,19 @@ async def test_every_tab_renders(
     if folder:
         await page.do(page.driver.save_screenshot, str(Path(folder) / "dashboard-phone.png"))
     await page.do(page.driver.set_window_size, 1280, 900)
+    # Dark when the system says so (prefers-color-scheme).
+    background = "return getComputedStyle(document.body).backgroundColor"
+    light = await page.do(page.driver.execute_script, background)
+    await page.do(page.driver.execute_cdp_cmd, "Emulation.setEmulatedMedia", {
+        "features": [{"name": "prefers-color-scheme", "value": "dark"}]})
+    try:
+        await page.wait(lambda d: d.execute_script(background) != light, "the dark colours")
+        if folder:
+            await page.do(page.driver.save_screenshot,
+                          str(Path(folder) / "dashboard-dark.png"))
+    finally:
+        await page.do(page.driver.execute_cdp_cmd, "Emulation.setEmulatedMedia",
+                      {"features": []})
 
 
 async def _series_has_traffic(client: aiohttp.ClientSession, sidecar: InProcessSidecar) -> bool:

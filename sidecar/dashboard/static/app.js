@@ -53,7 +53,7 @@ function table(el, head, rows) {
 }
 
 function td(value, cls) { return h("td", { class: cls }, value); }
-function num(value) { return h("td", { class: "num" }, value); }
+function num(value, cls) { return h("td", { class: cls ? `num ${cls}` : "num" }, value); }
 
 const fmt = {
   n(x) { return x === null || x === undefined ? "–" : (Math.round(x * 10) / 10).toLocaleString(); },
@@ -96,7 +96,9 @@ function spark(values, target) {
   const step = values.length > 1 ? width / (values.length - 1) : width;
   if (known.length) {
     const line = document.createElementNS(svgNS, "polyline");
-    line.setAttribute("points", values.map((v, i) => `${(i * step).toFixed(1)},${y(v || 0)}`).join(" "));
+    // A second without a figure (no request: no ratio) is skipped, not drawn as zero.
+    line.setAttribute("points", values.map((v, i) => (v === null || v === undefined ? null : `${(i * step).toFixed(1)},${y(v)}`))
+      .filter((p) => p !== null).join(" "));
     svg.append(line);
   }
   if (target) {
@@ -157,25 +159,25 @@ async function showUpstreams() {
       num(b.state === "open" ? `${b.retry_after_s.toFixed(1)} s` : "–"),
       h("td", {}, actionButton("Reset", { "data-reset": b.name },
         () => api("POST", `/admin/breakers/${encodeURIComponent(b.name)}/reset`))))));
-  const rows = [];
-  for (const [name, pool] of Object.entries(stats.upstreams)) {
-    const servers = pool.servers || [];
-    if (!servers.length) rows.push(h("tr", {}, td(name), td(pool.url || ""), td("–"), num("–")));
-    for (const server of servers) {
-      rows.push(h("tr", {}, td(name), td(server.url), td(server.healthy ? "healthy" : "out", server.healthy ? "state-closed" : "state-open"),
-        num(server.ejections)));
-    }
-  }
   const calls = {};
   for (const row of stats.requests.upstreams) {
     const entry = calls[row.upstream] || (calls[row.upstream] = { total: 0, failed: 0 });
     entry.total += row.count;
     if (row.status === "error" || String(row.status).startsWith("5")) entry.failed += row.count;
   }
-  for (const [name, c] of Object.entries(calls)) {
-    rows.push(h("tr", {}, td(name), td("calls (this worker)"), td(`${c.failed} failed`, c.failed ? "bad" : ""), num(c.total)));
+  const rows = [];
+  for (const [name, pool] of Object.entries(stats.upstreams)) {
+    const c = calls[name] || { total: 0, failed: 0 };
+    const conns = (p) => `${p.open ?? "–"} / ${p.idle ?? "–"} / ${p.waiting ?? "–"}`;
+    rows.push(h("tr", { "data-upstream": name }, td(name), td(pool.servers ? `${pool.servers.length} servers (${pool.balance})` : "one server"),
+      td("–"), num(conns(pool)), num("–"), num(c.total), num(c.failed, c.failed ? "bad" : "")));
+    for (const server of pool.servers || []) {
+      rows.push(h("tr", {}, td(""), td(server.url), td(server.healthy ? "healthy" : "out", server.healthy ? "state-closed" : "state-open"),
+        num(conns(server)), num(server.ejections), num(""), num("")));
+    }
   }
-  table($("pools"), ["upstream", "server", "health", { label: "ejections / calls", num: true }], rows);
+  table($("pools"), ["upstream", "servers", "health", { label: "open / idle / waiting", num: true },
+    { label: "ejections", num: true }, { label: "calls", num: true }, { label: "failed", num: true }], rows);
 }
 
 function flatten(prefix, value, out) {
