@@ -62,6 +62,31 @@ def test_the_page_and_its_assets_are_small() -> None:
     assert sum(len(body) for body in files.values()) < 300 * 1024
 
 
+async def test_one_job_is_cancelled_by_id_and_a_read_token_cannot(
+        sidecar_factory: Factory, origin: Origin, redis_url: str,
+        client: aiohttp.ClientSession) -> None:
+    origin.reply("/api/reports/later")
+    sidecar = await sidecar_factory(dashboard_config(origin, redis_url))
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    async with client.post(sidecar.admin_url + "/admin/queues/reports/pause",
+                           headers=admin) as response:
+        assert response.status == 200
+    async with client.post(sidecar.url + "/api/reports/later", data=b"{}") as response:
+        job_id = (await response.json())["id"]
+    cancel = f"{sidecar.admin_url}/admin/jobs/{job_id}/cancel"
+    async with client.post(cancel, headers={"Authorization": f"Bearer {READ}"}) as response:
+        assert response.status == 403
+    async with client.post(cancel, headers=admin) as response:
+        assert response.status == 200
+        assert (await response.json())["status"] == "cancelled"
+    async with client.post(cancel, headers=admin) as response:
+        assert response.status == 409
+    async with client.post(f"{sidecar.admin_url}/admin/jobs/nope.0.x/cancel",
+                           headers=admin) as response:
+        assert response.status == 404
+    assert origin.calls["/api/reports/later"] == 0
+
+
 # -- the browser ---------------------------------------------------------------------------------
 
 
