@@ -96,6 +96,17 @@ def grace(ticks: Ticks, tick: float) -> float:
     return min(MAX_GRACE, max(0.5, (ticks.following(tick) - tick) / 2))
 
 
+def missed_between(ticks: Ticks, previous: float, tick: float, most: int = 10_000) -> int:
+    """How many ticks fell strictly between `previous` (the last claimed) and `tick` (the one
+    claimed now): those nobody ran, counted up to `most`."""
+    count = 0
+    current = ticks.following(previous)
+    while current < tick and count < most:
+        count += 1
+        current = ticks.following(current)
+    return count
+
+
 def runs(ticks: Ticks, tick: float, now: float, previous: float | None, missed: Missed) -> bool:
     """Whether a tick just claimed (the newest due, `previous` the one claimed before it, None
     for a schedule never seen) runs. On time, it always does. Late (the cluster was down, or

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..aio import cancel_and_wait
-from ..core.schedule import Ticks, runs
+from ..core.schedule import Ticks, missed_between, runs
 from ..edge.responses import new_request_id
 from ..errors import SidecarError
 from ..http.headers import Headers
@@ -125,6 +125,12 @@ class Scheduler:
         code, previous = await self.store.claim(name, tick, LEASE, self.holder)
         if code == 0:
             return
+        if code == 1 and previous is not None and schedule.missed == "skip":
+            # The ticks between the last claimed and this one fell while nobody ran them.
+            between = missed_between(ticks, previous, tick)
+            if between:
+                await self.store.count_skipped(name, between)
+                self.counts[(name, "skipped")] += between
         if code == 1 and not runs(ticks, tick, now, previous, schedule.missed):
             log.info("schedule tick skipped", extra={
                 "schedule": name, "tick": _iso(tick), "late_s": round(now - tick, 3),

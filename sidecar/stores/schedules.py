@@ -129,6 +129,10 @@ class ScheduleStore:
             "" if tick is None else _ms(tick), holder, trigger, outcome, _ms(started),
             orjson.dumps(detail)])
 
+    async def count_skipped(self, name: str, count: int) -> None:
+        """Ticks that fell while nobody ran the schedule (`missed: skip`), counted."""
+        await self.client.hincrby(self.key(name), "skipped", count)  # type: ignore[misc]
+
     async def state(self, name: str) -> dict[str, Any]:
         """What /admin/schedules shows of a schedule's runs (times in Unix seconds)."""
         raw = await self.client.hgetall(self.key(name))  # type: ignore[misc]

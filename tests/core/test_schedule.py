@@ -7,7 +7,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from sidecar.core.schedule import MAX_GRACE, Cron, Every, grace, runs
+from sidecar.core.schedule import MAX_GRACE, Cron, Every, grace, missed_between, runs
 
 
 def at(text: str, zone: str = "UTC") -> float:
@@ -71,3 +71,10 @@ def test_a_late_tick_runs_once_for_all_missed_with_once_and_not_with_skip() -> N
 def test_a_new_schedule_does_not_run_a_tick_that_fell_before_it_existed() -> None:
     assert not runs(Cron("0 2 * * *"), at("2026-12-07 02:00"), at("2026-12-07 14:00"), None,
                     "once")
+
+
+def test_the_ticks_missed_between_two_claims_are_counted() -> None:
+    every = Every(2.0)
+    assert missed_between(every, 100.0, 102.0) == 0
+    assert missed_between(every, 100.0, 108.0) == 3   # 102, 104, 106
+    assert missed_between(every, 100.0, 1e9, most=50) == 50
