@@ -563,44 +563,41 @@ async def job_detail(request: web.Request) -> web.Response:
     return web.json_response(found)
 
 
-@audited("job.cancel", lambda r: r.match_info["id"])
-async def job_cancel(request: web.Request) -> web.Response:
-    """Cancel one queued or running job (a running one stops when its worker sees it)."""
+async def _act_on_job(request: web.Request, allowed: tuple[str, ...], refusal: str,
+                      verb: str, act: Callable[[Job], Awaitable[object]]) -> web.Response:
+    """A job action: 404 for no such job, 409 (`refusal`) when its status is not one of
+    `allowed`, else `act` and the job's view after it."""
     runtime: AdminHost = request.app[RUNTIME]  # type: ignore[assignment]
     try:
         job, _ = await _find_job(request)
         if job is None:
             return _json_error(404, "job_not_found", "no such job (or its record expired)")
         status = public_status(job.status.value, job.error)
-        if status not in (QUEUED, RUNNING):
-            return _json_error(409, "job_not_cancellable",
-                               f"the job is {status}; only queued or running jobs are cancelled")
-        await runtime.jobs.cancel(job, CANCELLED_BY_OPERATOR)
+        if status not in allowed:
+            return _json_error(409, refusal, f"the job is {status}; only "
+                               f"{' or '.join(allowed)} jobs are {verb}")
+        await act(job)
         job, _ = await _find_job(request)
     except REDIS_ERRORS as exc:
         return _json_error(503, "redis_unavailable", str(exc))
     assert job is not None
     return web.json_response(_admin_view(runtime, job))
+
+
+@audited("job.cancel", lambda r: r.match_info["id"])
+async def job_cancel(request: web.Request) -> web.Response:
+    """Cancel one queued or running job (a running one stops when its worker sees it)."""
+    runtime: AdminHost = request.app[RUNTIME]  # type: ignore[assignment]
+    return await _act_on_job(request, (QUEUED, RUNNING), "job_not_cancellable", "cancelled",
+                             lambda job: runtime.jobs.cancel(job, CANCELLED_BY_OPERATOR))
 
 
 @audited("job.retry", lambda r: r.match_info["id"])
 async def job_retry(request: web.Request) -> web.Response:
     """Run a failed or cancelled job again, from its first attempt."""
     runtime: AdminHost = request.app[RUNTIME]  # type: ignore[assignment]
-    try:
-        job, _ = await _find_job(request)
-        if job is None:
-            return _json_error(404, "job_not_found", "no such job (or its record expired)")
-        status = public_status(job.status.value, job.error)
-        if status not in (FAILED, CANCELLED):
-            return _json_error(409, "job_not_retryable",
-                               f"the job is {status}; only failed or cancelled jobs are retried")
-        await runtime.jobs.retry(job)
-        job, _ = await _find_job(request)
-    except REDIS_ERRORS as exc:
-        return _json_error(503, "redis_unavailable", str(exc))
-    assert job is not None
-    return web.json_response(_admin_view(runtime, job))
+    return await _act_on_job(request, (FAILED, CANCELLED), "job_not_retryable", "retried",
+                             runtime.jobs.retry)
 
 
 async def job_progress(request: web.Request) -> web.Response:
