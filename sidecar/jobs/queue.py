@@ -25,6 +25,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 import orjson
@@ -42,7 +43,7 @@ from ..core.jobs import (
 )
 from ..crypto import Sealer
 from ..stores.dedup import SharedResult
-from ..stores.subscriber import REDIS_ERRORS, Bus, Subscriber
+from ..stores.subscriber import Bus, Subscriber
 
 if TYPE_CHECKING:
     from ..config import OffloadConfig, WindowRate
@@ -87,41 +88,157 @@ return 1
 """
 
 
-# KEYS[1] queued list, KEYS[2] active list, KEYS[3] paused queues (set), KEYS[4] the queue's
-# recent starts (sorted set, scored by ms); ARGV queue, rate count (0: no rate), rate period (ms).
-# Move the next job and mark it active in one step. saq moves it, reads it, then marks it
-# active: a sweep in between finds a job in the active list that is not active, takes it for a
-# dead worker's, and aborts it. A paused queue gives nothing (0); a queue at its rate gives
-# the ms until a start is allowed, negated. Both checks are in the same step as the move, so a
-# pause answered to an operator, or a start over the rate, cannot slip in between.
-_DEQUEUE = """
-if redis.call('SISMEMBER', KEYS[3], ARGV[1]) == 1 then return 0 end
+# The three steps of a job's run each take one round trip: its enqueue (`_ENQUEUE`), its start
+# (`_TAKE`) and its success (`_COMPLETE`). Each does in one script what saq and the side keys
+# did in nine round trips (docs/jobs.md, "Where a job's time goes"). The record stays saq's (a
+# JSON string, `saq:job:<lane>:<id>`, its status published on the same key as saq does), so
+# that saq's reads, aborts, retries and sweep keep working on it.
+
+# KEYS[1] the lane's unfinished jobs, KEYS[2] the record, KEYS[3] the lane's queued list,
+# KEYS[4] the abort key, KEYS[5] body, KEYS[6] the queue's lanes, KEYS[7..9] callbacks owed,
+# tries, routes; ARGV record, scheduled (0: now), body ('' with ARGV[4] 0: none), has body,
+# body ttl (s), priority, owes a callback, its first delay (ms), route, job key, wake channel,
+# lane name, max queued (0: no bound), lane key prefix and suffix (`<prefix><priority><suffix>`
+# is a lane's queued list). Returns 1 queued, 0 the id taken, -1 the queue full (max_queued,
+# counted in the same step: exact, where two checks and an enqueue let bursts past it).
+_ENQUEUE = """
+if redis.call('ZSCORE', KEYS[1], KEYS[2]) or redis.call('EXISTS', KEYS[4]) == 1 then return 0 end
+local most = tonumber(ARGV[13])
+if most > 0 then
+  local waiting = 0
+  for _, p in ipairs(redis.call('SMEMBERS', KEYS[6])) do
+    waiting = waiting + redis.call('LLEN', ARGV[14] .. p .. ARGV[15])
+  end
+  if waiting >= most then return -1 end
+end
+if ARGV[7] == '1' then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  redis.call('ZADD', KEYS[7], now + tonumber(ARGV[8]), ARGV[10])
+  redis.call('HDEL', KEYS[8], ARGV[10])
+  redis.call('HSET', KEYS[9], ARGV[10], ARGV[9])
+end
+if ARGV[4] == '1' then redis.call('SET', KEYS[5], ARGV[3], 'EX', tonumber(ARGV[5])) end
+redis.call('SADD', KEYS[6], ARGV[6])
+redis.call('SET', KEYS[2], ARGV[1])
+redis.call('ZADD', KEYS[1], ARGV[2], KEYS[2])
+if ARGV[2] == '0' then
+  redis.call('RPUSH', KEYS[3], KEYS[2])
+  redis.call('PUBLISH', ARGV[11], ARGV[12])
+end
+return 1
+"""
+
+# KEYS[1] the queue's slots, KEYS[2] paused queues, KEYS[3] the queue's recent starts (scored by
+# ms), then per lane, lowest priority first: its queued list, active list, unfinished jobs.
+# ARGV queue, slot token, slot limit, lease (ms), rate count (0: no rate), rate period (ms),
+# worker id, body key prefix, then the lanes' names.
+# Take a slot and the next job of the queue's lanes, mark it active and read its body, in one
+# step. Marking it active in the same step as the move also keeps a sweep from finding a job in
+# the active list that is not active yet (it would take it for a dead worker's and abort it).
+# The pause and rate checks are in the same step: a pause answered to an operator, or a start
+# over the rate, cannot slip in between. Replies: {'job', lane index, record, body or nil, jobs
+# left in that lane}; {'none'} (the slot is given back); {'full'} (no slot free); {'paused'};
+# {'rate', ms until a start is allowed}.
+_TAKE = """
+if redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 1 then return {'paused'} end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local limit = tonumber(ARGV[2])
-local period = tonumber(ARGV[3])
+local limit = tonumber(ARGV[5])
+local period = tonumber(ARGV[6])
 if limit > 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - period)
-  if redis.call('ZCARD', KEYS[4]) >= limit then
-    local oldest = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
-    return -math.max(1, tonumber(oldest[2]) + period - now + 1)
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - period)
+  if redis.call('ZCARD', KEYS[3]) >= limit then
+    local oldest = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
+    return {'rate', math.max(1, tonumber(oldest[2]) + period - now + 1)}
   end
 end
-local id = redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT')
-if not id then return false end
-local raw = redis.call('GET', id)
-if not raw then return false end
-if limit > 0 then
-  redis.call('ZADD', KEYS[4], now, id)
-  redis.call('PEXPIRE', KEYS[4], period + 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if not redis.call('ZSCORE', KEYS[1], ARGV[2])
+    and redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then
+  return {'full'}
 end
-local job = cjson.decode(raw)
-job['status'] = 'active'
-job['started'] = now
-job['touched'] = now
-raw = cjson.encode(job)
-redis.call('SET', id, raw)
-return {raw, redis.call('LLEN', KEYS[1])}
+for i = 1, (#KEYS - 3) / 3 do
+  local queued, active = KEYS[1 + 3 * i], KEYS[2 + 3 * i]
+  while true do
+    local id = redis.call('LMOVE', queued, active, 'LEFT', 'RIGHT')
+    if not id then break end
+    local raw = redis.call('GET', id)
+    if raw then
+      local job = cjson.decode(raw)
+      job['status'] = 'active'
+      job['started'] = now
+      job['touched'] = now
+      job['attempts'] = (job['attempts'] or 0) + 1
+      job['worker_id'] = ARGV[7] .. ':' .. ARGV[8 + i]
+      raw = cjson.encode(job)
+      redis.call('SET', id, raw)
+      redis.call('PUBLISH', id, 'active')
+      redis.call('ZADD', KEYS[1], now + tonumber(ARGV[4]), ARGV[2])
+      redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[4]) * 2)
+      if limit > 0 then
+        redis.call('ZADD', KEYS[3], now, id)
+        redis.call('PEXPIRE', KEYS[3], period + 1000)
+      end
+      local body = false
+      if job['kwargs'] and job['kwargs']['has_body'] then
+        body = redis.call('GET', ARGV[8] .. job['key'])
+      end
+      return {'job', i, raw, body, redis.call('LLEN', queued)}
+    end
+    redis.call('LREM', active, 0, id)  -- its record expired: nothing to run
+    redis.call('ZREM', KEYS[3 + 3 * i], id)
+  end
+end
+redis.call('ZREM', KEYS[1], ARGV[2])
+return {'none'}
+"""
+
+# KEYS[1] the lane's active list, KEYS[2] its unfinished jobs, KEYS[3] the record, KEYS[4]
+# result, KEYS[5] body, KEYS[6] progress, KEYS[7] history, KEYS[8] the queue's counters, KEYS[9]
+# its slots, KEYS[10] callbacks owed, KEYS[11] their routes, KEYS[12] the queue's lanes.
+# ARGV the final record, its ttl (s, 0: none), the side keys' ttl, result, history line,
+# duration (ms, -1: none), its bucket's counter, slot token, owes a callback, job key, route,
+# lane key prefix and suffix, wake channel, queue, slot limit.
+# A job succeeded: what saq's finish, the result's write, JobService.finished and the slot's
+# release did in five round trips. Other processes' loops are woken only when one may have
+# been refused a slot while jobs wait (the slots were all taken and some job is queued).
+_COMPLETE = """
+redis.call('LREM', KEYS[1], 1, KEYS[3])
+redis.call('ZREM', KEYS[2], KEYS[3])
+if tonumber(ARGV[2]) > 0 then
+  redis.call('SETEX', KEYS[3], tonumber(ARGV[2]), ARGV[1])
+else
+  redis.call('SET', KEYS[3], ARGV[1])
+end
+redis.call('PUBLISH', KEYS[3], 'complete')
+local ttl = tonumber(ARGV[3])
+redis.call('SET', KEYS[4], ARGV[4], 'EX', ttl)
+redis.call('EXPIRE', KEYS[5], ttl)
+redis.call('EXPIRE', KEYS[6], ttl)
+redis.call('RPUSH', KEYS[7], ARGV[5])
+redis.call('EXPIRE', KEYS[7], ttl)
+redis.call('HINCRBY', KEYS[8], 'succeeded', 1)
+if tonumber(ARGV[6]) >= 0 then
+  redis.call('HINCRBY', KEYS[8], 'duration_ms_sum', tonumber(ARGV[6]))
+  redis.call('HINCRBY', KEYS[8], 'duration_count', 1)
+  redis.call('HINCRBY', KEYS[8], ARGV[7], 1)
+end
+local taken = redis.call('ZCARD', KEYS[9])
+redis.call('ZREM', KEYS[9], ARGV[8])
+if ARGV[9] == '1' then
+  redis.call('ZADD', KEYS[10], 0, ARGV[10])
+  redis.call('HSET', KEYS[11], ARGV[10], ARGV[11])
+end
+if taken >= tonumber(ARGV[16]) then
+  for _, p in ipairs(redis.call('SMEMBERS', KEYS[12])) do
+    if redis.call('LLEN', ARGV[12] .. p .. ARGV[13]) > 0 then
+      redis.call('PUBLISH', ARGV[14], ARGV[15])
+      return 1
+    end
+  end
+end
+return 0
 """
 
 
@@ -213,32 +330,20 @@ return 1
 
 
 class SidecarQueue(RedisQueue):
-    """saq's Redis queue with a dequeue that does not block (a worker polls its lanes in
-    priority order and must not sit on an empty one) and marks the job active as it moves it
-    (`_DEQUEUE`)."""
+    """saq's Redis queue for one lane, with the sidecar's schedule and sweep, and the names of
+    its keys for the scripts above."""
 
-    async def dequeue(self, timeout: float = 0.0, poll_interval: float = 0.0) -> Job | None:
-        if timeout >= 0:
-            return await super().dequeue(timeout, poll_interval)
-        script = self._dequeue_script
-        if script is None:
-            script = self._dequeue_script = self.redis.register_script(_DEQUEUE)
-        queue = self.name.split(".")[1]
-        rate = self.rate
-        raw = await script(keys=[self._queued, self._active, PAUSED, rate_key(queue)],
-                           args=[queue, rate.starts if rate else 0,
-                                 int(rate.period * 1000) if rate else 0])
-        self.held = None
-        if isinstance(raw, list):  # a job, and how many are left in the lane
-            record, self.left = raw
-            return self.deserialize(record)
-        self.left = 0
-        if raw == 0:
-            self.held = "paused"
-        elif isinstance(raw, int) and raw < 0:
-            self.held = "rate"
-            self.rate_wait = -raw / 1000
-        return None
+    @property
+    def queued_key(self) -> str:
+        return self.namespace("queued")
+
+    @property
+    def active_key(self) -> str:
+        return self.namespace("active")
+
+    @property
+    def incomplete_key(self) -> str:
+        return self.namespace("incomplete")
 
     async def schedule(self, lock: int = 1) -> list[str]:
         """Move the jobs that became due (a delayed start, a retry's backoff) to the queue.
@@ -249,21 +354,11 @@ class SidecarQueue(RedisQueue):
         script = self._schedule_script
         if script is None:
             script = self._schedule_script = self.redis.register_script(_SCHEDULE)
-        moved = await script(keys=[self._schedule, self._incomplete, self._queued],
-                             args=[int(SCHEDULE_EVERY * 1000), time.time()])
+        moved = await script(keys=[self.namespace("schedule"), self.incomplete_key,
+                                   self.queued_key], args=[int(SCHEDULE_EVERY * 1000), time.time()])
         return [job_id.decode() for job_id in moved or []]
 
     _schedule_script: Any = None
-    _dequeue_script: Any = None
-    # Set by the runner from the queue's config (queues.<name>.rate) before each dequeue.
-    rate: WindowRate | None = None
-    # Why the last dequeue gave nothing though the lane may hold jobs: "paused", or "rate"
-    # (then `rate_wait` says for how long), for the runner to wait accordingly.
-    held: str | None = None
-    rate_wait: float = 0.0
-    # Jobs left in the lane after the last dequeue: the runner wakes another loop only when
-    # there are (waking one on the chance made three of every four dequeues find nothing).
-    left: int = 0
     _snapshot_script: Any = None
 
     async def sweep(self, lock: int = 60, abort: float = 5.0) -> list[str]:
@@ -278,12 +373,13 @@ class SidecarQueue(RedisQueue):
         if script is None:
             script = self._snapshot_script = self.redis.register_script(_SNAPSHOT)
         swept = []
-        for job_id, raw in await script(keys=[self._sweep, self._active], args=[lock]):
+        active = await script(keys=[self.namespace("sweep"), self.active_key], args=[lock])
+        for job_id, raw in active:
             job = self.deserialize(raw)
             if job is None:  # its record expired: nothing to run
                 async with self.redis.pipeline(transaction=True) as pipe:
-                    pipe.lrem(self._active, 0, job_id)
-                    pipe.zrem(self._incomplete, job_id)
+                    pipe.lrem(self.active_key, 0, job_id)
+                    pipe.zrem(self.incomplete_key, job_id)
                     await pipe.execute()
                 swept.append(job_id.decode())
                 continue
@@ -384,6 +480,28 @@ def slots_key(queue: str) -> str:
     return PREFIX + "slots:" + queue
 
 
+def lane_key_parts(queue: str) -> tuple[str, str]:
+    """`prefix + str(priority) + suffix` is the queued list of a lane of `queue`, for the
+    scripts that count a queue's waiting jobs over lanes they learn from Redis."""
+    return f"saq:{lane(queue, 0)[:-1]}", ":queued"  # saq's RedisQueue.namespace("queued")
+
+
+class QueueFull(Exception):
+    """The queue holds `max_queued` jobs waiting: this one was not queued."""
+
+
+@dataclass(slots=True)
+class Taken:
+    """What a loop's look at its queue gave (JobService.take): a job marked active, with its
+    lane, its body as stored (sealed) and how many jobs are left in that lane; or why not."""
+
+    job: Job | None = None
+    body: bytes | None = None
+    left: int = 0
+    held: str | None = None  # "paused", "full" (no slot free), "rate"; None: nothing waits
+    rate_wait: float = 0.0  # "rate": seconds until a start is allowed
+
+
 class JobService(Subscriber):
     """Every Redis operation on jobs, for the offload policy, the job endpoints and workers."""
 
@@ -396,7 +514,6 @@ class JobService(Subscriber):
         # Seals a job's request (head, target, body) and its result in Redis (crypto.py).
         self.sealer = Sealer()
         self._queues: dict[str, SidecarQueue] = {}
-        self._known_lanes: set[str] = set()
         self._wake_callbacks: list[Callable[[str], None]] = []
         self._callback_due: list[Callable[[], None]] = []
         self._acquire: Any = None
@@ -404,6 +521,9 @@ class JobService(Subscriber):
         self._owe: Any = None
         self._claim: Any = None
         self._settle: Any = None
+        self._enqueue: Any = None
+        self._take: Any = None
+        self._complete: Any = None
         self.command_timeout = 1.0  # what a client's request waits for Redis (`bounded`)
 
     def attach(self, client: aioredis.Redis, listener: aioredis.Redis | Bus, *,
@@ -416,6 +536,9 @@ class JobService(Subscriber):
         self._owe = client.register_script(_OWE)
         self._claim = client.register_script(_CLAIM)
         self._settle = client.register_script(_SETTLE)
+        self._enqueue = client.register_script(_ENQUEUE)
+        self._take = client.register_script(_TAKE)
+        self._complete = client.register_script(_COMPLETE)
         self.command_timeout = command_timeout
 
     def bounded(self, extra: float = 0.0) -> asyncio.Timeout:
@@ -460,31 +583,17 @@ class JobService(Subscriber):
 
     async def enqueue(self, job_id: JobId, spec: dict[str, Any], body: bytes | None,
                       config: OffloadConfig, *, heartbeat: float, max_age: float,
-                      start_at: float | None = None) -> None:
-        """Queue a job; `start_at` (Unix seconds) for one that must not start before then.
-        `spec["callback"]` true: the job owes a callback, recorded before the job exists,
-        first due a `heartbeat` (the visibility timeout) from now; the job's end makes it due
-        at once."""
+                      start_at: float | None = None, max_queued: int | None = None) -> None:
+        """Queue a job, in one round trip; `start_at` (Unix seconds) for one that must not
+        start before then. QueueFull when `max_queued` jobs of the queue wait already.
+        `spec["callback"]` true: the job owes a callback, recorded with the job, first due a
+        `heartbeat` (the visibility timeout) from now; the job's end makes it due at once."""
         key = str(job_id)
-        client = self.client
         lane_name = lane(job_id.queue, job_id.priority)
         sealer = self.sealer
         if sealer.enabled:  # the client's headers (Authorization...) and target, not in clear
             spec = {**spec, "head": sealer.seal_text(spec["head"], spec_where(key, "head")),
                     "target": sealer.seal_text(spec["target"], spec_where(key, "target"))}
-        pipe = client.pipeline(transaction=False)
-        if spec.get("callback"):
-            await self._owe(keys=[CALLBACKS, CALLBACK_TRIES, CALLBACK_ROUTES],
-                            args=[key, int(heartbeat * 1000), str(spec.get("route", ""))],
-                            client=pipe)
-        if body is not None:
-            pipe.set(body_key(key), sealer.seal(body, body_key(key)),
-                     ex=math.ceil(max_age + config.result_ttl))
-        if lane_name not in self._known_lanes:
-            pipe.sadd(lanes_key(job_id.queue), job_id.priority)
-        if len(pipe):
-            await pipe.execute()
-        self._known_lanes.add(lane_name)
         job = Job(
             REPLAY, kwargs=spec, key=key,
             timeout=math.ceil(config.timeout), heartbeat=math.ceil(heartbeat),
@@ -493,18 +602,28 @@ class JobService(Subscriber):
         )
         if start_at is not None:
             # saq keeps a job with `scheduled` in its sorted set of unfinished jobs, scored by
-            # it, until its schedule timer (every second, cluster-wide) finds it due; it types
-            # the field int but takes any number, and a float keeps the start to the ms.
+            # it, until the schedule timer (SidecarQueue.schedule) finds it due; it types the
+            # field int but takes any number, and a float keeps the start to the ms.
             job.scheduled = start_at  # type: ignore[assignment]
-        if await self.queue(lane_name).enqueue(job) is None:
+        queue = self.queue(lane_name)
+        # What saq's enqueue sets before its own script, which _ENQUEUE does the work of.
+        job.queue = queue
+        job.queued = int(time.time() * 1000)
+        job.status = Status.QUEUED
+        callback = bool(spec.get("callback"))
+        done = await self._enqueue(
+            keys=[queue.incomplete_key, job.id, queue.queued_key, job.abort_id, body_key(key),
+                  lanes_key(job_id.queue), CALLBACKS, CALLBACK_TRIES, CALLBACK_ROUTES],
+            args=[queue.serialize(job), job.scheduled,
+                  b"" if body is None else sealer.seal(body, body_key(key)),
+                  0 if body is None else 1, math.ceil(max_age + config.result_ttl),
+                  job_id.priority, 1 if callback else 0, int(heartbeat * 1000),
+                  str(spec.get("route", "")), key, WAKE_CHANNEL, lane_name,
+                  max_queued or 0, *lane_key_parts(job_id.queue)])
+        if done == -1:
+            raise QueueFull(job_id.queue)
+        if done == 0:
             raise RuntimeError(f"job id {key} is already taken")  # 144 random bits: never
-        # The job is queued: a lost wake-up only delays it to the workers' next look, so the
-        # request does not wait for it (nor fail when Redis stops answering just now).
-        self.spawn(self._wake(lane_name))
-
-    async def _wake(self, name: str) -> None:
-        with contextlib.suppress(*REDIS_ERRORS):
-            await self.client.publish(WAKE_CHANNEL, name)
 
     # -- reading --------------------------------------------------------------------------------
 
@@ -532,6 +651,11 @@ class JobService(Subscriber):
         """The job's request body; crypto.SealError when it does not open."""
         data = cast("bytes | None", await self.client.get(body_key(job_id)))
         return None if data is None else self.sealer.open(data, body_key(job_id))
+
+    def open_body(self, job_id: str, stored: bytes | None) -> bytes | None:
+        """A job's request body from its stored (sealed) bytes; crypto.SealError when it does
+        not open."""
+        return None if stored is None else self.sealer.open(stored, body_key(job_id))
 
     async def result(self, job_id: str) -> SharedResult | None:
         """The job's stored response; crypto.SealError when it does not open."""
@@ -700,7 +824,7 @@ class JobService(Subscriber):
         found: list[Job] = []
         for priority in await self.lanes(queue):
             saq_queue = self.queue(lane(queue, priority))
-            ids = await cast(Any, self.client.zrange(saq_queue._incomplete, 0, -1))
+            ids = await cast(Any, self.client.zrange(saq_queue.incomplete_key, 0, -1))
             for start in range(0, len(ids), 500):
                 records = await self.client.mget(ids[start:start + 500])
                 found += [job for job in map(saq_queue.deserialize, records) if job is not None]
@@ -782,8 +906,58 @@ class JobService(Subscriber):
         priorities = await self.lanes(queue)
         pipe = self.client.pipeline(transaction=False)
         for priority in priorities:
-            pipe.llen(self.queue(lane(queue, priority))._queued)
+            pipe.llen(self.queue(lane(queue, priority)).queued_key)
         return sum(await pipe.execute()) if priorities else 0
+
+    async def take(self, queue: str, priorities: list[int], token: str, *, limit: int,
+                   lease: float, rate: WindowRate | None, worker_id: str) -> Taken:
+        """A slot of `queue` (held by `token` for `lease` seconds, renewed by the runner) and
+        the next job of its lanes, lowest priority first, marked active: one round trip."""
+        keys = [slots_key(queue), PAUSED, rate_key(queue)]
+        lanes = [self.queue(lane(queue, priority)) for priority in priorities]
+        for saq_queue in lanes:
+            keys += [saq_queue.queued_key, saq_queue.active_key, saq_queue.incomplete_key]
+        reply = await self._take(keys=keys, args=[
+            queue, token, limit, int(lease * 1000), rate.starts if rate else 0,
+            int(rate.period * 1000) if rate else 0, worker_id, PREFIX + "body:",
+            *(saq_queue.name for saq_queue in lanes)])
+        kind = reply[0]
+        if kind == b"job":
+            _, index, record, body, left = reply
+            return Taken(lanes[int(index) - 1].deserialize(record), body, int(left))
+        if kind == b"rate":
+            return Taken(held="rate", rate_wait=int(reply[1]) / 1000)
+        return Taken(held=None if kind == b"none" else kind.decode())
+
+    async def complete(self, job: Job, result: SharedResult, *, token: str, limit: int,
+                       duration_ms: int | None, started: int | None) -> bool:
+        """The job succeeded: its record, result, history, counters, side keys' lifetime,
+        callback and slot, in one round trip. True when the script woke other processes'
+        loops (jobs wait and the slot freed may be what held them)."""
+        queue = cast(SidecarQueue, job.get_queue())
+        name = job.key.split(".", 1)[0]
+        ttl = max(job.ttl, 1)
+        job.status = Status.COMPLETE
+        job.error = None
+        job.completed = int(time.time() * 1000)
+        job.progress = 1.0
+        callback = owes_callback(job)
+        slot = (duration_bucket(duration_ms / 1000) if duration_ms is not None else 0)
+        woke = await self._complete(
+            keys=[queue.active_key, queue.incomplete_key, job.id, result_key(job.key),
+                  body_key(job.key), progress_key(job.key), history_key(job.key),
+                  stats_key(name), slots_key(name), CALLBACKS, CALLBACK_ROUTES,
+                  lanes_key(name)],
+            args=[queue.serialize(job), job.ttl if job.ttl > 0 else 0, ttl,
+                  self.sealer.seal(result.pack(), result_key(job.key)),
+                  history_entry(job, "succeeded", None, started),
+                  -1 if duration_ms is None else duration_ms, f"duration_bucket_{slot}",
+                  token, 1 if callback else 0, job.key,
+                  str((job.kwargs or {}).get("route", "")), *lane_key_parts(name),
+                  WAKE_CHANNEL, name, limit])
+        if callback:
+            self._callbacks_due()
+        return bool(woke)
 
     async def acquire_slot(self, queue: str, token: str, limit: int, lease: float) -> bool:
         return bool(await self._acquire(keys=[slots_key(queue)],
@@ -822,9 +996,9 @@ class JobService(Subscriber):
         pipe = client.pipeline(transaction=False)
         for priority in priorities:
             saq_queue = self.queue(lane(queue, priority))
-            pipe.llen(saq_queue._queued)
-            pipe.llen(saq_queue._active)
-            pipe.zcard(saq_queue._incomplete)
+            pipe.llen(saq_queue.queued_key)
+            pipe.llen(saq_queue.active_key)
+            pipe.zcard(saq_queue.incomplete_key)
         pipe.hgetall(stats_key(queue))
         pipe.zcard(slots_key(queue))
         replies = await pipe.execute()

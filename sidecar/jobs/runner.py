@@ -2,19 +2,21 @@
 
 Runs inside `sidecar run` (unless `jobs.workers: false`) and as `sidecar worker`, on any
 number of machines sharing Redis. Per configured queue a process keeps `concurrency` loops;
-each loop takes a cluster-wide slot (jobs/queue.py), then lets saq's Worker.process() take the
-next job from the lowest priority lane that has one and run it: saq does the dequeue, status
-updates, the attempt timeout, retries with exponential backoff and jitter, and aborts; its
-upkeep re-queues jobs whose worker stopped heart-beating (crash recovery).
+each loop takes a cluster-wide slot and the next job of the lowest priority lane that has one
+in one step (JobService.take), runs it under its attempt timeout, and records a success in one
+more (JobService.complete). Failures, retries with exponential backoff and jitter, and aborts
+go through saq's queue, whose records these are; saq's upkeep per lane moves due retries and
+re-queues jobs whose worker stopped heart-beating (crash recovery).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import logging
 import os
+import time
+import traceback
 import uuid
 from collections import deque
 from collections.abc import Mapping
@@ -30,7 +32,7 @@ from ..errors import UpstreamError
 from ..pipeline import ProxyResponse
 from ..stores.dedup import SharedResult
 from ..stores.subscriber import REDIS_ERRORS
-from .queue import CANCELLED_BY_CLIENT, REPLAY, SCHEDULE_EVERY, JobService, SidecarQueue
+from .queue import CANCELLED_BY_CLIENT, REPLAY, SCHEDULE_EVERY, JobService, SidecarQueue, Taken
 
 if TYPE_CHECKING:
     from ..balancer import Upstream
@@ -42,6 +44,8 @@ log = logging.getLogger("sidecar.jobs")
 IDLE_POLL = 1.0  # the first loop of a queue looks for due retries this often when idle
 IDLE_POLL_OTHERS = 15.0  # the other loops rely on wake-ups
 HEARTBEAT_PATIENCE = 2.0  # the longest a finished attempt waits for a heartbeat under way
+ABORT_CHECK = 1.0  # how often a worker looks whether a job it runs was cancelled
+CANCEL_PATIENCE = 5.0  # the longest a cancelled attempt is waited for
 
 
 class _HidesJobs(logging.Filter):
@@ -82,13 +86,20 @@ class JobFailure(Exception):
     """An attempt failed; the message is what the job's `error` tells the client."""
 
 
-# Set by each loop before it calls saq's process(): saq's return value does not say whether a
-# job was taken (it is True also when the dequeue itself failed).
-_took_job: contextvars.ContextVar[list[bool]] = contextvars.ContextVar("took_job")
+class _Attempt:
+    """A job running here: its task, and why it was aborted once it is."""
+
+    __slots__ = ("aborted", "job", "task")
+
+    def __init__(self, job: Job, task: asyncio.Task[Any]) -> None:
+        self.job = job
+        self.task = task
+        self.aborted: str | None = None
 
 
 class LaneWorker(Worker):  # type: ignore[type-arg]
-    """saq's worker for one lane, driven by the runner's loops instead of its own."""
+    """saq's worker for one lane, for its upkeep only (due retries, the sweep, worker info):
+    the runner's loops take and run the jobs."""
 
     def __init__(self, runner: JobRunner, queue: SidecarQueue) -> None:
         jobs = runner.host.config.jobs
@@ -96,7 +107,6 @@ class LaneWorker(Worker):  # type: ignore[type-arg]
             queue, functions=[(REPLAY, runner.replay)], concurrency=1, dequeue_timeout=-1,
             timers={"schedule": SCHEDULE_EVERY, "abort": 1,  # type: ignore[arg-type]
                     "sweep": max(1, round(jobs.sweep_interval)), "worker_info": 10},
-            before_process=runner.before_process, after_process=runner.after_process,
             id=f"{runner.worker_id}:{queue.name}",
         )
         self.runner = runner
@@ -120,6 +130,7 @@ class JobRunner:
         self._idle: dict[str, deque[asyncio.Future[None]]] = {}  # queue -> loops asleep
         self._held: dict[str, set[str]] = {}
         self._tasks: list[asyncio.Task[Any]] = []
+        self._attempts: dict[str, _Attempt] = {}  # job key -> the attempt running here
         self._stopping = False
         self._redis_down = False
 
@@ -128,12 +139,13 @@ class JobRunner:
     async def start(self) -> None:
         self.service.on_wake(self._on_wake)
         self._tasks.append(asyncio.create_task(self._maintain(), name="jobs-maintain"))
+        self._tasks.append(asyncio.create_task(self._watch_aborts(), name="jobs-aborts"))
         log.info("job worker started", extra={"worker_id": self.worker_id,
                                               "queues": sorted(self.host.config.queues)})
 
     async def stop(self) -> None:
-        """Stop taking jobs; a job running now goes back to its queue at once (saq re-queues
-        a cancelled job), to run again on another worker."""
+        """Stop taking jobs; a job running now goes back to its queue at once, to run again
+        on another worker."""
         self._stopping = True
         loops = [task for tasks in self._loops.values() for task in tasks]
         await cancel_and_wait(loops, patience=5.0)
@@ -149,7 +161,7 @@ class JobRunner:
 
     def wake(self, queue: str) -> None:
         """Wake one idle loop of `queue`. One is enough: a loop that takes a job wakes the
-        next (before_process), so a burst of n jobs wakes about n loops, while waking every
+        next (_attempt), so a burst of n jobs wakes about n loops, while waking every
         loop for each job made each one race for the same job (dozens of dequeues per job)."""
         idle = self._idle.get(queue)
         while idle:
@@ -242,33 +254,17 @@ class JobRunner:
             if not lanes:
                 await self._sleep(queue, idle)
                 continue
-            took = [False]
             try:
-                if not await self.service.acquire_slot(
-                        queue, token, queue_config.concurrency,
-                        self.host.config.jobs.visibility_timeout):
-                    await self._sleep(queue, idle)
-                    continue
-                held.add(token)
-                waits: list[float] = []
+                held.add(token)  # renewed by _maintain while the job runs
                 try:
-                    _took_job.set(took)
-                    for worker in list(lanes.values()):
-                        worker.lane.rate = queue_config.rate
-                        await worker.process()
-                        if took[0]:
-                            break
-                        if worker.lane.held == "paused":
-                            break  # every lane of the queue is
-                        if worker.lane.held == "rate":
-                            waits.append(worker.lane.rate_wait)
-                            break
+                    taken = await self.service.take(
+                        queue, list(lanes), token, limit=queue_config.concurrency,
+                        lease=self.host.config.jobs.visibility_timeout,
+                        rate=queue_config.rate, worker_id=self.worker_id)
+                    if taken.job is not None:
+                        await self._attempt(queue, token, queue_config.concurrency, taken)
                 finally:
                     held.discard(token)
-                    await self.service.release_slot(queue, token, wake=took[0])
-                if waits:  # no message says when the window has room again: look then
-                    await asyncio.sleep(min(waits[0], IDLE_POLL_OTHERS))
-                    continue
             except asyncio.CancelledError:
                 raise
             except REDIS_ERRORS as exc:
@@ -279,26 +275,112 @@ class JobRunner:
                 log.exception("job loop failed; going on", extra={"queue": queue})
                 await asyncio.sleep(1.0)
                 continue
-            if not took[0]:
+            if taken.job is not None:
+                continue
+            if taken.held == "rate":  # no message says when the window has room again
+                await asyncio.sleep(min(taken.rate_wait, IDLE_POLL_OTHERS))
+            else:  # nothing queued, no slot free, or paused: a wake-up says when to look
                 await self._sleep(queue, idle)
 
     # -- one job --------------------------------------------------------------------------------
 
-    async def before_process(self, ctx: dict[str, Any]) -> None:
-        took = _took_job.get(None)
-        if took is not None:
-            took[0] = True
-        job: Job = ctx["job"]
-        if isinstance(job.queue, SidecarQueue) and job.queue.left > 0:
-            self.wake(job.key.split(".", 1)[0])  # more are waiting: let another loop look
+    async def _attempt(self, queue: str, token: str, limit: int, taken: Taken) -> None:
+        """Run one attempt of a job this loop took (marked active, its slot held by `token`)
+        and record how it ended. A success is recorded with the slot's release in one round
+        trip; a failure, a retry or an abort through saq's queue, then the slot given back."""
+        job = taken.job
+        assert job is not None
+        if taken.left > 0:
+            self.wake(queue)  # more are waiting: let another loop look
+        ctx: dict[str, Any] = {"job": job, "body": taken.body, "started": job.started}
         self.running += 1
-        ctx["counted"] = True
-        ctx["started"] = job.started  # for the history: saq clears it when it queues a retry
-
-    async def after_process(self, ctx: dict[str, Any]) -> None:
-        if ctx.pop("counted", False):
+        attempt: _Attempt | None = None
+        released = False
+        try:
+            task = asyncio.create_task(self.replay(ctx, **(job.kwargs or {})))
+            attempt = self._attempts[job.key] = _Attempt(job, task)
+            try:
+                async with asyncio.timeout(job.timeout or None):
+                    result = await asyncio.shield(task)
+            except TimeoutError:
+                task.cancel()
+                raise
+            if attempt.aborted is None:
+                released = True  # the script gives the slot back, or the sweep will
+                await self._succeeded(job, ctx, result, token, limit)
+            else:  # cancelled as it ended: the cancellation stands
+                await self._aborted(job, attempt.aborted)
+        except asyncio.CancelledError:
+            if attempt is None:
+                raise
+            if attempt.aborted is not None:
+                await self._aborted(job, attempt.aborted)
+            else:  # this worker is stopping: the job goes back to its queue
+                await cancel_and_wait([attempt.task], patience=CANCEL_PATIENCE)
+                await job.get_queue().retry(job, "cancelled")
+            task_now = asyncio.current_task()
+            if task_now is not None and task_now.cancelling():
+                raise
+        except Exception:
+            error = traceback.format_exc()
+            if attempt is not None:
+                await cancel_and_wait([attempt.task], patience=CANCEL_PATIENCE)
+            if job.retryable:
+                await job.get_queue().retry(job, error)
+            else:
+                await job.get_queue().finish(job, Status.FAILED, error=error)
+        finally:
             self.running -= 1
-        job: Job = ctx["job"]
+            if attempt is not None and self._attempts.get(job.key) is attempt:
+                del self._attempts[job.key]
+            if not released:
+                await self._settled(job, ctx)
+                await self.service.release_slot(queue, token, wake=True)
+
+    async def _succeeded(self, job: Job, ctx: dict[str, Any], result: Any, token: str,
+                         limit: int) -> None:
+        duration = max(0, int(time.time() * 1000) - job.started) if job.started else None
+        try:
+            await self.service.complete(job, ctx["result"], token=token, limit=limit,
+                                        duration_ms=duration, started=ctx.get("started"))
+        except REDIS_ERRORS as exc:
+            # Not recorded: the job stays active, the sweep runs it again (at least once).
+            self._redis_failed(exc)
+            return
+        job.result = result
+        log.info("job finished", extra={"job_id": job.key, "attempt": job.attempts,
+                                        "worker_id": self.worker_id, "outcome": "succeeded",
+                                        "duration_ms": duration, "error": None})
+
+    async def _aborted(self, job: Job, reason: str) -> None:
+        queue = job.get_queue()
+        await queue.finish(job, Status.ABORTED, error=reason)
+        await self.service.client.delete(job.abort_id)
+
+    async def _watch_aborts(self) -> None:
+        """Cancel the attempts running here whose job was cancelled (its record says
+        aborting): one read of their records per ABORT_CHECK."""
+        while True:
+            await asyncio.sleep(ABORT_CHECK)
+            attempts = list(self._attempts.values())
+            if not attempts:
+                continue
+            try:
+                records = await self.service.client.mget([a.job.id for a in attempts])
+            except REDIS_ERRORS as exc:
+                self._redis_failed(exc)
+                continue
+            for attempt, record in zip(attempts, records, strict=True):
+                stored = attempt.job.get_queue().deserialize(record) if record else None
+                if stored is None or stored.status not in (Status.ABORTING, Status.ABORTED):
+                    continue
+                if attempt.aborted is None and not attempt.task.done():
+                    log.info("job cancelled while it ran", extra={"job_id": attempt.job.key})
+                    attempt.aborted = stored.error or "abort"
+                    attempt.task.cancel()
+
+    async def _settled(self, job: Job, ctx: dict[str, Any]) -> None:
+        """Log and count how an attempt that did not succeed ended."""
         status = job.status
         fields = {"job_id": job.key, "attempt": job.attempts, "worker_id": self.worker_id}
         try:
@@ -310,9 +392,7 @@ class JobRunner:
                         **fields, "error": client_error("failed", job.error)})
                 await self.service.count_retry(job, ctx.get("started"))
                 return
-            if status == Status.COMPLETE:
-                outcome = "succeeded"
-            elif status == Status.ABORTED and job.error != SWEPT_ERROR:
+            if status == Status.ABORTED and job.error != SWEPT_ERROR:
                 outcome = "cancelled"
             elif status in (Status.FAILED, Status.ABORTED):
                 outcome = "failed"
@@ -332,7 +412,7 @@ class JobRunner:
         done = asyncio.Event()
         heartbeat = asyncio.create_task(self._heartbeat(job, done))
         try:
-            return await self._replay(job, spec)
+            return await self._replay(job, spec, ctx)
         finally:
             # A heartbeat under way is let finish, not cut: cancelled once its write (the whole
             # record, "active") was sent, that write could still land after the job's final
@@ -353,14 +433,15 @@ class JobRunner:
             except REDIS_ERRORS as exc:
                 self._redis_failed(exc)
 
-    async def _replay(self, job: Job, spec: dict[str, Any]) -> dict[str, Any]:
+    async def _replay(self, job: Job, spec: dict[str, Any], ctx: dict[str, Any]
+                      ) -> dict[str, Any]:
         pool = self.host.pools.get(spec["upstream"])
         if pool is None:
             self._give_up(job, f"upstream {spec['upstream']!r} is no longer in the config")
         body: bytes | None = None
         try:
             if spec["has_body"]:
-                body = await self.service.body(job.key)
+                body = self.service.open_body(job.key, ctx.get("body"))  # read by the take
                 if body is None:
                     self._give_up(job, "the request body is gone (older than jobs.max_age)")
             client_head = self.service.request_field(job, "head")
@@ -374,18 +455,18 @@ class JobRunner:
         trace = (tracing.job_attempt(spec.get("traceparent"), job.key, job.key.split(".", 1)[0],
                                      job.attempts) if tracing is not None else None)
         if trace is None:
-            return await self._send(job, spec, pool, head, body, None)
+            return await self._send(job, spec, ctx, pool, head, body, None)
         failure: str | None = None
         try:
-            return await self._send(job, spec, pool, head, body, trace)
+            return await self._send(job, spec, ctx, pool, head, body, trace)
         except BaseException as exc:
             failure = str(exc)[:200] or type(exc).__name__
             raise
         finally:
             trace.finish(spec["route"], failure)
 
-    async def _send(self, job: Job, spec: dict[str, Any], pool: Upstream, head: bytes,
-                    body: bytes | None, trace: Trace | None) -> dict[str, Any]:
+    async def _send(self, job: Job, spec: dict[str, Any], ctx: dict[str, Any], pool: Upstream,
+                    head: bytes, body: bytes | None, trace: Trace | None) -> dict[str, Any]:
         span = None
         if trace is not None:
             span, head = trace.upstream(spec["upstream"], head)
@@ -407,9 +488,9 @@ class JobRunner:
                                f"({spec['max_body']} bytes)")
         if upstream.status >= 500:
             raise JobFailure(f"upstream answered {upstream.status} {upstream.reason}")
-        await self.service.put_result(
-            job.key, SharedResult(upstream.status, upstream.reason, tuple(upstream.headers),
-                                  data), job.ttl)
+        # Stored with the job's final state (JobService.complete), in the same round trip.
+        ctx["result"] = SharedResult(upstream.status, upstream.reason, tuple(upstream.headers),
+                                     data)
         return {"status": upstream.status, "bytes": len(data)}
 
     @staticmethod

@@ -33,6 +33,7 @@ from ..errors import (
     JobScheduleInvalidError,
     OffloadBodyTooLargeError,
 )
+from ..jobs.queue import QueueFull
 from ..pipeline import BodyTooLarge, Handler, ProxyRequest, ProxyResponse, whole_body
 from ..stores.subscriber import REDIS_ERRORS
 
@@ -94,12 +95,12 @@ class OffloadPolicy:
         limit = self.max_queued
         try:
             async with self.service.bounded():
-                # A soft bound: submissions at the same instant may each see room for one.
-                if limit is not None and await self.service.waiting(self.config.queue) >= limit:
-                    raise self._full(limit)
                 await self.service.enqueue(job_id, spec, body, self.config,
                                            heartbeat=jobs.visibility_timeout,
-                                           max_age=jobs.max_age, start_at=start_at)
+                                           max_age=jobs.max_age, start_at=start_at,
+                                           max_queued=limit)
+        except QueueFull:
+            raise self._full(limit or 0) from None
         except REDIS_ERRORS:
             raise self._unavailable() from None
         finally:
