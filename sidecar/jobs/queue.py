@@ -42,6 +42,7 @@ from ..core.jobs import (
     lane,
 )
 from ..crypto import Sealer
+from ..stores.batching import ScriptBatcher
 from ..stores.dedup import SharedResult
 from ..stores.subscriber import Bus, Subscriber
 
@@ -203,6 +204,7 @@ return {'none'}
 # A job succeeded: what saq's finish, the result's write, JobService.finished and the slot's
 # release did in five round trips. Other processes' loops are woken only when one may have
 # been refused a slot while jobs wait (the slots were all taken and some job is queued).
+# Returns how many jobs of the queue wait: the loop looks again only when some do.
 _COMPLETE = """
 redis.call('LREM', KEYS[1], 1, KEYS[3])
 redis.call('ZREM', KEYS[2], KEYS[3])
@@ -230,15 +232,12 @@ if ARGV[9] == '1' then
   redis.call('ZADD', KEYS[10], 0, ARGV[10])
   redis.call('HSET', KEYS[11], ARGV[10], ARGV[11])
 end
-if taken >= tonumber(ARGV[16]) then
-  for _, p in ipairs(redis.call('SMEMBERS', KEYS[12])) do
-    if redis.call('LLEN', ARGV[12] .. p .. ARGV[13]) > 0 then
-      redis.call('PUBLISH', ARGV[14], ARGV[15])
-      return 1
-    end
-  end
+local waiting = 0
+for _, p in ipairs(redis.call('SMEMBERS', KEYS[12])) do
+  waiting = waiting + redis.call('LLEN', ARGV[12] .. p .. ARGV[13])
 end
-return 0
+if waiting > 0 and taken >= tonumber(ARGV[16]) then redis.call('PUBLISH', ARGV[14], ARGV[15]) end
+return waiting
 """
 
 
@@ -524,6 +523,7 @@ class JobService(Subscriber):
         self._enqueue: Any = None
         self._take: Any = None
         self._complete: Any = None
+        self._batch: ScriptBatcher | None = None
         self.command_timeout = 1.0  # what a client's request waits for Redis (`bounded`)
 
     def attach(self, client: aioredis.Redis, listener: aioredis.Redis | Bus, *,
@@ -539,7 +539,15 @@ class JobService(Subscriber):
         self._enqueue = client.register_script(_ENQUEUE)
         self._take = client.register_script(_TAKE)
         self._complete = client.register_script(_COMPLETE)
+        # The scripts on every job's path: the calls of many requests and loops at once share
+        # one write to Redis (stores/batching.py says what that saves).
+        self._batch = ScriptBatcher(client)
         self.command_timeout = command_timeout
+
+    async def batched(self, script: Any, keys: list[Any], args: list[Any]) -> Any:
+        if self._batch is None:
+            raise RuntimeError("the job service is not attached to Redis yet")
+        return await self._batch(script, keys, args)
 
     def bounded(self, extra: float = 0.0) -> asyncio.Timeout:
         """The longest a client's request waits for Redis here (plus `extra`): a Redis that
@@ -549,6 +557,8 @@ class JobService(Subscriber):
         return asyncio.timeout(self.command_timeout + extra)
 
     async def close(self) -> None:
+        if self._batch is not None:
+            await self._batch.close()
         for queue in self._queues.values():
             # Not saq's disconnect(): it would close the client every lane shares.
             with contextlib.suppress(Exception):
@@ -611,15 +621,16 @@ class JobService(Subscriber):
         job.queued = int(time.time() * 1000)
         job.status = Status.QUEUED
         callback = bool(spec.get("callback"))
-        done = await self._enqueue(
-            keys=[queue.incomplete_key, job.id, queue.queued_key, job.abort_id, body_key(key),
-                  lanes_key(job_id.queue), CALLBACKS, CALLBACK_TRIES, CALLBACK_ROUTES],
-            args=[queue.serialize(job), job.scheduled,
-                  b"" if body is None else sealer.seal(body, body_key(key)),
-                  0 if body is None else 1, math.ceil(max_age + config.result_ttl),
-                  job_id.priority, 1 if callback else 0, int(heartbeat * 1000),
-                  str(spec.get("route", "")), key, WAKE_CHANNEL, lane_name,
-                  max_queued or 0, *lane_key_parts(job_id.queue)])
+        done = await self.batched(
+            self._enqueue,
+            [queue.incomplete_key, job.id, queue.queued_key, job.abort_id, body_key(key),
+             lanes_key(job_id.queue), CALLBACKS, CALLBACK_TRIES, CALLBACK_ROUTES],
+            [queue.serialize(job), job.scheduled,
+             b"" if body is None else sealer.seal(body, body_key(key)),
+             0 if body is None else 1, math.ceil(max_age + config.result_ttl),
+             job_id.priority, 1 if callback else 0, int(heartbeat * 1000),
+             str(spec.get("route", "")), key, WAKE_CHANNEL, lane_name,
+             max_queued or 0, *lane_key_parts(job_id.queue)])
         if done == -1:
             raise QueueFull(job_id.queue)
         if done == 0:
@@ -917,7 +928,7 @@ class JobService(Subscriber):
         lanes = [self.queue(lane(queue, priority)) for priority in priorities]
         for saq_queue in lanes:
             keys += [saq_queue.queued_key, saq_queue.active_key, saq_queue.incomplete_key]
-        reply = await self._take(keys=keys, args=[
+        reply = await self.batched(self._take, keys, [
             queue, token, limit, int(lease * 1000), rate.starts if rate else 0,
             int(rate.period * 1000) if rate else 0, worker_id, PREFIX + "body:",
             *(saq_queue.name for saq_queue in lanes)])
@@ -930,10 +941,9 @@ class JobService(Subscriber):
         return Taken(held=None if kind == b"none" else kind.decode())
 
     async def complete(self, job: Job, result: SharedResult, *, token: str, limit: int,
-                       duration_ms: int | None, started: int | None) -> bool:
+                       duration_ms: int | None, started: int | None) -> int:
         """The job succeeded: its record, result, history, counters, side keys' lifetime,
-        callback and slot, in one round trip. True when the script woke other processes'
-        loops (jobs wait and the slot freed may be what held them)."""
+        callback and slot, in one round trip. How many jobs of the queue wait to start."""
         queue = cast(SidecarQueue, job.get_queue())
         name = job.key.split(".", 1)[0]
         ttl = max(job.ttl, 1)
@@ -942,22 +952,21 @@ class JobService(Subscriber):
         job.completed = int(time.time() * 1000)
         job.progress = 1.0
         callback = owes_callback(job)
-        slot = (duration_bucket(duration_ms / 1000) if duration_ms is not None else 0)
-        woke = await self._complete(
-            keys=[queue.active_key, queue.incomplete_key, job.id, result_key(job.key),
-                  body_key(job.key), progress_key(job.key), history_key(job.key),
-                  stats_key(name), slots_key(name), CALLBACKS, CALLBACK_ROUTES,
-                  lanes_key(name)],
-            args=[queue.serialize(job), job.ttl if job.ttl > 0 else 0, ttl,
-                  self.sealer.seal(result.pack(), result_key(job.key)),
-                  history_entry(job, "succeeded", None, started),
-                  -1 if duration_ms is None else duration_ms, f"duration_bucket_{slot}",
-                  token, 1 if callback else 0, job.key,
-                  str((job.kwargs or {}).get("route", "")), *lane_key_parts(name),
-                  WAKE_CHANNEL, name, limit])
+        slot = duration_bucket(duration_ms / 1000) if duration_ms is not None else 0
+        waiting = await self.batched(
+            self._complete,
+            [queue.active_key, queue.incomplete_key, job.id, result_key(job.key),
+             body_key(job.key), progress_key(job.key), history_key(job.key), stats_key(name),
+             slots_key(name), CALLBACKS, CALLBACK_ROUTES, lanes_key(name)],
+            [queue.serialize(job), job.ttl if job.ttl > 0 else 0, ttl,
+             self.sealer.seal(result.pack(), result_key(job.key)),
+             history_entry(job, "succeeded", None, started),
+             -1 if duration_ms is None else duration_ms, f"duration_bucket_{slot}",
+             token, 1 if callback else 0, job.key, str((job.kwargs or {}).get("route", "")),
+             *lane_key_parts(name), WAKE_CHANNEL, name, limit])
         if callback:
             self._callbacks_due()
-        return bool(woke)
+        return int(waiting)
 
     async def acquire_slot(self, queue: str, token: str, limit: int, lease: float) -> bool:
         return bool(await self._acquire(keys=[slots_key(queue)],

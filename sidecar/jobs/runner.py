@@ -131,6 +131,7 @@ class JobRunner:
         self._held: dict[str, set[str]] = {}
         self._tasks: list[asyncio.Task[Any]] = []
         self._attempts: dict[str, _Attempt] = {}  # job key -> the attempt running here
+        self._missed: set[str] = set()  # queues woken while none of their loops slept
         self._stopping = False
         self._redis_down = False
 
@@ -169,6 +170,10 @@ class JobRunner:
             if not waiter.done():
                 waiter.set_result(None)
                 return
+        # Every loop is busy: the next one about to sleep looks again first. (A loop sleeps
+        # after a job when none was waiting as it finished; one queued just after would
+        # otherwise wait for the idle poll.)
+        self._missed.add(queue)
 
     def _on_wake(self, name: str) -> None:
         if name == "*":
@@ -184,6 +189,9 @@ class JobRunner:
             self.wake(name)
 
     async def _sleep(self, queue: str, seconds: float) -> None:
+        if queue in self._missed:
+            self._missed.discard(queue)
+            return
         waiter = asyncio.get_running_loop().create_future()
         idle = self._idle.setdefault(queue, deque())
         idle.append(waiter)
@@ -261,8 +269,8 @@ class JobRunner:
                         queue, list(lanes), token, limit=queue_config.concurrency,
                         lease=self.host.config.jobs.visibility_timeout,
                         rate=queue_config.rate, worker_id=self.worker_id)
-                    if taken.job is not None:
-                        await self._attempt(queue, token, queue_config.concurrency, taken)
+                    more = taken.job is not None and await self._attempt(
+                        queue, token, queue_config.concurrency, taken)
                 finally:
                     held.discard(token)
             except asyncio.CancelledError:
@@ -275,7 +283,7 @@ class JobRunner:
                 log.exception("job loop failed; going on", extra={"queue": queue})
                 await asyncio.sleep(1.0)
                 continue
-            if taken.job is not None:
+            if more:
                 continue
             if taken.held == "rate":  # no message says when the window has room again
                 await asyncio.sleep(min(taken.rate_wait, IDLE_POLL_OTHERS))
@@ -284,10 +292,12 @@ class JobRunner:
 
     # -- one job --------------------------------------------------------------------------------
 
-    async def _attempt(self, queue: str, token: str, limit: int, taken: Taken) -> None:
+    async def _attempt(self, queue: str, token: str, limit: int, taken: Taken) -> bool:
         """Run one attempt of a job this loop took (marked active, its slot held by `token`)
         and record how it ended. A success is recorded with the slot's release in one round
-        trip; a failure, a retry or an abort through saq's queue, then the slot given back."""
+        trip; a failure, a retry or an abort through saq's queue, then the slot given back.
+        Whether jobs may be waiting still: after a success, what the record's script counted
+        (none: the loop sleeps until a wake-up, instead of one more look to find nothing)."""
         job = taken.job
         assert job is not None
         if taken.left > 0:
@@ -296,6 +306,7 @@ class JobRunner:
         self.running += 1
         attempt: _Attempt | None = None
         released = False
+        more = True
         try:
             task = asyncio.create_task(self.replay(ctx, **(job.kwargs or {})))
             attempt = self._attempts[job.key] = _Attempt(job, task)
@@ -307,7 +318,7 @@ class JobRunner:
                 raise
             if attempt.aborted is None:
                 released = True  # the script gives the slot back, or the sweep will
-                await self._succeeded(job, ctx, result, token, limit)
+                more = await self._succeeded(job, ctx, result, token, limit)
             else:  # cancelled as it ended: the cancellation stands
                 await self._aborted(job, attempt.aborted)
         except asyncio.CancelledError:
@@ -336,21 +347,24 @@ class JobRunner:
             if not released:
                 await self._settled(job, ctx)
                 await self.service.release_slot(queue, token, wake=True)
+        return more
 
     async def _succeeded(self, job: Job, ctx: dict[str, Any], result: Any, token: str,
-                         limit: int) -> None:
+                         limit: int) -> bool:
         duration = max(0, int(time.time() * 1000) - job.started) if job.started else None
         try:
-            await self.service.complete(job, ctx["result"], token=token, limit=limit,
-                                        duration_ms=duration, started=ctx.get("started"))
+            waiting = await self.service.complete(
+                job, ctx["result"], token=token, limit=limit, duration_ms=duration,
+                started=ctx.get("started"))
         except REDIS_ERRORS as exc:
             # Not recorded: the job stays active, the sweep runs it again (at least once).
             self._redis_failed(exc)
-            return
+            return True
         job.result = result
         log.info("job finished", extra={"job_id": job.key, "attempt": job.attempts,
                                         "worker_id": self.worker_id, "outcome": "succeeded",
                                         "duration_ms": duration, "error": None})
+        return waiting > 0
 
     async def _aborted(self, job: Job, reason: str) -> None:
         queue = job.get_queue()
