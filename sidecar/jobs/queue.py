@@ -102,6 +102,10 @@ return 1
 # lane name, max queued (0: no bound), lane key prefix and suffix (`<prefix><priority><suffix>`
 # is a lane's queued list). Returns 1 queued, 0 the id taken, -1 the queue full (max_queued,
 # counted in the same step: exact, where two checks and an enqueue let bursts past it).
+# A hand-off besides (JobRunner.hand_off): KEYS[10] the queue's slots, KEYS[11] paused queues,
+# KEYS[12] its recent starts, KEYS[13] the lane's active list; ARGV[16] the idle loop's slot
+# token ('' for none), slot limit, lease (ms), rate count, rate period (ms), worker id, queue.
+# Returns {the record, marked active} when the job was handed to that loop.
 _ENQUEUE = """
 if redis.call('ZSCORE', KEYS[1], KEYS[2]) or redis.call('EXISTS', KEYS[4]) == 1 then return 0 end
 local most = tonumber(ARGV[13])
@@ -121,12 +125,54 @@ if ARGV[7] == '1' then
 end
 if ARGV[4] == '1' then redis.call('SET', KEYS[5], ARGV[3], 'EX', tonumber(ARGV[5])) end
 redis.call('SADD', KEYS[6], ARGV[6])
-redis.call('SET', KEYS[2], ARGV[1])
 redis.call('ZADD', KEYS[1], ARGV[2], KEYS[2])
-if ARGV[2] == '0' then
-  redis.call('RPUSH', KEYS[3], KEYS[2])
-  redis.call('PUBLISH', ARGV[11], ARGV[12])
+if ARGV[2] ~= '0' then
+  redis.call('SET', KEYS[2], ARGV[1])
+  return 1
 end
+if ARGV[16] ~= '' and redis.call('SISMEMBER', KEYS[11], ARGV[22]) == 0 then
+  -- handed to a loop of this process (JobRunner.hand_off), as _TAKE would take it, when
+  -- nothing else waits in the queue (no job jumps the line), the rate allows and a slot is free
+  local waiting = 0
+  for _, p in ipairs(redis.call('SMEMBERS', KEYS[6])) do
+    waiting = waiting + redis.call('LLEN', ARGV[14] .. p .. ARGV[15])
+  end
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local rate, period = tonumber(ARGV[19]), tonumber(ARGV[20])
+  local room = waiting == 0
+  if room and rate > 0 then
+    redis.call('ZREMRANGEBYSCORE', KEYS[12], '-inf', now - period)
+    room = redis.call('ZCARD', KEYS[12]) < rate
+  end
+  if room then
+    redis.call('ZREMRANGEBYSCORE', KEYS[10], '-inf', now)
+    room = redis.call('ZSCORE', KEYS[10], ARGV[16])
+      or redis.call('ZCARD', KEYS[10]) < tonumber(ARGV[17])
+  end
+  if room then
+    local job = cjson.decode(ARGV[1])
+    job['status'] = 'active'
+    job['started'] = now
+    job['touched'] = now
+    job['attempts'] = (job['attempts'] or 0) + 1
+    job['worker_id'] = ARGV[21]
+    local raw = cjson.encode(job)
+    redis.call('SET', KEYS[2], raw)
+    redis.call('RPUSH', KEYS[13], KEYS[2])
+    redis.call('ZADD', KEYS[10], now + tonumber(ARGV[18]), ARGV[16])
+    redis.call('PEXPIRE', KEYS[10], tonumber(ARGV[18]) * 2)
+    if rate > 0 then
+      redis.call('ZADD', KEYS[12], now, KEYS[2])
+      redis.call('PEXPIRE', KEYS[12], period + 1000)
+    end
+    redis.call('PUBLISH', KEYS[2], 'active')
+    return {raw}
+  end
+end
+redis.call('SET', KEYS[2], ARGV[1])
+redis.call('RPUSH', KEYS[3], KEYS[2])
+redis.call('PUBLISH', ARGV[11], ARGV[12])
 return 1
 """
 
@@ -501,6 +547,25 @@ class Taken:
     rate_wait: float = 0.0  # "rate": seconds until a start is allowed
 
 
+@dataclass(slots=True)
+class HandOff:
+    """An idle loop of this process offered a job being enqueued (JobRunner.hand_off): what
+    the enqueue's script needs to take it for that loop, and where to give it."""
+
+    token: str
+    waiter: asyncio.Future[Taken | None]
+    limit: int
+    lease: float
+    rate: WindowRate | None
+    worker_id: str
+
+    def give(self, taken: Taken | None) -> None:
+        """The enqueue's answer: the job taken for the loop, or None (queued as usual, or the
+        enqueue failed): the loop then looks for itself."""
+        if not self.waiter.done():
+            self.waiter.set_result(taken)
+
+
 class JobService(Subscriber):
     """Every Redis operation on jobs, for the offload policy, the job endpoints and workers."""
 
@@ -524,6 +589,7 @@ class JobService(Subscriber):
         self._take: Any = None
         self._complete: Any = None
         self._batch: ScriptBatcher | None = None
+        self._hand_off: Callable[[str, int], HandOff | None] | None = None
         self.command_timeout = 1.0  # what a client's request waits for Redis (`bounded`)
 
     def attach(self, client: aioredis.Redis, listener: aioredis.Redis | Bus, *,
@@ -621,16 +687,31 @@ class JobService(Subscriber):
         job.queued = int(time.time() * 1000)
         job.status = Status.QUEUED
         callback = bool(spec.get("callback"))
-        done = await self.batched(
-            self._enqueue,
-            [queue.incomplete_key, job.id, queue.queued_key, job.abort_id, body_key(key),
-             lanes_key(job_id.queue), CALLBACKS, CALLBACK_TRIES, CALLBACK_ROUTES],
-            [queue.serialize(job), job.scheduled,
-             b"" if body is None else sealer.seal(body, body_key(key)),
-             0 if body is None else 1, math.ceil(max_age + config.result_ttl),
-             job_id.priority, 1 if callback else 0, int(heartbeat * 1000),
-             str(spec.get("route", "")), key, WAKE_CHANNEL, lane_name,
-             max_queued or 0, *lane_key_parts(job_id.queue)])
+        sealed = None if body is None else sealer.seal(body, body_key(key))
+        hand = (self._hand_off(job_id.queue, job_id.priority)
+                if self._hand_off is not None and start_at is None else None)
+        handed: Taken | None = None
+        try:
+            rate = hand.rate if hand is not None else None
+            done = await self.batched(
+                self._enqueue,
+                [queue.incomplete_key, job.id, queue.queued_key, job.abort_id, body_key(key),
+                 lanes_key(job_id.queue), CALLBACKS, CALLBACK_TRIES, CALLBACK_ROUTES,
+                 slots_key(job_id.queue), PAUSED, rate_key(job_id.queue), queue.active_key],
+                [queue.serialize(job), job.scheduled, b"" if sealed is None else sealed,
+                 0 if body is None else 1, math.ceil(max_age + config.result_ttl),
+                 job_id.priority, 1 if callback else 0, int(heartbeat * 1000),
+                 str(spec.get("route", "")), key, WAKE_CHANNEL, lane_name,
+                 max_queued or 0, *lane_key_parts(job_id.queue),
+                 hand.token if hand is not None else "", hand.limit if hand else 0,
+                 int(hand.lease * 1000) if hand else 0, rate.starts if rate else 0,
+                 int(rate.period * 1000) if rate else 0, hand.worker_id if hand else "",
+                 job_id.queue])
+            if isinstance(done, list):
+                handed = Taken(queue.deserialize(done[0]), sealed)
+        finally:
+            if hand is not None:
+                hand.give(handed)
         if done == -1:
             raise QueueFull(job_id.queue)
         if done == 0:
@@ -982,6 +1063,11 @@ class JobService(Subscriber):
         if wake:
             pipe.publish(WAKE_CHANNEL, queue)
         await pipe.execute()
+
+    def on_hand_off(self, offer: Callable[[str, int], HandOff | None]) -> None:
+        """`offer(queue, priority)`: an idle loop of this process to hand a job being
+        enqueued to (the runner's), or None."""
+        self._hand_off = offer
 
     def on_wake(self, callback: Callable[[str], None]) -> None:
         """`callback(name)`: a lane got a job, or a queue freed a slot (name is a queue)."""

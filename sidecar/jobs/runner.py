@@ -32,7 +32,15 @@ from ..errors import UpstreamError
 from ..pipeline import ProxyResponse
 from ..stores.dedup import SharedResult
 from ..stores.subscriber import REDIS_ERRORS
-from .queue import CANCELLED_BY_CLIENT, REPLAY, SCHEDULE_EVERY, JobService, SidecarQueue, Taken
+from .queue import (
+    CANCELLED_BY_CLIENT,
+    REPLAY,
+    SCHEDULE_EVERY,
+    HandOff,
+    JobService,
+    SidecarQueue,
+    Taken,
+)
 
 if TYPE_CHECKING:
     from ..balancer import Upstream
@@ -97,6 +105,20 @@ class _Attempt:
         self.aborted: str | None = None
 
 
+class _Asleep:
+    """A loop waiting for a wake-up, or for a job handed to it by an enqueue in this process
+    (`token` its slot token; None for a loop that may not run jobs now). Once `reserved` for a
+    hand-off it waits for the enqueue's answer however long its nap was meant to be: the job
+    may be marked active for it."""
+
+    __slots__ = ("future", "reserved", "token")
+
+    def __init__(self, future: asyncio.Future[Taken | None], token: str | None) -> None:
+        self.future = future
+        self.token = token
+        self.reserved = False
+
+
 class LaneWorker(Worker):  # type: ignore[type-arg]
     """saq's worker for one lane, for its upkeep only (due retries, the sweep, worker info):
     the runner's loops take and run the jobs."""
@@ -127,7 +149,7 @@ class JobRunner:
         self.lanes: dict[str, dict[int, LaneWorker]] = {}  # queue -> priority -> worker
         self.running = 0
         self._loops: dict[str, list[asyncio.Task[None]]] = {}
-        self._idle: dict[str, deque[asyncio.Future[None]]] = {}  # queue -> loops asleep
+        self._idle: dict[str, deque[_Asleep]] = {}  # queue -> loops asleep
         self._held: dict[str, set[str]] = {}
         self._tasks: list[asyncio.Task[Any]] = []
         self._attempts: dict[str, _Attempt] = {}  # job key -> the attempt running here
@@ -139,6 +161,7 @@ class JobRunner:
 
     async def start(self) -> None:
         self.service.on_wake(self._on_wake)
+        self.service.on_hand_off(self.hand_off)
         self._tasks.append(asyncio.create_task(self._maintain(), name="jobs-maintain"))
         self._tasks.append(asyncio.create_task(self._watch_aborts(), name="jobs-aborts"))
         log.info("job worker started", extra={"worker_id": self.worker_id,
@@ -166,9 +189,9 @@ class JobRunner:
         loop for each job made each one race for the same job (dozens of dequeues per job)."""
         idle = self._idle.get(queue)
         while idle:
-            waiter = idle.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
+            asleep = idle.popleft()
+            if not asleep.future.done():
+                asleep.future.set_result(None)
                 return
         # Every loop is busy: the next one about to sleep looks again first. (A loop sleeps
         # after a job when none was waiting as it finished; one queued just after would
@@ -188,22 +211,46 @@ class JobRunner:
         else:
             self.wake(name)
 
-    async def _sleep(self, queue: str, seconds: float) -> None:
+    async def _sleep(self, queue: str, seconds: float, token: str | None = None
+                     ) -> Taken | None:
+        """Wait for a wake-up or `seconds`; a job handed to this loop (`token`) by an enqueue
+        in this process comes back, already marked active for it."""
         if queue in self._missed:
             self._missed.discard(queue)
-            return
-        waiter = asyncio.get_running_loop().create_future()
+            return None
+        asleep = _Asleep(asyncio.get_running_loop().create_future(), token)
         idle = self._idle.setdefault(queue, deque())
-        idle.append(waiter)
+        idle.append(asleep)
         try:
             async with asyncio.timeout(seconds):
-                await waiter
+                return await asyncio.shield(asleep.future)
         except TimeoutError:
-            pass
+            if asleep.reserved:  # an enqueue under way may have marked a job active for us
+                return await asyncio.shield(asleep.future)
+            return None
         finally:
-            if not waiter.done():
-                waiter.cancel()
-                idle.remove(waiter)
+            if not asleep.future.done() and not asleep.reserved:
+                asleep.future.cancel()
+                idle.remove(asleep)
+
+    def hand_off(self, queue: str, priority: int) -> HandOff | None:
+        """An idle loop of `queue` that may run a job this process is enqueueing: the
+        enqueue's script then marks the job active for it in the same step, when nothing else
+        waits and a slot is free, sparing the wake-up and the look (two round trips). The
+        enqueue must answer `HandOff.give` whatever happens."""
+        config = self.host.config.queues.get(queue)
+        idle = self._idle.get(queue)
+        if config is None or not idle or self._stopping:
+            return None
+        for asleep in idle:
+            if asleep.token is not None and not asleep.future.done():
+                idle.remove(asleep)
+                asleep.reserved = True
+                self._add_lane(queue, priority)
+                return HandOff(asleep.token, asleep.future, config.concurrency,
+                               self.host.config.jobs.visibility_timeout, config.rate,
+                               f"{self.worker_id}:{lane(queue, priority)}")
+        return None
 
     def _add_lane(self, queue: str, priority: int) -> None:
         lanes = self.lanes.setdefault(queue, {})
@@ -253,24 +300,28 @@ class JobRunner:
         token = f"{self.worker_id}:{index}"
         held = self._held.setdefault(queue, set())
         idle = IDLE_POLL if index == 0 else IDLE_POLL_OTHERS
+        handed: Taken | None = None  # a job an enqueue here took for this loop (hand_off)
         while not self._stopping:
             queue_config = self.host.config.queues.get(queue)
-            if queue_config is None or index >= queue_config.concurrency:
+            if handed is None and (queue_config is None or index >= queue_config.concurrency):
                 await self._sleep(queue, IDLE_POLL_OTHERS)  # removed or shrunk by a reload
                 continue
             lanes = self.lanes.get(queue)
-            if not lanes:
-                await self._sleep(queue, idle)
+            if handed is None and not lanes:
+                handed = await self._sleep(queue, idle, token)
                 continue
+            limit = queue_config.concurrency if queue_config is not None else 1
             try:
                 held.add(token)  # renewed by _maintain while the job runs
                 try:
-                    taken = await self.service.take(
-                        queue, list(lanes), token, limit=queue_config.concurrency,
+                    taken = handed or await self.service.take(
+                        queue, list(lanes or ()), token, limit=limit,
                         lease=self.host.config.jobs.visibility_timeout,
-                        rate=queue_config.rate, worker_id=self.worker_id)
+                        rate=queue_config.rate if queue_config else None,
+                        worker_id=self.worker_id)
+                    handed = None
                     more = taken.job is not None and await self._attempt(
-                        queue, token, queue_config.concurrency, taken)
+                        queue, token, limit, taken)
                 finally:
                     held.discard(token)
             except asyncio.CancelledError:
@@ -287,8 +338,15 @@ class JobRunner:
                 continue
             if taken.held == "rate":  # no message says when the window has room again
                 await asyncio.sleep(min(taken.rate_wait, IDLE_POLL_OTHERS))
-            else:  # nothing queued, no slot free, or paused: a wake-up says when to look
-                await self._sleep(queue, idle)
+                continue
+            # Nothing queued, no slot free, or paused: a wake-up says when to look.
+            handed = await self._sleep(queue, idle, token)
+            if handed is not None and handed.job is None:
+                handed = None
+        if handed is not None and handed.job is not None:  # handed as this worker stopped
+            with contextlib.suppress(*REDIS_ERRORS):
+                await handed.job.get_queue().retry(handed.job, "cancelled")
+                await self.service.release_slot(queue, token, wake=True)
 
     # -- one job --------------------------------------------------------------------------------
 
