@@ -7,7 +7,8 @@ with backoff, timeouts, aborts and the sweep that re-queues a job whose worker d
 does not do on Redis is written here, each for a reason:
 - priorities: a saq Redis queue is one FIFO list, so each priority is its own saq queue (a
   "lane") and workers poll lanes lowest priority first;
-- a concurrency limit across processes: a sorted set of leased slots (`_ACQUIRE`);
+- a concurrency limit across processes: a sorted set of leased slots, taken with the job
+  (`_TAKE`), given back with its success (`_COMPLETE`);
 - progress: saq's `Job.update` rewrites the whole record from the worker's copy, so a progress
   report written by another process (the admin listener that received it) would be undone by
   the worker's next heartbeat; progress lives in its own hash instead;
@@ -65,19 +66,6 @@ CANCELLED_BY_OPERATOR = "cancelled by an operator"
 # the status endpoints needs more than saq's default of 20.
 MAX_CONCURRENT_OPS = 500
 
-# KEYS[1] slots (member: token, score: lease end in ms on Redis's clock); ARGV token, limit,
-# lease ms. Expired leases (their holder died) are dropped first.
-_ACQUIRE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[2]) then
-  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
-  redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]) * 2)
-  return 1
-end
-return 0
-"""
 # KEYS[1] slots; ARGV lease ms, tokens...: extend the leases this worker still holds.
 _RENEW = """
 local t = redis.call('TIME')
@@ -580,7 +568,6 @@ class JobService(Subscriber):
         self._queues: dict[str, SidecarQueue] = {}
         self._wake_callbacks: list[Callable[[str], None]] = []
         self._callback_due: list[Callable[[], None]] = []
-        self._acquire: Any = None
         self._renew: Any = None
         self._owe: Any = None
         self._claim: Any = None
@@ -597,7 +584,6 @@ class JobService(Subscriber):
         """`client` has no read timeout: saq's pub/sub for job changes shares it. A client's
         request bounds its own calls instead (`bounded`)."""
         super().attach(client, listener)
-        self._acquire = client.register_script(_ACQUIRE)
         self._renew = client.register_script(_RENEW)
         self._owe = client.register_script(_OWE)
         self._claim = client.register_script(_CLAIM)
@@ -739,11 +725,6 @@ class JobService(Subscriber):
         entries = await cast(Any, self.client.lrange(history_key(job_id), 0, -1))
         return [orjson.loads(entry) for entry in entries]
 
-    async def body(self, job_id: str) -> bytes | None:
-        """The job's request body; crypto.SealError when it does not open."""
-        data = cast("bytes | None", await self.client.get(body_key(job_id)))
-        return None if data is None else self.sealer.open(data, body_key(job_id))
-
     def open_body(self, job_id: str, stored: bytes | None) -> bytes | None:
         """A job's request body from its stored (sealed) bytes; crypto.SealError when it does
         not open."""
@@ -764,11 +745,6 @@ class JobService(Subscriber):
         a key no longer listed (or altered)."""
         return self.sealer.open_text(str((job.kwargs or {}).get(name, "")),
                                      spec_where(job.key, name))
-
-    async def put_result(self, job_id: str, result: SharedResult, ttl: float) -> None:
-        await self.client.set(result_key(job_id),
-                              self.sealer.seal(result.pack(), result_key(job_id)),
-                              ex=math.ceil(ttl))
 
     async def wait_finished(self, job_id: JobId, timeout: float) -> None:
         """Return when the job reaches a final state, or after `timeout` seconds."""
@@ -993,14 +969,6 @@ class JobService(Subscriber):
         members = await cast(Any, self.client.smembers(lanes_key(queue)))
         return sorted(int(m) for m in members)
 
-    async def waiting(self, queue: str) -> int:
-        """Jobs queued for a worker in every priority of `queue` (not running, not in backoff)."""
-        priorities = await self.lanes(queue)
-        pipe = self.client.pipeline(transaction=False)
-        for priority in priorities:
-            pipe.llen(self.queue(lane(queue, priority)).queued_key)
-        return sum(await pipe.execute()) if priorities else 0
-
     async def take(self, queue: str, priorities: list[int], token: str, *, limit: int,
                    lease: float, rate: WindowRate | None, worker_id: str) -> Taken:
         """A slot of `queue` (held by `token` for `lease` seconds, renewed by the runner) and
@@ -1048,10 +1016,6 @@ class JobService(Subscriber):
         if callback:
             self._callbacks_due()
         return int(waiting)
-
-    async def acquire_slot(self, queue: str, token: str, limit: int, lease: float) -> bool:
-        return bool(await self._acquire(keys=[slots_key(queue)],
-                                        args=[token, limit, int(lease * 1000)]))
 
     async def renew_slots(self, queue: str, tokens: list[str], lease: float) -> None:
         if tokens:
