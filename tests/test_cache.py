@@ -81,6 +81,12 @@ def move_clock(sidecar: InProcessSidecar, seconds: float) -> None:
     service.clock = lambda: before() + seconds
 
 
+def sidecar_date(sidecar: InProcessSidecar) -> str:
+    """A `Date` on the sidecar's (moved) clock: an origin whose answers carry it agrees with the
+    sidecar on their age, as a real origin's clock does."""
+    return formatdate(sidecar.runtime.cache.clock(), usegmt=True)
+
+
 async def purge(client: aiohttp.ClientSession, sidecar: InProcessSidecar,
                 **body: str) -> dict[str, Any]:
     async with client.post(sidecar.admin_url + "/admin/cache/purge", json=body) as response:
@@ -605,7 +611,8 @@ async def test_etag_without_cache_answers_304_from_fresh_upstream_response(
 
 async def test_304_from_upstream_refreshes_the_entry(sidecar_factory, origin, redis_url, client):
     async def answer(request: web.Request, n: int) -> web.Response:
-        headers = {"Cache-Control": "max-age=1", "ETag": '"v1"', "X-Generation": str(n)}
+        headers = {"Cache-Control": "max-age=1", "ETag": '"v1"', "X-Generation": str(n),
+                   "Date": sidecar_date(sidecar)}
         if request.headers.get("If-None-Match") == '"v1"':
             return web.Response(status=304, headers=headers)
         return web.Response(text="original body", headers=headers)
@@ -613,7 +620,7 @@ async def test_304_from_upstream_refreshes_the_entry(sidecar_factory, origin, re
     origin.script("/rv", answer)
     sidecar = await start(sidecar_factory, origin, redis_url)
     await fetch(client, sidecar.url + "/rv")
-    await asyncio.sleep(1.2)
+    move_clock(sidecar, 1.2)
     refreshed = await fetch(client, sidecar.url + "/rv")
     assert refreshed.status == 200 and refreshed.body == "original body"
     assert "fwd-status=304" in refreshed.cache_status
@@ -973,12 +980,13 @@ async def test_stale_while_revalidate_refreshes_once(sidecar_factory, origin, re
     async def slow(request: web.Request, n: int) -> web.Response:
         if n > 1:
             await asyncio.sleep(0.3)
-        return web.Response(text=f"version {n}", headers={"Cache-Control": "max-age=1"})
+        return web.Response(text=f"version {n}", headers={"Cache-Control": "max-age=1",
+                                                          "Date": sidecar_date(sidecar)})
 
     origin.script("/swr", slow)
     sidecar = await start(sidecar_factory, origin, redis_url, stale_while_revalidate="30s")
     await fetch(client, sidecar.url + "/swr")
-    await asyncio.sleep(1.2)
+    move_clock(sidecar, 1.2)
     started = time.monotonic()
     replies = await asyncio.gather(*(fetch(client, sidecar.url + "/swr") for _ in range(20)))
     assert time.monotonic() - started < 0.3          # nobody waited for the refresh
@@ -990,7 +998,7 @@ async def test_stale_while_revalidate_refreshes_once(sidecar_factory, origin, re
     await until(refreshed)
     assert origin.calls["/swr"] == 2
 
-    await asyncio.sleep(1.2)                          # the next expiry refreshes again
+    move_clock(sidecar, 1.2)                          # the next expiry refreshes again
     await fetch(client, sidecar.url + "/swr")
 
     async def refreshed_again() -> bool:
@@ -1003,7 +1011,7 @@ async def test_stale_if_error_on_5xx_and_on_unreachable_upstream(sidecar_factory
     origin.reply("/sie", headers={"Cache-Control": "max-age=1"}, body="good")
     sidecar = await start(sidecar_factory, origin, redis_url, stale_if_error="60s")
     await fetch(client, sidecar.url + "/sie")
-    await asyncio.sleep(1.2)
+    move_clock(sidecar, 1.2)
     origin.reply("/sie", status=503, body="broken")
     stale = await fetch(client, sidecar.url + "/sie")
     assert stale.status == 200 and stale.body == "good"
@@ -1023,7 +1031,7 @@ async def test_stale_if_error_not_used_when_must_revalidate(sidecar_factory, ori
     origin.reply("/mr", headers={"Cache-Control": "max-age=1, must-revalidate"}, body="good")
     sidecar = await start(sidecar_factory, origin, redis_url, stale_if_error="60s")
     await fetch(client, sidecar.url + "/mr")
-    await asyncio.sleep(1.2)
+    move_clock(sidecar, 1.2)
     origin.reply("/mr", status=503, body="broken")
     reply = await fetch(client, sidecar.url + "/mr")
     assert reply.status == 503 and reply.body == "broken"

@@ -207,6 +207,12 @@ async def test_a_killed_leader_instance_is_taken_over(sidecar_factory, sidecar_p
     assert await dedup_events(follower.admin_url, "takeover") >= 1
 
 
+async def nothing_in_flight(sidecar: InProcessSidecar) -> bool:
+    async with aiohttp.ClientSession() as session, session.get(
+            sidecar.admin_url + "/admin/stats") as response:
+        return (await response.json())["dedup"]["in_flight"] == 0
+
+
 async def origin_called(origin: Origin, path: str, n: int) -> bool:
     return origin.calls[path] >= n
 
@@ -355,7 +361,7 @@ async def test_a_client_leaving_before_a_streamed_answer_does_not_wedge_the_key(
                                    timeout=aiohttp.ClientTimeout(total=0.3)):
                 pass
     gate.open.set()
-    await asyncio.sleep(0.2)
+    await until(lambda: nothing_in_flight(sidecar))
     (status, got, _), = await asyncio.wait_for(get_all([sidecar.url + "/big"]), 5)
     assert status == 200 and got == body
 
@@ -376,8 +382,7 @@ async def test_a_new_flight_never_gets_the_previous_flights_result(sidecar_facto
     second = asyncio.ensure_future(get_all([one.url + "/n"], headers=SHOP))
     await until(lambda: origin_called(origin, "/n", 2))
     third = asyncio.ensure_future(get_all([two.url + "/n"], headers=SHOP))
-    await until(lambda: dedup_events_is(two, "leader", 1))
-    await asyncio.sleep(0.1)
+    await until(lambda: dedup_events_is(two, "cluster_wait", 1))
     gate.open.set()
     assert (await second)[0][1] == b"answer 2"
     assert (await third)[0][1] == b"answer 2"
@@ -396,8 +401,7 @@ async def test_vary_is_checked_against_the_remote_leaders_request(sidecar_factor
     await until(lambda: origin_called(origin, "/v", 1))
     brotli = asyncio.ensure_future(get_all([two.url + "/v"],
                                            headers={**SHOP, "Accept-Encoding": "br"}))
-    await until(lambda: dedup_events_is(two, "leader", 1))
-    await asyncio.sleep(0.1)
+    await until(lambda: dedup_events_is(two, "cluster_wait", 1))
     gate.open.set()
     assert (await gzip)[0][1] == b"gzip"
     assert (await brotli)[0][1] == b"br"

@@ -342,7 +342,17 @@ async def test_two_workers_add_up(sidecar_process, origin: Origin, redis_url: st
 
         # 8 identical requests spread over both workers, held at the upstream together.
         calls = [asyncio.create_task(shared()) for _ in range(8)]
-        await asyncio.sleep(1.0)
+
+        async def all_held() -> bool:
+            # All 8 counted, and a second worker's leader (if any) waiting for the first.
+            samples = await scrape(proc.admin_url)
+            leaders = total(samples, "sidecar_dedup_total", route="shared", role="leader")
+            waiting = total(samples, "sidecar_dedup_events_total", route="shared",
+                            event="cluster_wait")
+            return (total(samples, "sidecar_dedup_total", route="shared") == 8
+                    and leaders - waiting == 1)
+
+        await until(all_held, 10)
         gate.set()
         assert await asyncio.gather(*calls) == [200] * 8
 
@@ -350,10 +360,13 @@ async def test_two_workers_add_up(sidecar_process, origin: Origin, redis_url: st
         samples = await scrape(proc.admin_url)
         return (total(samples, "sidecar_workers") == 2
                 and total(samples, "sidecar_requests_total", route="default") == 20
-                and total(samples, "sidecar_requests_total", route="cached") == 10)
+                and total(samples, "sidecar_requests_total", route="cached") == 10
+                and total(samples, "sidecar_requests_total", route="shared") == 8
+                and total(samples, "sidecar_inflight_requests") == 0)
 
     await until(added_up, 10)
-    # Each worker writes its figures every FLUSH_INTERVAL: after that, every scrape agrees.
+    # The contract: another worker's figures are at most FLUSH_INTERVAL old. Past that bound
+    # (the requests are all answered), whichever worker answers a scrape has the same figures.
     await asyncio.sleep(FLUSH_INTERVAL * 1.5)
     for _ in range(6):  # whichever worker answers the scrape, the figures are the same
         samples = await scrape(proc.admin_url)

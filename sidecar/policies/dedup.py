@@ -183,7 +183,8 @@ class DedupPolicy:
         """Lead across instances, or take the result of the instance that does."""
         token = os.urandom(12).hex()
         outcome = await self.service.coordinate(flight.key, token, wait=self.config.wait,
-                                                lease=self.config.lease, note=self._note)
+                                                lease=self.config.lease, note=self._note,
+                                                on_wait=lambda: self._note("cluster_wait"))
         if outcome is Coordination.LEAD:
             return await self._lead_cluster(flight, request, call_next, token)
         if isinstance(outcome, SharedResult):
