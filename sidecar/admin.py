@@ -40,7 +40,7 @@ from .errors import SidecarError, UnauthorizedError
 from .jobs.api import JobsHost, find_job, view
 from .jobs.queue import CANCELLED_BY_OPERATOR
 from .metrics import MetricsHost, render
-from .stores.subscriber import REDIS_ERRORS
+from .stores.boundary import StoreUnavailable
 
 if TYPE_CHECKING:
     from .edge.protocol import EdgeServer
@@ -269,7 +269,7 @@ async def _job_stats(runtime: AdminHost) -> dict[str, object]:
         for (route, outcome), n in sorted((await runtime.jobs.callback_counts()).items()):
             callbacks.setdefault(route, {})[outcome] = n
         stats["callbacks"] = callbacks
-    except (*REDIS_ERRORS, RuntimeError) as exc:
+    except (StoreUnavailable, RuntimeError) as exc:
         stats["error"] = f"redis unreachable: {exc}"
     return stats
 
@@ -414,7 +414,7 @@ async def jobs_list(request: web.Request) -> web.Response:
         progress = await runtime.jobs.progress_of([key for _, key in shown])
     except ValueError as exc:
         return _json_error(400, "bad_request", str(exc))
-    except REDIS_ERRORS as exc:
+    except StoreUnavailable as exc:
         return _json_error(503, "redis_unavailable", str(exc))
     by_key = {job.key: job for job in jobs}
     status = request.query.get("status", FAILED)
@@ -471,7 +471,7 @@ async def jobs_bulk_retry(request: web.Request) -> web.Response:
             retried += 1
     except ValueError as exc:
         return _json_error(400, "bad_request", str(exc))
-    except REDIS_ERRORS as exc:
+    except StoreUnavailable as exc:
         return _json_error(503, "redis_unavailable", str(exc))
     request[AUDIT].update(target=wanted.describe(), matched=len(jobs), retried=retried)
     return web.json_response({"matched": len(jobs), "retried": retried})
@@ -489,7 +489,7 @@ async def jobs_bulk_cancel(request: web.Request) -> web.Response:
             await runtime.jobs.cancel(job, CANCELLED_BY_OPERATOR)
     except ValueError as exc:
         return _json_error(400, "bad_request", str(exc))
-    except REDIS_ERRORS as exc:
+    except StoreUnavailable as exc:
         return _json_error(503, "redis_unavailable", str(exc))
     request[AUDIT].update(target=wanted.describe(), matched=len(jobs), cancelled=len(jobs))
     return web.json_response({"matched": len(jobs), "cancelled": len(jobs)})
@@ -516,7 +516,7 @@ async def queues_list(request: web.Request) -> web.Response:
                            "concurrency": queue.concurrency, "max_queued": queue.max_queued,
                            "rate": str(queue.rate) if queue.rate else None,
                            **await runtime.jobs.queue_stats(name)})
-    except REDIS_ERRORS as exc:
+    except StoreUnavailable as exc:
         return _json_error(503, "redis_unavailable", str(exc))
     return web.json_response({"queues": listed})
 
@@ -538,7 +538,7 @@ async def queue_action(request: web.Request) -> web.Response:
             await runtime.jobs.resume(name)
             return web.json_response({"queue": name, "paused": False})
         cancelled = await runtime.jobs.drain(name)
-    except REDIS_ERRORS as exc:
+    except StoreUnavailable as exc:
         return _json_error(503, "redis_unavailable", str(exc))
     request[AUDIT]["cancelled"] = cancelled
     return web.json_response({"queue": name, "cancelled": cancelled})
@@ -548,7 +548,7 @@ async def job_detail(request: web.Request) -> web.Response:
     runtime: AdminHost = request.app[RUNTIME]  # type: ignore[assignment]
     try:
         job, progress = await _find_job(request)
-    except REDIS_ERRORS as exc:
+    except StoreUnavailable as exc:
         return _json_error(503, "redis_unavailable", str(exc))
     if job is None:
         return _json_error(404, "job_not_found", "no such job (or its record expired)")
@@ -558,7 +558,7 @@ async def job_detail(request: web.Request) -> web.Response:
     found["worker"] = job.worker_id if found["status"] == "running" else None
     try:
         found["history"] = await runtime.jobs.history(job.key)
-    except REDIS_ERRORS as exc:
+    except StoreUnavailable as exc:
         return _json_error(503, "redis_unavailable", str(exc))
     return web.json_response(found)
 
@@ -578,7 +578,7 @@ async def _act_on_job(request: web.Request, allowed: tuple[str, ...], refusal: s
                                f"{' or '.join(allowed)} jobs are {verb}")
         await act(job)
         job, _ = await _find_job(request)
-    except REDIS_ERRORS as exc:
+    except StoreUnavailable as exc:
         return _json_error(503, "redis_unavailable", str(exc))
     assert job is not None
     return web.json_response(_admin_view(runtime, job))
@@ -624,7 +624,7 @@ async def job_progress(request: web.Request) -> web.Response:
             return _json_error(409, "job_finished", "the job is over; progress is not taken")
         await runtime.jobs.set_progress(job, progress, message,
                                         runtime.config.jobs.max_age)
-    except REDIS_ERRORS as exc:
+    except StoreUnavailable as exc:
         return _json_error(503, "redis_unavailable", str(exc))
     return web.Response(status=204)
 

@@ -17,14 +17,13 @@ import signal
 import ssl
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
 from aiohttp import web
-from redis.exceptions import RedisError
 
 from . import __version__, audit, native
 from .admin import build_admin_app
@@ -65,7 +64,9 @@ from .policies.retry import RetryPolicy
 from .process.embedded_redis import budget_for
 from .routing import RouteTable
 from .state import State
+from .stores.boundary import StoreUnavailable
 from .stores.breakers import BreakerService
+from .stores.connections import RedisConnections, command_timeout, job_clients
 from .stores.dedup import DedupService
 from .stores.subscriber import Bus
 from .stores.tiered import CacheService
@@ -256,11 +257,6 @@ def build_state(loaded: LoadedConfig, previous: State | None, cache: CacheServic
     )
 
 
-def _client_name(role: str) -> str:
-    """How a connection of this process shows in Redis's CLIENT LIST."""
-    return f"sidecar:{role}:{os.getpid()}"
-
-
 def tracing_for(config: Config, worker_id: int) -> Tracing | None:
     """The worker's tracer for `tracing:`, or None; the SDK is imported only then."""
     if config.tracing is None:
@@ -316,6 +312,7 @@ class Runtime:
         self.access_log = AccessLog(loaded.config.log)
         self.tracing: Tracing | None = None  # started with the worker when `tracing:` is set
         self.redis: aioredis.Redis | None = None
+        self.connections: RedisConnections | None = None
         self.redis_up = False
         self.edge: EdgeServer | None = None
         self.reloads = {"ok": 0, "error": 0}
@@ -362,30 +359,18 @@ class Runtime:
         stack.callback(self.access_log.flush)
         self.tracing = tracing_for(config, self.worker_id)
         stack.callback(self._stop_tracing)
-        # Three clients besides the job queue's, each named in Redis's CLIENT LIST
-        # (sidecar:<role>:<pid>): the commands, one pub/sub connection for every service's
-        # channels, and dedup's bulk transfers.
-        self.redis = aioredis.Redis.from_url(
-            self.redis_url, socket_connect_timeout=config.redis.connect_timeout,
-            socket_timeout=max(config.redis.connect_timeout, 1.0), health_check_interval=0,
-            client_name=_client_name("commands"))
-        stack.push_async_callback(self.redis.aclose)
+        # Three clients besides the job queue's (stores/connections.py says which and why).
+        connections = self.connections = RedisConnections(self.redis_url,
+                                                          config.redis.connect_timeout)
+        self.redis = connections.commands
+        stack.push_async_callback(connections.close)
         await self._check_redis()
-        bus = Bus(aioredis.Redis.from_url(
-            self.redis_url, socket_connect_timeout=config.redis.connect_timeout,
-            client_name=_client_name("pubsub")))
+        bus = Bus(connections.pubsub)
         stack.push_async_callback(bus.close)  # after the services, unwinding in reverse
         self.cache.attach(self.redis, bus)
         stack.push_async_callback(self.cache.close)
-        # Dedup moves whole responses (up to dedup.max_body) through Redis: a read timeout
-        # sized for small commands would turn a big, slow transfer into a second upstream call.
-        self.dedup.attach(
-            self.redis, bus,
-            bulk=aioredis.Redis.from_url(
-                self.redis_url, socket_connect_timeout=config.redis.connect_timeout,
-                socket_timeout=max(config.redis.connect_timeout, 10.0), health_check_interval=0,
-                client_name=_client_name("bulk")),
-            command_timeout=max(config.redis.connect_timeout, 1.0))
+        self.dedup.attach(self.redis, bus, bulk=connections.bulk,
+                          command_timeout=connections.command_timeout)
         stack.push_async_callback(self.dedup.close)
         self.breakers.attach(self.redis, bus)
         stack.push_async_callback(self.breakers.close)
@@ -571,14 +556,14 @@ class Runtime:
     async def _bound_embedded_redis(self, old: Config, new: Config) -> None:
         """The embedded Redis's maxmemory follows a reload's budget (the L2 quota, the queues,
         redis.headroom: process/embedded_redis.py); `sidecar run` set it at start."""
-        if new.redis.url != "embedded" or self.redis is None:
+        if new.redis.url != "embedded" or self.connections is None:
             return
         total = budget_for(new).total
         if total == budget_for(old).total:
             return
         try:
-            await self.redis.config_set("maxmemory", total)
-        except (RedisError, OSError) as exc:
+            await self.connections.set_maxmemory(total)
+        except StoreUnavailable as exc:
             log.warning("the embedded Redis's maxmemory was not changed", extra={
                 "maxmemory": total, "error": str(exc) or type(exc).__name__})
 
@@ -596,15 +581,11 @@ class Runtime:
     # -- redis ----------------------------------------------------------------------------------
 
     async def _check_redis(self) -> None:
-        assert self.redis is not None
+        assert self.connections is not None
         try:
-            ping: Awaitable[bool] = self.redis.ping()  # type: ignore[assignment]
-            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
-            # arrives as the ping completes, and shutdown would then wait for this task forever.
-            async with asyncio.timeout(self.config.redis.connect_timeout):
-                await ping
+            await self.connections.ping()
             up = True
-        except (RedisError, OSError, TimeoutError) as exc:
+        except (StoreUnavailable, TimeoutError) as exc:
             up = False
             if self.redis_up:
                 log.warning("redis unreachable; proxying continues without it",
@@ -638,15 +619,10 @@ def _restart_needed(old: Config, new: Config) -> list[str]:
 
 
 def attach_jobs(service: JobService, redis_url: str, config: Config) -> None:
-    """Two clients without a read timeout: saq's pub/sub of job changes shares the first, and
-    the wake-up subscription is idle by nature. Client requests bound their calls with the
-    command timeout of the other clients."""
-    service.attach(
-        aioredis.Redis.from_url(redis_url, socket_connect_timeout=config.redis.connect_timeout,
-                                client_name=_client_name("jobs")),
-        aioredis.Redis.from_url(redis_url, socket_connect_timeout=config.redis.connect_timeout,
-                                client_name=_client_name("jobs-wake")),
-        command_timeout=max(config.redis.connect_timeout, 1.0))
+    """The job service's own two clients (stores/connections.py); client requests bound
+    their calls with the command timeout of the other clients."""
+    timeout = config.redis.connect_timeout
+    service.attach(*job_clients(redis_url, timeout), command_timeout=command_timeout(timeout))
 
 
 def progress_base(config: Config, admin_port: int | None) -> str:

@@ -37,7 +37,7 @@ from prometheus_client.process_collector import ProcessCollector
 from . import __version__
 from .core.callbacks import OUTCOMES as CALLBACK_OUTCOMES
 from .core.jobs import DURATION_BUCKETS as JOB_BUCKETS
-from .stores.subscriber import REDIS_ERRORS
+from .stores.boundary import StoreUnavailable
 
 if TYPE_CHECKING:
     from .config import Config
@@ -505,7 +505,7 @@ async def _cluster_figures(runtime: MetricsHost) -> dict[str, Any]:
     figures: dict[str, Any] = {"queues": {}, "l2": None, "callbacks": None}
     if not runtime.redis_up:
         return figures
-    with contextlib.suppress(*REDIS_ERRORS, asyncio.TimeoutError):
+    with contextlib.suppress(StoreUnavailable, TimeoutError):
         async with asyncio.timeout(2.0):
             l2 = (await runtime.cache.stats())["redis"]
             if l2.get("status") == "up":

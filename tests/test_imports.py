@@ -86,3 +86,41 @@ def test_no_import_cycle() -> None:
 
 def test_a_cycle_is_found() -> None:
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+# -- where Redis's errors stop ------------------------------------------------------------------
+
+# The modules allowed to handle Redis's own errors: the stores (sidecar/stores/boundary.py turns
+# them into StoreUnavailable for everything above), the job queue's adapter around saq, the
+# runner that drives saq's records, and the embedded Redis's process.
+REDIS_ERROR_HANDLERS = ("sidecar.stores", "sidecar.jobs.queue", "sidecar.jobs.runner",
+                        "sidecar.process.embedded_redis")
+REDIS_ERROR_NAMES = {"RedisError", "REDIS_ERRORS", "ConnectionError", "ResponseError"}
+
+
+def redis_error_handlers(allowed: tuple[str, ...]) -> dict[str, list[int]]:
+    """Module (outside `allowed`) -> the lines where it imports redis's exceptions or names
+    REDIS_ERRORS."""
+    found: dict[str, list[int]] = {}
+    for path in PACKAGE.rglob("*.py"):
+        name = _module_name(path)
+        if allowed and name.startswith(allowed):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            imported = (isinstance(node, ast.ImportFrom) and node.module is not None
+                        and node.module.startswith("redis")
+                        and any(alias.name in REDIS_ERROR_NAMES or "exceptions" in node.module
+                                for alias in node.names))
+            named = isinstance(node, ast.Name) and node.id == "REDIS_ERRORS"
+            if imported or named:
+                found.setdefault(name, []).append(node.lineno)
+    return found
+
+
+def test_redis_errors_are_handled_only_below_the_stores_boundary() -> None:
+    assert redis_error_handlers(REDIS_ERROR_HANDLERS) == {}
+
+
+def test_a_redis_error_handler_is_found() -> None:
+    everywhere = redis_error_handlers(())
+    assert "sidecar.jobs.runner" in everywhere and "sidecar.stores.subscriber" in everywhere

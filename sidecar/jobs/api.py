@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import hmac
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 from saq.job import Job, Status
@@ -59,8 +59,7 @@ from ..errors import (
 )
 from ..pipeline import ProxyResponse, SocketMessages
 from ..policies.offload import RETRY_AFTER, job_urls
-from ..stores.subscriber import REDIS_ERRORS
-from .queue import lanes_key
+from ..stores.boundary import StoreUnavailable
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -104,9 +103,7 @@ async def find_job(service: JobService, job_id: JobId, known_lanes: set[str]
     lanes found (bounded by those that exist)."""
     name = lane(job_id.queue, job_id.priority)
     if name not in known_lanes:
-        member = await cast(Any, service.client.sismember(lanes_key(job_id.queue),
-                                                          str(job_id.priority)))
-        if not member:
+        if not await service.lane_exists(job_id.queue, job_id.priority):
             return None, {}
         known_lanes.add(name)
     return await service.lookup(job_id)
@@ -171,7 +168,7 @@ class JobsEndpoint:
         try:
             async with service.bounded():
                 job, progress = await find_job(service, job_id, self.known_lanes)
-        except REDIS_ERRORS:
+        except StoreUnavailable:
             raise self._unavailable() from None
         owner = (job.kwargs or {}).get("owner", "") if job is not None else ""
         if job is None or not hmac.compare_digest(
@@ -196,7 +193,7 @@ class JobsEndpoint:
         try:
             async with self.service.bounded():
                 result = await self.service.result(job.key)
-        except REDIS_ERRORS:
+        except StoreUnavailable:
             raise self._unavailable() from None
         except SealError as exc:
             raise JobResultUnreadableError(f"{exc}; add the key it was sealed with to "
@@ -219,7 +216,7 @@ class JobsEndpoint:
                     # A running job stops when its worker notices (within a second or two).
                     await service.wait_finished(job_id, 5.0)
                 found, progress = await service.lookup(job_id)
-        except REDIS_ERRORS:
+        except StoreUnavailable:
             raise self._unavailable() from None
         if found is None:
             raise JobNotFoundError("the job's record expired")
@@ -228,16 +225,13 @@ class JobsEndpoint:
             try:
                 async with service.bounded():
                     if await service.has_result(job.key):
-                        # The job succeeded between the read above and saq's abort, which
-                        # wrote its stale copy back as "aborting" over the finished record:
-                        # put it right (the worker counted it already).
-                        await job.get_queue().finish(job, Status.COMPLETE)
-                        await service.client.delete(job.abort_id)
+                        # The job succeeded between the read above and saq's abort.
+                        await service.put_back_completed(job)
                     else:
                         # No worker stopped it: the one running it died (saq's abort took the
                         # job out of every list, so nothing else would ever finish it).
                         await service.abandon(job)
-            except REDIS_ERRORS:
+            except StoreUnavailable:
                 raise self._unavailable() from None
         status = public_status(job.status.value, job.error)
         if status in (SUCCEEDED, FAILED):
@@ -309,7 +303,7 @@ class JobsEndpoint:
                 try:
                     async with service.bounded():  # keep-alives go on while Redis hangs
                         found, progress = await service.lookup(job_id)
-                except REDIS_ERRORS:
+                except StoreUnavailable:
                     continue
                 if found is None:
                     yield GONE, GONE_DATA

@@ -43,7 +43,7 @@ from ..core.callbacks import (
     signature,
 )
 from ..core.jobs import TERMINAL, JobId, public_status
-from ..stores.subscriber import REDIS_ERRORS
+from ..stores.boundary import StoreUnavailable
 from .api import view
 
 if TYPE_CHECKING:
@@ -115,7 +115,7 @@ class CallbackSender:
         if self._loop_task is not None:
             tasks.append(self._loop_task)
         await cancel_and_wait(tasks)
-        with contextlib.suppress(*REDIS_ERRORS):
+        with contextlib.suppress(StoreUnavailable):
             async with self.service.bounded():
                 for job_id, lease in held:
                     await self.service.settle_callback(job_id, lease, delay=0.0)
@@ -139,7 +139,7 @@ class CallbackSender:
                     if self._redis_down:
                         log.info("job callbacks: the queue is reachable again")
                     self._redis_down = False
-                except REDIS_ERRORS as exc:
+                except StoreUnavailable as exc:
                     self._redis_failed(exc)
                     due = []
                 for job_id, tried, route in due:
@@ -200,7 +200,7 @@ class CallbackSender:
                 settled = await self._send_one(job_id, claim)
                 if settled or not claim.again:
                     return
-        except REDIS_ERRORS as exc:
+        except StoreUnavailable as exc:
             # Left as claimed: due again when the lease ends (if it was sent, sent again).
             self._redis_failed(exc)
         except Exception:

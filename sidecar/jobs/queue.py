@@ -44,6 +44,7 @@ from ..core.jobs import (
 )
 from ..crypto import Sealer
 from ..stores.batching import ScriptBatcher
+from ..stores.boundary import redis_boundary, within
 from ..stores.dedup import SharedResult
 from ..stores.subscriber import Bus, Subscriber
 
@@ -554,6 +555,7 @@ class HandOff:
             self.waiter.set_result(taken)
 
 
+@redis_boundary
 class JobService(Subscriber):
     """Every Redis operation on jobs, for the offload policy, the job endpoints and workers."""
 
@@ -601,12 +603,10 @@ class JobService(Subscriber):
             raise RuntimeError("the job service is not attached to Redis yet")
         return await self._batch(script, keys, args)
 
-    def bounded(self, extra: float = 0.0) -> asyncio.Timeout:
-        """The longest a client's request waits for Redis here (plus `extra`): a Redis that
-        hangs (stopped, swapping) still accepts connections and commands, and without a read
-        timeout a request would wait for it as long as it hangs. TimeoutError on expiry: one of
-        REDIS_ERRORS. What was sent may still be carried out once Redis answers again."""
-        return asyncio.timeout(self.command_timeout + extra)
+    def bounded(self, extra: float = 0.0) -> within:
+        """The longest a client's request waits for Redis here (plus `extra`), then
+        `StoreUnavailable` (stores/boundary.py says why)."""
+        return within(self.command_timeout + extra)
 
     async def close(self) -> None:
         if self._batch is not None:
@@ -800,6 +800,16 @@ class JobService(Subscriber):
             await queue.finish(job, Status.ABORTED, error=reason)
             await self.client.delete(job.abort_id)
         await self.finished(job, "cancelled", None)
+
+    async def lane_exists(self, queue: str, priority: int) -> bool:
+        """Whether a job was ever queued in this lane (the lanes set of its queue)."""
+        return bool(await cast(Any, self.client.sismember(lanes_key(queue), str(priority))))
+
+    async def put_back_completed(self, job: Job) -> None:
+        """A job that succeeded while saq aborted it was written back as "aborting" over its
+        finished record: put its record right (the worker counted it already)."""
+        await job.get_queue().finish(job, Status.COMPLETE)
+        await self.client.delete(job.abort_id)
 
     async def abandon(self, job: Job) -> None:
         """Finish a cancelled job that no worker finished."""

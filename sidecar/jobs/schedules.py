@@ -31,8 +31,8 @@ from ..errors import SidecarError
 from ..http.headers import Headers
 from ..http.request import RequestHead
 from ..pipeline import ProxyRequest
+from ..stores.boundary import StoreUnavailable
 from ..stores.schedules import ScheduleStore
-from ..stores.subscriber import REDIS_ERRORS
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
@@ -112,7 +112,7 @@ class Scheduler:
                 if self._redis_down:
                     log.info("schedules: redis reachable again")
                 self._redis_down = False
-            except REDIS_ERRORS as exc:
+            except StoreUnavailable as exc:
                 if not self._redis_down:
                     log.warning("schedules: redis unreachable; ticks wait until it is back",
                                 extra={"error": str(exc) or type(exc).__name__})
@@ -161,7 +161,7 @@ class Scheduler:
         """Send the schedule's requests in order; record the run. `trigger`: tick, recovery,
         start or manual (POST /admin/schedules/{name}/run)."""
         if not begun:
-            with contextlib.suppress(*REDIS_ERRORS):
+            with contextlib.suppress(StoreUnavailable):
                 await self.store.begin(name, 0)  # marks when this run began (on_start reads it)
         started = self.clock()
         lease = None if tick is None else asyncio.create_task(self._renew(name, tick))
@@ -187,7 +187,7 @@ class Scheduler:
             "statuses": [r.get("status") for r in results]})
         try:
             await self.store.finish(name, tick, self.holder, trigger, outcome, started, results)
-        except REDIS_ERRORS as exc:
+        except StoreUnavailable as exc:
             log.warning("schedule run not recorded: redis unreachable",
                         extra={"schedule": name, "error": str(exc) or type(exc).__name__})
         return {"schedule": name, "trigger": trigger, "outcome": outcome,
@@ -199,7 +199,7 @@ class Scheduler:
             try:
                 if not await self.store.renew(name, tick, self.holder, LEASE):
                     return  # taken over: the run goes on, its end no longer marks the tick
-            except REDIS_ERRORS:
+            except StoreUnavailable:
                 pass  # the next renewal may get through; past the lease another worker redoes it
 
     async def _send(self, name: str, schedule: ScheduleConfig, spec: ScheduleRequestConfig,
@@ -276,7 +276,7 @@ class Scheduler:
                 "requests": [f"{r.method} {r.path}" for r in schedule.all_requests()]}
             try:
                 state = await self.store.state(name)
-            except REDIS_ERRORS as exc:
+            except StoreUnavailable as exc:
                 state = {"redis": "down", "error": str(exc) or type(exc).__name__}
             for key in ("last_tick", "last_done"):
                 if state.get(key) is not None:

@@ -28,9 +28,9 @@ from ..errors import (
     UpstreamError,
 )
 from ..pipeline import BodyTooLarge, Handler, ProxyRequest, ProxyResponse, whole_body
+from ..stores.boundary import StoreUnavailable
 from ..stores.dedup import DedupService
 from ..stores.idempotency import IdempotencyRecord, IdempotencyStore, RecordState, record_key
-from ..stores.subscriber import REDIS_ERRORS
 from .cache import rewrite_head
 
 if TYPE_CHECKING:
@@ -75,7 +75,7 @@ class IdempotencyPolicy:
         lease = max(MIN_LEASE, request.timeout or DEFAULT_LEASE)
         try:
             existing = await store.claim(key, claim, lease)
-        except REDIS_ERRORS as exc:
+        except StoreUnavailable as exc:
             return await self._bypass(request, call_next, exc)
         except SealError as exc:  # a record sealed with a key no longer listed, or altered
             log.warning("an idempotency record did not open; the request goes through "
@@ -159,7 +159,7 @@ class IdempotencyPolicy:
             renewer.cancel()
             try:
                 await store.release(key, claim)
-            except REDIS_ERRORS as exc:
+            except StoreUnavailable as exc:
                 self.service.redis_failed(exc)  # the lease runs out on its own
             raise
         finally:
@@ -169,7 +169,7 @@ class IdempotencyPolicy:
             # the same key must reach it again, not get this answer replayed for a day.
             try:
                 await store.release(key, claim)
-            except REDIS_ERRORS as exc:
+            except StoreUnavailable as exc:
                 self.service.redis_failed(exc)
             return response
         done = IdempotencyRecord(RecordState.DONE, claim.fingerprint, status=response.status,
@@ -177,7 +177,7 @@ class IdempotencyPolicy:
                                  body=body)
         try:
             await store.complete(key, claim, done, self.config.ttl)
-        except REDIS_ERRORS as exc:
+        except StoreUnavailable as exc:
             self.service.redis_failed(exc)
         return response
 
@@ -188,7 +188,7 @@ class IdempotencyPolicy:
             try:
                 if not await store.renew(key, claim, lease):
                     return  # the lease ran out and the key moved on: nothing left to hold
-            except REDIS_ERRORS as exc:
+            except StoreUnavailable as exc:
                 self.service.redis_failed(exc)
 
     # -- without Redis --------------------------------------------------------------------------

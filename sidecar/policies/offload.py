@@ -35,7 +35,7 @@ from ..errors import (
 )
 from ..jobs.queue import QueueFull
 from ..pipeline import BodyTooLarge, Handler, ProxyRequest, ProxyResponse, whole_body
-from ..stores.subscriber import REDIS_ERRORS
+from ..stores.boundary import StoreUnavailable
 
 if TYPE_CHECKING:
     from ..config import JobsConfig, OffloadConfig, QueueConfig
@@ -101,7 +101,7 @@ class OffloadPolicy:
                                            max_queued=limit)
         except QueueFull:
             raise self._full(limit or 0) from None
-        except REDIS_ERRORS:
+        except StoreUnavailable:
             raise self._unavailable() from None
         finally:
             if span is not None:
@@ -166,7 +166,7 @@ class OffloadPolicy:
                 if status != SUCCEEDED:
                     return status
                 result = await self.service.result(str(job_id))
-        except REDIS_ERRORS:
+        except StoreUnavailable:
             return QUEUED
         except SealError:
             return SUCCEEDED  # its result URL answers why it cannot be read

@@ -24,9 +24,9 @@ from ..core.ratelimit import (
 )
 from ..errors import RateLimitedError
 from ..pipeline import Handler, ProxyRequest, ProxyResponse
+from ..stores.boundary import StoreUnavailable
 from ..stores.dedup import DedupService
 from ..stores.ratelimit import RateLimitStore
-from ..stores.subscriber import REDIS_ERRORS
 
 if TYPE_CHECKING:
     from ..config import RateLimitConfig
@@ -99,7 +99,7 @@ class RateLimitPolicy:
         if store is not None:
             try:
                 decision = await store.take(self.route, key, self.rate, self.burst)
-            except REDIS_ERRORS as exc:
+            except StoreUnavailable as exc:
                 self.service.redis_failed(exc)
                 self._fall_back(exc)
             else:

@@ -18,6 +18,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from ..crypto import Sealer
+from .boundary import redis_boundary
 
 PREFIX = "sidecar:idem:"
 
@@ -82,6 +83,7 @@ class IdempotencyRecord:
         )
 
 
+@redis_boundary
 class IdempotencyStore:
     """The Redis operations of the idempotency policy; Redis errors propagate to the caller."""
 

@@ -14,6 +14,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from ..core.ratelimit import Decision, decide
+from .boundary import redis_boundary
 
 PREFIX = "sidecar:ratelimit:"
 
@@ -44,6 +45,7 @@ return {1, string.format('%.17g', tokens)}
 """
 
 
+@redis_boundary
 class RateLimitStore:
     """The cluster's buckets, on a client the caller owns (and watches for outages)."""
 

@@ -22,6 +22,8 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 
+from .boundary import redis_boundary
+
 PREFIX = "sidecar:schedule:"
 
 # KEYS[1] the hash; ARGV tick (ms), lease (ms), holder. Returns {code, previous tick or -1}:
@@ -94,6 +96,7 @@ return 1
 """
 
 
+@redis_boundary
 class ScheduleStore:
     """The schedules' state, on a client the caller owns. Raises what redis-py raises."""
 

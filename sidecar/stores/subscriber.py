@@ -11,12 +11,12 @@ from collections.abc import Coroutine
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from ..aio import cancel_and_wait
+from .boundary import REDIS_ERRORS
 
 log = logging.getLogger("sidecar.redis")
-REDIS_ERRORS = (RedisError, OSError, TimeoutError)
+__all__ = ["REDIS_ERRORS", "Bus", "Subscriber"]
 
 
 class Bus:
