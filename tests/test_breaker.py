@@ -117,10 +117,10 @@ async def test_half_open_lets_a_limited_number_of_trials_through(sidecar_factory
         flaky.failing = False
         move_clock(sidecar, 0.4)
         requests = [asyncio.ensure_future(get(session, sidecar.url + "/x")) for _ in range(10)]
-        await until(lambda: asyncio.sleep(0, origin.calls["/x"] == 2))
+        await until(lambda: origin.calls["/x"] == 2)
         counts = sidecar.runtime.breakers.counts
         # The nine others are refused while the trial is held at the upstream.
-        await until(lambda: asyncio.sleep(0, sum(
+        await until(lambda: (sum(
             n for (_, event), n in counts.items() if event == "rejected") == 9))
         gate.set()
         statuses = sorted(r[0] for r in await asyncio.gather(*requests))
@@ -250,7 +250,7 @@ async def test_cluster_breakers_keep_working_with_redis_down(sidecar_factory, or
     sidecar: InProcessSidecar = await sidecar_factory(
         breaker_config(origin, own_redis.url, failures=2, scope="cluster"))
     own_redis.kill()
-    await until(lambda: asyncio.sleep(0, not sidecar.runtime.redis_up), timeout=5)
+    await until(lambda: not sidecar.runtime.redis_up, timeout=5)
     for _ in range(2):
         assert (await get(client, sidecar.url + "/x"))[0] == 503
     status, _, body = await get(client, sidecar.url + "/x")

@@ -19,7 +19,15 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
-from support import InProcessSidecar, Origin, RedisServer, SidecarProcess, free_port, make_config
+from support import (
+    InProcessSidecar,
+    Origin,
+    RedisServer,
+    SidecarProcess,
+    free_port,
+    make_config,
+    until,
+)
 
 Factory = Callable[..., Awaitable[InProcessSidecar]]
 KEY = "Idempotency-Key"
@@ -76,13 +84,6 @@ async def events(sidecar: InProcessSidecar, event: str) -> int:
     return sum(e["count"] for e in stats["dedup"]["events"]
                if e["event"] == event and e["route"] == "orders")
 
-
-async def until(check: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)
 
 
 async def records(redis_url: str) -> int:

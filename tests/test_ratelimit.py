@@ -12,7 +12,7 @@ from typing import Any
 
 import aiohttp
 import redis.asyncio as aioredis
-from support import InProcessSidecar, Origin, make_config
+from support import InProcessSidecar, Origin, make_config, until
 
 from sidecar.stores import ratelimit as ratelimit_store
 
@@ -47,13 +47,6 @@ async def events(admin_url: str, event: str) -> int:
         stats = await response.json()
     return sum(e["count"] for e in stats["dedup"]["events"] if e["event"] == event)
 
-
-async def until(check: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)
 
 
 async def bucket_keys(redis_url: str) -> list[bytes]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -18,10 +19,15 @@ async def gather_limited(coros: list[Awaitable[Any]], limit: int = 50) -> list[A
     return await asyncio.gather(*(run(c) for c in coros))
 
 
-async def until(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
-    """Poll `check` every 20 ms until it is true; AssertionError after `timeout` seconds."""
+async def until(check: Callable[[], Awaitable[bool] | bool], timeout: float = 10.0) -> None:
+    """Poll `check` (a plain or an async function) every 20 ms until it is true;
+    AssertionError after `timeout` seconds."""
     deadline = time.monotonic() + timeout
-    while not await check():
+    while not await _truth(check()):
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(0.02)
+
+
+async def _truth(value: Awaitable[bool] | bool) -> bool:
+    return await value if inspect.isawaitable(value) else bool(value)
