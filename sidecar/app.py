@@ -375,7 +375,7 @@ class Runtime:
         self.breakers.attach(self.redis, bus)
         stack.push_async_callback(self.breakers.close)
         bus.start()
-        attach_jobs(self.jobs, self.redis_url, config)
+        attach_jobs(self.jobs, self.redis_url, config, runs_jobs=config.jobs.workers)
         stack.push_async_callback(self.jobs.close)
         # Every process sends callbacks, job workers or not: a cancel made here owes one too.
         await self.callbacks.start()
@@ -618,11 +618,13 @@ def _restart_needed(old: Config, new: Config) -> list[str]:
     return found
 
 
-def attach_jobs(service: JobService, redis_url: str, config: Config) -> None:
-    """The job service's own two clients (stores/connections.py); client requests bound
-    their calls with the command timeout of the other clients."""
+def attach_jobs(service: JobService, redis_url: str, config: Config, *,
+                runs_jobs: bool = True) -> None:
+    """The job service's own clients (stores/connections.py; the wake-up one only where job
+    loops run); client requests bound their calls with the command timeout of the others."""
     timeout = config.redis.connect_timeout
-    service.attach(*job_clients(redis_url, timeout), command_timeout=command_timeout(timeout))
+    service.attach(*job_clients(redis_url, timeout, wake_ups=runs_jobs),
+                   command_timeout=command_timeout(timeout))
 
 
 def progress_base(config: Config, admin_port: int | None) -> str:

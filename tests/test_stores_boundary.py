@@ -8,11 +8,11 @@ import asyncio
 import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import DataError, ResponseError
 from support import free_port
 
 from sidecar.stores.boundary import REDIS_ERRORS, StoreUnavailable, redis_boundary, within
-from sidecar.stores.connections import RedisConnections
+from sidecar.stores.connections import HiredisPackedConnection, RedisConnections
 
 
 @redis_boundary
@@ -64,3 +64,24 @@ async def test_within_turns_a_hang_into_unavailable() -> None:
 
 def test_the_stores_own_code_still_catches_both() -> None:
     assert StoreUnavailable in REDIS_ERRORS and issubclass(ResponseError, REDIS_ERRORS)
+
+
+async def test_the_clients_pack_with_hiredis_and_say_who_they_are(redis_url: str) -> None:
+    connections = RedisConnections(redis_url, connect_timeout=1.0)
+    client = connections.commands
+    try:
+        assert client.connection_pool.connection_class is HiredisPackedConnection
+        values = {"text": "café ☕", "bytes": b"\x00\xff", "int": 42, "float": 0.1}
+        for name, value in values.items():
+            await client.set(f"boundary:{name}", value)
+        read = [await client.get(f"boundary:{name}") for name in values]
+        assert read == ["café ☕".encode(), b"\x00\xff", b"42", b"0.1"]
+        # CLIENT SETNAME (two words in one argument) went through the packer at connect.
+        names = [c["name"] for c in await client.client_list()]
+        assert any(name.startswith("sidecar:commands:") for name in names)
+        with pytest.raises(StoreUnavailable) as raised:  # DataError, as redis-py's own
+            await connections.set_maxmemory(None)  # type: ignore[arg-type]
+        assert isinstance(raised.value.__cause__, DataError)
+    finally:
+        await client.delete(*(f"boundary:{name}" for name in values))
+        await connections.close()

@@ -581,11 +581,15 @@ class JobService(Subscriber):
         self._hand_off: Callable[[str, int], HandOff | None] | None = None
         self.command_timeout = 1.0  # what a client's request waits for Redis (`bounded`)
 
-    def attach(self, client: aioredis.Redis, listener: aioredis.Redis | Bus, *,
+    def attach(self, client: aioredis.Redis, listener: aioredis.Redis | Bus | None, *,
                command_timeout: float = 1.0) -> None:
         """`client` has no read timeout: saq's pub/sub for job changes shares it. A client's
-        request bounds its own calls instead (`bounded`)."""
-        super().attach(client, listener)
+        request bounds its own calls instead (`bounded`). `listener` None: no wake-ups are
+        heard (a process without job loops, which only enqueues)."""
+        if listener is None:
+            self.redis = client
+        else:
+            super().attach(client, listener)
         self._renew = client.register_script(_RENEW)
         self._owe = client.register_script(_OWE)
         self._claim = client.register_script(_CLAIM)
