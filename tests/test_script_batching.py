@@ -12,6 +12,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.retry import Retry
+from support import RedisServer
 
 from sidecar.core.jobs import lane
 from sidecar.jobs.queue import SidecarQueue, lane_key_parts
@@ -88,3 +89,29 @@ def test_lane_key_parts_name_saqs_queued_list(priority: int) -> None:
     prefix, suffix = lane_key_parts("reports")
     queue = SidecarQueue(aioredis.Redis(), name=lane("reports", priority))
     assert f"{prefix}{priority}{suffix}" == queue.queued_key
+
+
+async def test_a_hung_redis_fails_the_bounded_callers_only(own_redis: RedisServer) -> None:
+    """A redis-server stopped (SIGSTOP) accepts nothing and answers nothing: the callers with
+    a bound get TimeoutError when it is up, the one without keeps waiting and gets its reply
+    once Redis runs again."""
+    client = aioredis.Redis.from_url(own_redis.url)
+    batcher = ScriptBatcher(client)
+    push = client.register_script(PUSH)
+    try:
+        await batcher(push, ["hung"], ["warm"])  # connected, script loaded
+        own_redis.pause()
+        try:
+            bounded = [asyncio.ensure_future(batcher(push, ["hung"], ["b"], within=0.2))
+                       for _ in range(2)]
+            patient = asyncio.ensure_future(batcher(push, ["hung"], ["p"]))
+            results = await asyncio.gather(*bounded, return_exceptions=True)
+            assert all(isinstance(r, TimeoutError) for r in results), results
+            assert not patient.done()
+        finally:
+            own_redis.resume()
+        assert await asyncio.wait_for(patient, 5) >= 2
+    finally:
+        await client.delete("hung")
+        await batcher.close()
+        await client.aclose()

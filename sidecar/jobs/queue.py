@@ -602,10 +602,14 @@ class JobService(Subscriber):
         self._batch = ScriptBatcher(client)
         self.command_timeout = command_timeout
 
-    async def batched(self, script: Any, keys: list[Any], args: list[Any]) -> Any:
+    async def batched(self, script: Any, keys: list[Any], args: list[Any], *,
+                      bounded: bool = False) -> Any:
+        """`script` called in the batch of this event-loop turn; `bounded`: within the
+        command timeout, as `bounded()` does for a client's request."""
         if self._batch is None:
             raise RuntimeError("the job service is not attached to Redis yet")
-        return await self._batch(script, keys, args)
+        return await self._batch(script, keys, args,
+                                 within=self.command_timeout if bounded else None)
 
     def bounded(self, extra: float = 0.0) -> within:
         """The longest a client's request waits for Redis here (plus `extra`), then
@@ -650,10 +654,11 @@ class JobService(Subscriber):
     async def enqueue(self, job_id: JobId, spec: dict[str, Any], body: bytes | None,
                       config: OffloadConfig, *, heartbeat: float, max_age: float,
                       start_at: float | None = None, max_queued: int | None = None) -> None:
-        """Queue a job, in one round trip; `start_at` (Unix seconds) for one that must not
-        start before then. QueueFull when `max_queued` jobs of the queue wait already.
-        `spec["callback"]` true: the job owes a callback, recorded with the job, first due a
-        `heartbeat` (the visibility timeout) from now; the job's end makes it due at once."""
+        """Queue a job, in one round trip bounded by the command timeout (a client waits
+        for it); `start_at` (Unix seconds) for one that must not start before then.
+        QueueFull when `max_queued` jobs of the queue wait already. `spec["callback"]`
+        true: the job owes a callback, recorded with the job, first due a `heartbeat` (the
+        visibility timeout) from now; the job's end makes it due at once."""
         key = str(job_id)
         lane_name = lane(job_id.queue, job_id.priority)
         sealer = self.sealer
@@ -696,7 +701,7 @@ class JobService(Subscriber):
                  hand.token if hand is not None else "", hand.limit if hand else 0,
                  int(hand.lease * 1000) if hand else 0, rate.starts if rate else 0,
                  int(rate.period * 1000) if rate else 0, hand.worker_id if hand else "",
-                 job_id.queue])
+                 job_id.queue], bounded=True)
             if isinstance(done, list):
                 handed = Taken(queue.deserialize(done[0]), sealed)
         finally:

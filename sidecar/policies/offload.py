@@ -94,11 +94,10 @@ class OffloadPolicy:
             raise self._unavailable()
         limit = self.max_queued
         try:
-            async with self.service.bounded():
-                await self.service.enqueue(job_id, spec, body, self.config,
-                                           heartbeat=jobs.visibility_timeout,
-                                           max_age=jobs.max_age, start_at=start_at,
-                                           max_queued=limit)
+            await self.service.enqueue(job_id, spec, body, self.config,
+                                       heartbeat=jobs.visibility_timeout,
+                                       max_age=jobs.max_age, start_at=start_at,
+                                       max_queued=limit)  # within the command timeout
         except QueueFull:
             raise self._full(limit or 0) from None
         except StoreUnavailable:
