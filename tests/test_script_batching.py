@@ -5,17 +5,20 @@ again."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
+import orjson
 import pytest
 import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.retry import Retry
+from saq.job import Job, Status
 from support import RedisServer
 
 from sidecar.core.jobs import lane
-from sidecar.jobs.queue import SidecarQueue, lane_key_parts
+from sidecar.jobs.queue import SidecarQueue, lane_key_parts, saq_record
 from sidecar.stores.batching import ScriptBatcher
 
 PUSH = "redis.call('RPUSH', KEYS[1], ARGV[1]); return redis.call('LLEN', KEYS[1])"
@@ -115,3 +118,24 @@ async def test_a_hung_redis_fails_the_bounded_callers_only(own_redis: RedisServe
         await client.delete("hung")
         await batcher.close()
         await client.aclose()
+
+
+@pytest.mark.parametrize("scheduled", [0, 1_800_000_000.25])
+@pytest.mark.parametrize("backoff", [0, 0.0, 1.5])
+def test_saq_record_is_what_saqs_job_gives(scheduled: float, backoff: float) -> None:
+    """The enqueue builds saq's record without saq's Job: it must be the same record, which
+    saq then reads back into the same Job."""
+    queue = SidecarQueue(aioredis.Redis(), name=lane("reports", 5), dump=orjson.dumps,
+                         load=orjson.loads)
+    spec = {"route": "r", "head": "POST / HTTP/1.1\r\n\r\n", "has_body": True}
+    fields: dict[str, Any] = dict(
+        kwargs=spec, key="reports.5.abc", timeout=30, heartbeat=10, retries=3, ttl=600,
+        retry_delay=backoff, retry_backoff=True, scheduled=scheduled, queued=1_700_000_000_123)
+    job = Job("replay", **fields)
+    job.queue = queue
+    job.status = Status.QUEUED
+    ours = saq_record(function="replay", queue=queue.name, status=Status.QUEUED.value, **fields)
+    assert ours == job.to_dict()
+    assert orjson.loads(queue.serialize(job)) == orjson.loads(orjson.dumps(ours))
+    read = queue.deserialize(orjson.dumps(ours))
+    assert read is not None and read.to_dict() == job.to_dict()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -31,7 +32,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import orjson
 import redis.asyncio as aioredis
-from saq.job import Job, Status
+from saq.job import ABORT_ID_PREFIX, Job, Status
 from saq.queue.redis import RedisQueue
 
 from ..core.jobs import (
@@ -555,6 +556,18 @@ class HandOff:
             self.waiter.set_result(taken)
 
 
+# Each field of saq's Job and its default, for `saq_record`.
+_JOB_DEFAULTS: dict[str, Any] = {field.name: field.default for field in dataclasses.fields(Job)}
+
+
+def saq_record(**fields: Any) -> dict[str, Any]:
+    """The record saq's `Job(**fields).to_dict()` gives (a field at its default left out,
+    the queue by its name), built without the dataclass: constructing a Job and walking its
+    27 fields was 5% of a 202's CPU. tests/test_script_batching.py pins it to saq's own."""
+    return {name: value for name, value in fields.items()
+            if not (name in _JOB_DEFAULTS and value == _JOB_DEFAULTS[name])}
+
+
 @redis_boundary
 class JobService(Subscriber):
     """Every Redis operation on jobs, for the offload policy, the job endpoints and workers."""
@@ -665,22 +678,18 @@ class JobService(Subscriber):
         if sealer.enabled:  # the client's headers (Authorization...) and target, not in clear
             spec = {**spec, "head": sealer.seal_text(spec["head"], spec_where(key, "head")),
                     "target": sealer.seal_text(spec["target"], spec_where(key, "target"))}
-        job = Job(
-            REPLAY, kwargs=spec, key=key,
+        queue = self.queue(lane_name)
+        # saq keeps a job with `scheduled` in its sorted set of unfinished jobs, scored by it,
+        # until the schedule timer (SidecarQueue.schedule) finds it due; it types the field
+        # int but takes any number, and a float keeps the start to the ms.
+        scheduled = start_at if start_at is not None else 0
+        # What saq's enqueue sets before its own script, which _ENQUEUE does the work of.
+        record = saq_record(
+            function=REPLAY, kwargs=spec, queue=lane_name, key=key,
             timeout=math.ceil(config.timeout), heartbeat=math.ceil(heartbeat),
             retries=config.attempts, ttl=math.ceil(config.result_ttl),
-            retry_delay=config.backoff, retry_backoff=True,
-        )
-        if start_at is not None:
-            # saq keeps a job with `scheduled` in its sorted set of unfinished jobs, scored by
-            # it, until the schedule timer (SidecarQueue.schedule) finds it due; it types the
-            # field int but takes any number, and a float keeps the start to the ms.
-            job.scheduled = start_at  # type: ignore[assignment]
-        queue = self.queue(lane_name)
-        # What saq's enqueue sets before its own script, which _ENQUEUE does the work of.
-        job.queue = queue
-        job.queued = int(time.time() * 1000)
-        job.status = Status.QUEUED
+            retry_delay=config.backoff, retry_backoff=True, scheduled=scheduled,
+            queued=int(time.time() * 1000), status=Status.QUEUED.value)
         callback = bool(spec.get("callback"))
         sealed = None if body is None else sealer.seal(body, body_key(key))
         hand = (self._hand_off(job_id.queue, job_id.priority)
@@ -690,10 +699,11 @@ class JobService(Subscriber):
             rate = hand.rate if hand is not None else None
             done = await self.batched(
                 self._enqueue,
-                [queue.incomplete_key, job.id, queue.queued_key, job.abort_id, body_key(key),
+                [queue.incomplete_key, queue.job_id(key), queue.queued_key, ABORT_ID_PREFIX + key,
+                 body_key(key),
                  lanes_key(job_id.queue), CALLBACKS, CALLBACK_TRIES, CALLBACK_ROUTES,
                  slots_key(job_id.queue), PAUSED, rate_key(job_id.queue), queue.active_key],
-                [queue.serialize(job), job.scheduled, b"" if sealed is None else sealed,
+                [orjson.dumps(record), scheduled, b"" if sealed is None else sealed,
                  0 if body is None else 1, math.ceil(max_age + config.result_ttl),
                  job_id.priority, 1 if callback else 0, int(heartbeat * 1000),
                  str(spec.get("route", "")), key, WAKE_CHANNEL, lane_name,
