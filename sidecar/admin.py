@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 import orjson
 from aiohttp import web
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
-from saq.job import Job, Status
 
 from . import __version__, audit, native
 from .core.access import ANYONE, Caller, identify
@@ -38,7 +37,7 @@ from .dashboard import Sampler, add_routes
 from .edge.responses import error_body, new_request_id
 from .errors import SidecarError, UnauthorizedError
 from .jobs.api import JobsHost, find_job, view
-from .jobs.queue import CANCELLED_BY_OPERATOR
+from .jobs.queue import CANCELLED_BY_OPERATOR, Job, Status
 from .metrics import MetricsHost, render
 from .stores.boundary import StoreUnavailable
 

@@ -124,3 +124,15 @@ def test_redis_errors_are_handled_only_below_the_stores_boundary() -> None:
 def test_a_redis_error_handler_is_found() -> None:
     everywhere = redis_error_handlers(())
     assert "sidecar.jobs.runner" in everywhere and "sidecar.stores.subscriber" in everywhere
+
+
+def test_only_the_job_queues_adapter_and_runner_import_saq() -> None:
+    importers = set()
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([node.module or ""] if isinstance(node, ast.ImportFrom)
+                     else [alias.name for alias in node.names] if isinstance(node, ast.Import)
+                     else [])
+            if any(name == "saq" or name.startswith("saq.") for name in names):
+                importers.add(_module_name(path))
+    assert importers == {"sidecar.jobs.queue", "sidecar.jobs.runner"}

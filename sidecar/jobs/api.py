@@ -21,7 +21,6 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
-from saq.job import Job, Status
 
 from ..core.etag import none_match
 from ..core.jobevents import (
@@ -60,6 +59,7 @@ from ..errors import (
 from ..pipeline import ProxyResponse, SocketMessages
 from ..policies.offload import RETRY_AFTER, job_urls
 from ..stores.boundary import StoreUnavailable
+from .queue import Job, Status
 
 if TYPE_CHECKING:
     from ..config import Config

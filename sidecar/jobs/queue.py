@@ -1131,3 +1131,11 @@ def _abandoned(job: Job) -> bool:
         return True
     grace = max(job.heartbeat, 1)
     return bool(job.timeout) and elapsed - job.started > (job.timeout + grace) * 1000
+
+
+# The job record and its states, as the rest of the sidecar sees them: saq's own types, named
+# here so that this adapter (with the runner that drives saq's records) is the only code that
+# imports saq.
+__all__ = ["CALLBACKS", "CANCELLED_BY_CLIENT", "CANCELLED_BY_OPERATOR", "REPLAY",
+           "SCHEDULE_EVERY", "HandOff", "Job", "JobService", "QueueFull", "SidecarQueue",
+           "Status", "Taken", "lane_key_parts", "saq_record"]
