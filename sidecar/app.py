@@ -37,7 +37,7 @@ from .edge.handler import EdgeHandler
 from .edge.protocol import EdgeServer
 from .edge.tls import server_context
 from .errors import UpstreamError
-from .forwarding import build_request_head
+from .http.forwarding import build_request_head
 from .jobs.callbacks import CallbackSender
 from .jobs.queue import JobService
 from .jobs.schedules import Scheduler

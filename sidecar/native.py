@@ -26,7 +26,7 @@ COMPILED = (
     "sidecar/edge/protocol.py",
     "sidecar/edge/handler.py",
     "sidecar/edge/responses.py",
-    "sidecar/forwarding.py",
+    "sidecar/http/forwarding.py",
     "sidecar/upstream.py",
     "sidecar/http/headers.py",
     "sidecar/http/request.py",

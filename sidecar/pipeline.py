@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
-from .forwarding import build_request_head
+from .http.forwarding import build_request_head
 from .http.headers import RawHeaders
 
 if TYPE_CHECKING:

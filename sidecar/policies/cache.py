@@ -79,7 +79,7 @@ _CONDITIONALS = frozenset({b"if-none-match", b"if-modified-since", b"if-match",
                            b"if-unmodified-since", b"if-range"})
 # Forwarding fields. Unless server.trust_forwarded, a client may forge them, and they are not in
 # the key: the upstream of a cached route gets none of these but the sidecar's own
-# X-Forwarded-For (X-Forwarded-Host and -Proto are the sidecar's already: forwarding.py).
+# X-Forwarded-For (X-Forwarded-Host and -Proto are the sidecar's already: http/forwarding.py).
 _FORGEABLE = frozenset({b"forwarded", b"x-forwarded-port", b"x-forwarded-prefix",
                         b"x-forwarded-for"})
 _SET_COOKIE = frozenset({b"set-cookie"})

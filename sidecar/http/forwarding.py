@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .http.headers import HOP_BY_HOP, connection_tokens
+from .headers import HOP_BY_HOP, connection_tokens
 
 if TYPE_CHECKING:
-    from .http.request import RequestHead
-    from .routing import Route
+    from ..routing import Route
+    from .request import RequestHead
 
 _REPLACED = frozenset({
     b"host", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"via",
