@@ -585,7 +585,7 @@ class Runtime:
         try:
             await self.connections.ping()
             up = True
-        except (StoreUnavailable, TimeoutError) as exc:
+        except StoreUnavailable as exc:
             up = False
             if self.redis_up:
                 log.warning("redis unreachable; proxying continues without it",

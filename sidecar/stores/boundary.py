@@ -1,6 +1,8 @@
 """Where Redis's errors stop: every service that talks to Redis raises `StoreUnavailable`, and
 only that, when Redis cannot answer, so the code above the stores (policies, the admin
-interface, the job API and runner) handles one exception of ours and never imports redis.
+interface, metrics, the job API, callbacks and schedules) handles one exception of ours and
+never names Redis's (tests/test_imports.py checks it; jobs/runner.py, which drives saq's
+records directly, is the one exception).
 
 A service class is marked with `@redis_boundary`: each of its public coroutine methods turns
 the errors a Redis call raises (redis-py's, a socket's, a timeout) into `StoreUnavailable`,
@@ -43,9 +45,8 @@ def _guarded(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[A
 
 
 def redis_boundary(cls: _Class) -> _Class:
-    """Marks `cls` as a Redis boundary: its public coroutine methods (its own, not those it
-    inherits from a class outside the stores) raise `StoreUnavailable` instead of Redis's
-    errors."""
+    """Marks `cls` as a Redis boundary: its public coroutine methods (those it defines, not
+    inherited ones) raise `StoreUnavailable` instead of Redis's errors."""
     for name, member in list(vars(cls).items()):
         if not name.startswith("_") and inspect.iscoroutinefunction(member):
             setattr(cls, name, _guarded(member))
@@ -56,10 +57,8 @@ class within:
     """`async with within(seconds)`: the Redis calls inside get `seconds` to answer, else
     `StoreUnavailable`. A Redis that hangs (stopped, swapping) still accepts connections and
     commands, and without a bound a client's request would wait as long as it hangs. What was
-    sent may still be carried out once Redis answers again.
-
-    A class rather than an `asynccontextmanager`: it sits on every enqueue, and the generator
-    version costs a few microseconds more per use."""
+    sent may still be carried out once Redis answers again. (The enqueue's own call is bounded
+    by its batch instead: stores/batching.py.)"""
 
     __slots__ = ("_seconds", "_timeout")
 
